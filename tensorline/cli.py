@@ -1,0 +1,96 @@
+"""The `tensorline` command: parses arguments and calls library code, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tensorline import config, logs
+
+DEFAULT_PIPELINE = "pipeline.toml"
+
+
+def _pipeline(args: argparse.Namespace) -> config.PipelineConfig:
+    return config.load(args.config)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from tensorline.ops import broker
+
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    if args.action == "fetch":
+        print(broker.fetch())
+        return 0
+    if args.action == "start":
+        st = broker.start(data_dir, args.port)
+    elif args.action == "stop":
+        st = broker.stop(data_dir)
+    else:
+        st = broker.status(data_dir)
+    if args.json:
+        print(st.to_json())
+    elif st.running:
+        print(f"broker running at {st.bootstrap} (pid {st.pid}, data {st.data_dir}, log {st.log})")
+    else:
+        print(f"broker not running (data {st.data_dir})")
+    return 0 if st.running or args.action == "stop" else 1
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from tensorline.ops import clients
+
+    cfg = _pipeline(args)
+    created = clients.create_topics(cfg)
+    for topic in cfg.topics.values():
+        mark = "created" if topic.name in created else "exists"
+        print(f"{topic.name:40s} partitions={topic.partitions:<3d} retention_ms={topic.retention_ms} {mark}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tensorline.ops import demo
+
+    return demo.main(args.config, json_out=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tensorline", description=__doc__)
+    parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("-c", "--config", default=DEFAULT_PIPELINE, help="pipeline file (default: %(default)s)")
+        return p
+
+    b = sub.add_parser("broker", help="the local single-node Kafka broker (KRaft)")
+    b.add_argument("action", choices=["start", "stop", "status", "fetch"])
+    b.add_argument("--data-dir", help="broker data folder (default: $TENSORLINE_BROKER_DIR or .tensorline/broker)")
+    b.add_argument("--port", type=int, default=9092, help="listener port on 127.0.0.1 (default: %(default)s)")
+    b.add_argument("--json", action="store_true", help="print the status as JSON")
+    b.set_defaults(func=cmd_broker)
+
+    t = with_config(sub.add_parser("topics", help="create the pipeline's topics (idempotent)"))
+    t.add_argument("action", choices=["create"])
+    t.set_defaults(func=cmd_topics)
+
+    d = with_config(sub.add_parser("demo", help="run the demo end to end on a local broker"))
+    d.add_argument("--json", action="store_true", help="end with one line holding the report as JSON")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(level=args.log_level)
+    try:
+        return args.func(args)
+    except (config.ConfigError, RuntimeError) as e:
+        logs.get().error(str(e), error=type(e).__name__)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

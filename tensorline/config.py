@@ -1,0 +1,289 @@
+"""The pipeline file (TOML) loaded into one validated, frozen configuration object.
+
+Every error names the file, the key and what was expected. Environment variables override the
+bootstrap address (``TENSORLINE_BOOTSTRAP``) and the Kafka secrets (``TENSORLINE_SASL_PLAIN_PASSWORD``,
+``TENSORLINE_SSL_PASSWORD``), so secrets need not live in the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+# One limit for every Kafka size setting (broker message.max.bytes, topic max.message.bytes,
+# producer max_request_size, consumer max_partition_fetch_bytes): a 2048x2048 float32 slice
+# (16 MiB) is the largest tensor the demo's users send; raising one without the others fails.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# A week: long enough to replay after a model change found on Monday of last week's data.
+DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
+# Four partitions let up to four workers share a stage on one host; more hosts want more.
+DEFAULT_PARTITIONS = 4
+# Micro-batch bounds: 32 images fill a CPU/GPU model call well; 50 ms caps the wait a lone
+# record pays for batching.
+DEFAULT_MAX_BATCH = 32
+DEFAULT_MAX_DELAY_MS = 50
+# Exactly-once unless the pipeline asks otherwise (at-least-once exists for comparison).
+DEFAULT_DELIVERY = "exactly_once"
+DELIVERY_MODES = ("exactly_once", "at_least_once")
+FUSION_EMIT_MODES = ("all", "quorum", "deadline")
+BAD_FILE_ACTIONS = ("dlq", "skip")
+
+# Kafka client settings the pipeline file may pass through to kafka-python ([kafka] table).
+KAFKA_PASSTHROUGH = frozenset({
+    "security_protocol", "sasl_mechanism", "sasl_plain_username", "sasl_plain_password",
+    "sasl_kerberos_service_name", "sasl_kerberos_domain_name", "ssl_cafile", "ssl_certfile",
+    "ssl_keyfile", "ssl_password", "ssl_crlfile", "ssl_check_hostname", "client_id",
+    "request_timeout_ms",
+})
+SECRET_KEYS = frozenset({"sasl_plain_password", "ssl_password"})
+SECRET_ENV = {"sasl_plain_password": "TENSORLINE_SASL_PLAIN_PASSWORD",
+              "ssl_password": "TENSORLINE_SSL_PASSWORD"}
+BOOTSTRAP_ENV = "TENSORLINE_BOOTSTRAP"
+_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+class ConfigError(ValueError):
+    """The pipeline file is wrong; the message names the file, the key and what was expected."""
+
+    def __init__(self, path: str | Path, key: str, expected: str, got: Any = None):
+        self.path, self.key = str(path), key
+        shown = "" if got is None else f", got {got!r}"
+        super().__init__(f"{path}: {key}: expected {expected}{shown}")
+
+
+@dataclass(frozen=True)
+class TopicConfig:
+    """One Kafka topic of the pipeline."""
+
+    key: str
+    name: str
+    partitions: int = DEFAULT_PARTITIONS
+    retention_ms: int = DEFAULT_RETENTION_MS
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model serving one stage: a Keras file or SavedModel, with its version."""
+
+    name: str
+    path: str
+    version: str = "1"
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One stage: an independent consumer group from `input` to `output`."""
+
+    name: str
+    input: str
+    output: str
+    models: tuple[ModelConfig, ...] = ()
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_delay_ms: int = DEFAULT_MAX_DELAY_MS
+    workers: int = 1
+    devices: tuple[str, ...] = ("cpu",)
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """How the detection models' outputs for one record are joined and fused."""
+
+    input: str
+    output: str
+    expected_models: tuple[str, ...]
+    emit: str = "all"
+    quorum: int = 0
+    # Five seconds: far above a healthy stage's latency, short enough for a dashboard to notice.
+    deadline_ms: int = 5000
+    strategy: str = "soft_vote"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    # Caps memory for joins whose models never report; the oldest are emitted as partial.
+    max_open_joins: int = 10_000
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The whole validated pipeline file."""
+
+    path: str
+    name: str
+    bootstrap: str | None
+    topics: Mapping[str, TopicConfig]
+    stages: Mapping[str, StageConfig]
+    fusion: FusionConfig | None = None
+    dlq: str = "dlq"
+    delivery: str = DEFAULT_DELIVERY
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    on_bad_file: str = "dlq"
+    kafka: Mapping[str, Any] = field(default_factory=dict)
+
+    def topic(self, key: str) -> TopicConfig:
+        """The topic behind a logical key such as "raw" or "dlq"."""
+        return self.topics[key]
+
+    def group_id(self, stage: str, model: str | None = None) -> str:
+        """Consumer group of a stage (and of one model, for stages that run one group per model)."""
+        return f"{self.name}.{stage}" + (f".{model}" if model else "")
+
+    def with_name(self, name: str) -> "PipelineConfig":
+        """The same pipeline under another name: its own topics and groups (tests, replays)."""
+        topics = {k: replace(t, name=t.name.replace(self.name, name, 1)) for k, t in self.topics.items()}
+        return replace(self, name=name, topics=topics)
+
+    def __repr__(self) -> str:
+        kafka = {k: ("***" if k in SECRET_KEYS else v) for k, v in self.kafka.items()}
+        return f"PipelineConfig(path={self.path!r}, name={self.name!r}, bootstrap={self.bootstrap!r}, kafka={kafka})"
+
+
+class _Reader:
+    """Typed access to one TOML table, raising ConfigError with the full dotted key."""
+
+    def __init__(self, path: str, prefix: str, table: Any):
+        if not isinstance(table, dict):
+            raise ConfigError(path, prefix, "a table", table)
+        self.path, self.prefix, self.table = path, prefix, table
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def sub(self, name: str, required: bool = False) -> "_Reader":
+        if name not in self.table and not required:
+            return _Reader(self.path, self.key(name), {})
+        return _Reader(self.path, self.key(name), self.table.get(name))
+
+    def get(self, name: str, kind: type, default: Any = ..., check=None, expected: str = "") -> Any:
+        if name not in self.table:
+            if default is ...:
+                raise ConfigError(self.path, self.key(name), f"a {kind.__name__} (required)")
+            return default
+        value = self.table[name]
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok or (check and not check(value)):
+            raise ConfigError(self.path, self.key(name), expected or f"a {kind.__name__}", value)
+        return value
+
+    def positive(self, name: str, default: Any = ...) -> int:
+        return self.get(name, int, default, lambda v: v > 0, "a positive integer")
+
+    def choice(self, name: str, choices: tuple[str, ...], default: Any = ...) -> str:
+        return self.get(name, str, default, lambda v: v in choices, f"one of {', '.join(choices)}")
+
+    def strings(self, name: str, default: Any = ...) -> tuple[str, ...]:
+        value = self.get(name, list, default, lambda v: all(isinstance(s, str) for s in v),
+                         "a list of strings")
+        return tuple(value)
+
+
+def _topics(r: _Reader, pipeline: str) -> dict[str, TopicConfig]:
+    topics = {}
+    for key in r.table:
+        t = r.sub(key, required=True)
+        name = t.get("name", str, f"{pipeline}.{key}", _NAME.match, "a topic name ([A-Za-z0-9._-])")
+        topics[key] = TopicConfig(key, name, t.positive("partitions", DEFAULT_PARTITIONS),
+                                  t.positive("retention_ms", DEFAULT_RETENTION_MS))
+    for key in ("dlq",):
+        topics.setdefault(key, TopicConfig(key, f"{pipeline}.{key}"))
+    return topics
+
+
+def _models(r: _Reader) -> tuple[ModelConfig, ...]:
+    models = []
+    for name in r.table:
+        m = r.sub(name, required=True)
+        version = m.table.get("version", "1")
+        if isinstance(version, bool) or not isinstance(version, (str, int)):
+            raise ConfigError(r.path, m.key("version"), "a version string or integer", version)
+        models.append(ModelConfig(name, m.get("path", str), str(version)))
+    return tuple(models)
+
+
+def _stage(r: _Reader, name: str, topics: Mapping[str, TopicConfig]) -> StageConfig:
+    def topic_key(field_name: str) -> str:
+        return r.get(field_name, str, check=lambda v: v in topics,
+                     expected=f"a topic key declared under [topics] ({', '.join(topics)})")
+
+    devices = r.strings("devices", ["cpu"])
+    for d in devices:
+        if not re.fullmatch(r"cpu|gpu:\d+", d):
+            raise ConfigError(r.path, r.key("devices"), "devices like 'cpu' or 'gpu:0'", d)
+    return StageConfig(
+        name=name, input=topic_key("input"), output=topic_key("output"),
+        models=_models(r.sub("models")),
+        max_batch=r.positive("max_batch", DEFAULT_MAX_BATCH),
+        max_delay_ms=r.get("max_delay_ms", int, DEFAULT_MAX_DELAY_MS, lambda v: v >= 0,
+                           "a non-negative integer"),
+        workers=r.positive("workers", 1), devices=devices,
+        params=dict(r.sub("params").table),
+    )
+
+
+def _fusion(r: _Reader, topics: Mapping[str, TopicConfig]) -> FusionConfig:
+    expected = r.strings("expected_models")
+    if not expected:
+        raise ConfigError(r.path, r.key("expected_models"), "at least one model name")
+    emit = r.choice("emit", FUSION_EMIT_MODES, "all")
+    quorum = r.get("quorum", int, len(expected), lambda v: 1 <= v <= len(expected),
+                   f"an integer from 1 to {len(expected)}")
+    in_topics = lambda v: v in topics  # noqa: E731
+    return FusionConfig(
+        input=r.get("input", str, check=in_topics, expected="a topic key declared under [topics]"),
+        output=r.get("output", str, check=in_topics, expected="a topic key declared under [topics]"),
+        expected_models=expected, emit=emit, quorum=quorum,
+        deadline_ms=r.positive("deadline_ms", 5000),
+        strategy=r.get("strategy", str, "soft_vote"),
+        params=dict(r.sub("params").table),
+        max_open_joins=r.positive("max_open_joins", 10_000),
+    )
+
+
+def _kafka(r: _Reader) -> dict[str, Any]:
+    unknown = set(r.table) - KAFKA_PASSTHROUGH
+    if unknown:
+        raise ConfigError(r.path, r.key(sorted(unknown)[0]),
+                          f"one of the kafka-python settings {', '.join(sorted(KAFKA_PASSTHROUGH))}")
+    settings = dict(r.table)
+    for key, env in SECRET_ENV.items():
+        if os.environ.get(env):
+            settings[key] = os.environ[env]
+    return settings
+
+
+def parse(data: Mapping[str, Any], path: str | Path = "<pipeline>") -> PipelineConfig:
+    """Validate an already-parsed pipeline table."""
+    path = str(path)
+    root = _Reader(path, "", dict(data))
+    p = root.sub("pipeline", required=True)
+    name = p.get("name", str, check=_NAME.match, expected="a pipeline name ([A-Za-z0-9._-])")
+    topics = _topics(root.sub("topics"), name)
+    stages_r = root.sub("stages")
+    stages = {s: _stage(stages_r.sub(s, required=True), s, topics) for s in stages_r.table}
+    fusion = _fusion(root.sub("fusion"), topics) if "fusion" in data else None
+    bootstrap = os.environ.get(BOOTSTRAP_ENV) or p.get("bootstrap", str, None)
+    return PipelineConfig(
+        path=path, name=name, bootstrap=bootstrap, topics=topics, stages=stages, fusion=fusion,
+        dlq=p.get("dlq", str, "dlq", lambda v: v in topics, "a topic key declared under [topics]"),
+        delivery=p.choice("delivery", DELIVERY_MODES, DEFAULT_DELIVERY),
+        max_message_bytes=p.positive("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES),
+        on_bad_file=p.choice("on_bad_file", BAD_FILE_ACTIONS, "dlq"),
+        kafka=_kafka(root.sub("kafka")),
+    )
+
+
+def load(path: str | Path) -> PipelineConfig:
+    """Read and validate a pipeline file."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "(file)", "an existing pipeline file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "(syntax)", f"valid TOML ({e})") from None
+    return parse(data, path)

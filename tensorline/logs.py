@@ -1,0 +1,51 @@
+"""structlog set-up, composed once at start-up: JSON lines off a TTY, readable console on a TTY.
+
+Lines about a record carry record_id, stage, topic, partition and offset through bound loggers
+(``log.bind(stage=..., topic=...)``). Values under secret-looking keys are masked before rendering.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+_SECRET_MARKERS = ("password", "secret", "token", "sasl_oauth")
+
+
+def _redact(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Mask secret values, also inside nested dicts such as a Kafka client config."""
+    def clean(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: ("***" if any(m in k.lower() for m in _SECRET_MARKERS) and v is not None
+                    else clean(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    return clean(event)
+
+
+def configure(*, json: bool | None = None, level: str = "info") -> None:
+    """Configure structlog for the process; ``json=None`` picks JSON unless stderr is a TTY."""
+    if json is None:
+        json = not sys.stderr.isatty()
+    renderer: Any = (structlog.processors.JSONRenderer() if json
+                     else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact,
+            structlog.processors.format_exc_info if json else structlog.dev.set_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    # kafka-python logs through the standard library; keep its warnings, drop its chatter.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+
+def get(name: str = "tensorline", **context: Any) -> structlog.stdlib.BoundLogger:
+    """A bound logger carrying `context` on every line."""
+    return structlog.get_logger(name).bind(**context)

@@ -1,0 +1,57 @@
+"""Shared fixtures: one real Kafka broker per test session, and a topic namespace per test."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tensorline import config
+
+# Set to use an already running broker (e.g. `tensorline broker start`) instead of a fresh one.
+TEST_BOOTSTRAP_ENV = "TENSORLINE_TEST_BOOTSTRAP"
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The bootstrap address of a real broker: $TENSORLINE_TEST_BOOTSTRAP, else one started here."""
+    if os.environ.get(TEST_BOOTSTRAP_ENV):
+        yield os.environ[TEST_BOOTSTRAP_ENV]
+        return
+    from tensorline.ops import broker
+
+    data_dir = tmp_path_factory.mktemp("broker")
+    with_port = broker.free_port()
+    st = broker.start(data_dir, with_port)
+    try:
+        yield st.bootstrap
+    finally:
+        broker.stop(data_dir)
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A unique pipeline name: every topic and group of the test lives under it."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+def pipeline_table(name: str, bootstrap: str, **extra: object) -> dict:
+    """A minimal pipeline table for tests; `extra` adds or replaces top-level tables."""
+    table: dict = {
+        "pipeline": {"name": name, "bootstrap": bootstrap},
+        "topics": {"raw": {"partitions": 2}, "out": {"partitions": 2}, "dlq": {"partitions": 1}},
+    }
+    table.update(extra)
+    return table
+
+
+@pytest.fixture
+def pipeline(namespace: str, kafka_bootstrap: str) -> config.PipelineConfig:
+    """A pipeline under the test's own namespace, its topics created on the real broker."""
+    from tensorline.ops import clients
+
+    cfg = config.parse(pipeline_table(namespace, kafka_bootstrap), Path("test-pipeline.toml"))
+    clients.create_topics(cfg)
+    return cfg
