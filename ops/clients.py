@@ -59,6 +59,10 @@ def consumer(cfg: PipelineConfig, group_id: str | None, *topics: str, **override
         "isolation_level": "read_committed",
         "max_partition_fetch_bytes": cfg.max_message_bytes,
         "fetch_max_bytes": max(cfg.max_message_bytes, 52_428_800),
+        # A dead worker's partitions move after 10 s instead of 45; heartbeats every 3 s leave
+        # room for two missed beats under load.
+        "session_timeout_ms": 10_000,
+        "heartbeat_interval_ms": 3_000,
         **_common(cfg),
     }
     settings.update(overrides)

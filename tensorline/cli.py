@@ -48,6 +48,16 @@ def cmd_topics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from tensorline.stages import worker
+
+    cfg = _pipeline(args)
+    if args.stage not in cfg.stages:
+        raise config.ConfigError(cfg.path, f"stages.{args.stage}", f"one of the stages {', '.join(cfg.stages)}")
+    worker.run(cfg, args.stage, model=args.model, device=args.device)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from tensorline.ops import demo
 
@@ -73,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = with_config(sub.add_parser("topics", help="create the pipeline's topics (idempotent)"))
     t.add_argument("action", choices=["create"])
     t.set_defaults(func=cmd_topics)
+
+    r = with_config(sub.add_parser("run", help="run one worker of a stage until stopped"))
+    r.add_argument("stage", help="a stage of the pipeline file")
+    r.add_argument("--model", help="the stage's model to serve (stages with several models)")
+    r.add_argument("--device", default="cpu", help="cpu or gpu:N (default: %(default)s)")
+    r.set_defaults(func=cmd_run)
 
     d = with_config(sub.add_parser("demo", help="run the demo end to end on a local broker"))
     d.add_argument("--json", action="store_true", help="end with one line holding the report as JSON")

@@ -72,6 +72,7 @@ class ModelConfig:
     name: str
     path: str
     version: str = "1"
+    input: str = "image"  # the record's tensor the model reads
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class StageConfig:
     name: str
     input: str
     output: str
+    kind: str = ""  # builtin stage name or "package.module:Factory"; defaults to the stage's name
     models: tuple[ModelConfig, ...] = ()
     max_batch: int = DEFAULT_MAX_BATCH
     max_delay_ms: int = DEFAULT_MAX_DELAY_MS
@@ -121,6 +123,19 @@ class PipelineConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     on_bad_file: str = "dlq"
     kafka: Mapping[str, Any] = field(default_factory=dict)
+
+    def model(self, stage: str, name: str | None) -> ModelConfig | None:
+        """The stage's model called `name`; with no name, its only model (or None if it has none)."""
+        models = self.stages[stage].models
+        if name is None:
+            if len(models) > 1:
+                raise ConfigError(self.path, f"stages.{stage}.models",
+                                  f"--model to pick one of {', '.join(m.name for m in models)}")
+            return models[0] if models else None
+        for m in models:
+            if m.name == name:
+                return m
+        raise ConfigError(self.path, f"stages.{stage}.models.{name}", f"one of {', '.join(m.name for m in models)}")
 
     def topic(self, key: str) -> TopicConfig:
         """The topic behind a logical key such as "raw" or "dlq"."""
@@ -200,7 +215,7 @@ def _models(r: _Reader) -> tuple[ModelConfig, ...]:
         version = m.table.get("version", "1")
         if isinstance(version, bool) or not isinstance(version, (str, int)):
             raise ConfigError(r.path, m.key("version"), "a version string or integer", version)
-        models.append(ModelConfig(name, m.get("path", str), str(version)))
+        models.append(ModelConfig(name, m.get("path", str), str(version), m.get("input", str, "image")))
     return tuple(models)
 
 
@@ -215,6 +230,8 @@ def _stage(r: _Reader, name: str, topics: Mapping[str, TopicConfig]) -> StageCon
             raise ConfigError(r.path, r.key("devices"), "devices like 'cpu' or 'gpu:0'", d)
     return StageConfig(
         name=name, input=topic_key("input"), output=topic_key("output"),
+        kind=r.get("kind", str, name, lambda v: bool(re.fullmatch(r"[a-z_]+|[\w.]+:\w+", v)),
+                   "a builtin stage (preprocess, features, detection) or 'package.module:Factory'"),
         models=_models(r.sub("models")),
         max_batch=r.positive("max_batch", DEFAULT_MAX_BATCH),
         max_delay_ms=r.get("max_delay_ms", int, DEFAULT_MAX_DELAY_MS, lambda v: v >= 0,

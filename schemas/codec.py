@@ -1,0 +1,267 @@
+"""Bytes <-> Avro datums <-> numpy: the Confluent wire format and the tensor encoding.
+
+A message is the Confluent framing (magic byte 0, then the schema id as 4 big-endian bytes)
+followed by the datum in standard schemaless Avro binary, written and read by fastavro. Tensor
+bytes are copied once on encode (into the buffer fastavro builds, which is the message) and not
+at all on decode: decoded arrays are views of the message.
+"""
+
+import math
+import struct
+from collections.abc import Mapping
+from functools import cache
+from types import MappingProxyType
+from typing import IO, Any, cast
+
+import numpy as np
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+
+from tensorline.schemas.errors import (
+    EmptyMessage,
+    InvalidDatum,
+    MalformedAvro,
+    NegativeDimension,
+    NonFiniteValue,
+    SchemaMismatch,
+    SizeMismatch,
+    TensorTooLarge,
+    TruncatedHeader,
+    UnknownMagicByte,
+    UnsupportedDtype,
+)
+from tensorline.schemas.registry import parsed_schema, schema_id, schema_name
+
+MAGIC_BYTE = 0
+_HEADER = struct.Struct(">BI")  # magic byte, schema id
+
+# A tensor cannot be larger than the Kafka message carrying it: 16 MiB is the broker's
+# message.max.bytes for tensorline's topics, so anything bigger could never be produced.
+MAX_TENSOR_BYTES = 16 * 1024 * 1024
+
+# Payload reads at least this long come back as views of the message instead of copies. Only
+# tensor data is that long in practice, and copying less than 64 KiB costs a few microseconds.
+_VIEW_MIN_BYTES = 64 * 1024
+
+# The tensor dtypes the codec accepts, by numpy name, each with its little-endian wire dtype.
+_WIRE_DTYPES: Mapping[str, np.dtype[Any]] = MappingProxyType(
+    {
+        name: np.dtype(name).newbyteorder("<")
+        for name in (
+            "bool", "uint8", "int8", "uint16", "int16", "int32", "int64",
+            "float16", "float32", "float64",
+        )
+    }
+)
+DTYPES: tuple[str, ...] = tuple(_WIRE_DTYPES)
+# The same by dtype of either byte order, for encoding (dtype.name takes ~1 us to compute).
+_WIRE_BY_DTYPE: Mapping[np.dtype[Any], tuple[str, np.dtype[Any]]] = MappingProxyType(
+    {
+        dtype: (name, wire)
+        for name, wire in _WIRE_DTYPES.items()
+        for dtype in (wire, wire.newbyteorder(">"))
+    }
+)
+_BYTE = np.dtype(np.uint8)
+_DTYPE_LIST = ", ".join(DTYPES)
+
+
+def encode(name: str, datum: Mapping[str, Any]) -> bytearray:
+    """Frame `datum` as a Confluent message of the registered schema `name`.
+
+    Returns a bytearray, which Kafka clients take like bytes: converting it would cost one
+    more copy of every tensor.
+    """
+    frame, header = _frame(name)
+    sink = _Sink()
+    try:
+        schemaless_writer(
+            cast(IO[bytes], sink),
+            frame,
+            {"header": header, "payload": datum},
+            strict_allow_default=True,
+        )
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+        raise InvalidDatum(f"cannot encode {name}: {type(exc).__name__}: {exc}") from exc
+    return sink.buffer
+
+
+@cache
+def _frame(name: str) -> tuple[dict[str, Any], bytes]:
+    """A schema for the whole message and the header bytes for `name`, built once.
+
+    The Confluent header is written as a 5-byte Avro fixed before the datum, so fastavro
+    builds the message in one buffer; the bytes after the header are the plain Avro datum.
+    """
+    header = _HEADER.pack(MAGIC_BYTE, schema_id(name))
+    header_type = {"type": "fixed", "name": "tensorline.wire.Header", "size": len(header)}
+    frame = parse_schema(
+        {
+            "type": "record",
+            "name": "tensorline.wire.Frame",
+            "fields": [
+                {"name": "header", "type": header_type},
+                {"name": "payload", "type": name},
+            ],
+        },
+        named_schemas=dict(parsed_schema(name)["__named_schemas"]),
+    )
+    return cast(dict[str, Any], frame), header
+
+
+class _Sink:
+    """The file fastavro writes a message to.
+
+    fastavro's compiled writer makes one write of the bytearray it built, which is kept
+    rather than copied; its pure-Python fallback writes pieces, which are appended.
+    """
+
+    __slots__ = ("buffer",)
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def write(self, data: bytes | bytearray) -> None:
+        if not self.buffer and type(data) is bytearray:
+            self.buffer = data
+        else:
+            self.buffer += data
+
+
+def read_header(message: bytes | bytearray) -> str:
+    """The schema name a message is framed with, after checking magic byte and schema id."""
+    if not message:
+        raise EmptyMessage("message is empty; expected a Confluent header and an Avro payload")
+    if message[0] != MAGIC_BYTE:
+        raise UnknownMagicByte(
+            f"magic byte is 0x{message[0]:02x}; expected 0x{MAGIC_BYTE:02x} (Confluent wire format)"
+        )
+    if len(message) < _HEADER.size:
+        raise TruncatedHeader(
+            f"message is {len(message)} bytes; the Confluent header alone needs {_HEADER.size}"
+        )
+    return schema_name(_HEADER.unpack_from(message)[1])
+
+
+def decode(
+    message: bytes | bytearray, *, expect: str | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The schema name and Avro datum of a message; `expect` rejects other schemas unread.
+
+    `bytes` fields of 64 KiB or more come back as memoryviews of `message`, not copies:
+    read-only when it is `bytes`, as Kafka consumers deliver it.
+    """
+    name = read_header(message)
+    if expect is not None and name != expect:
+        raise SchemaMismatch(
+            f"message is framed with schema id {schema_id(name)} ({name}); expected {expect}"
+        )
+    view = memoryview(message)
+    schema = parsed_schema(name)
+    try:
+        try:
+            stream = _MessageStream(view, _VIEW_MIN_BYTES)
+            datum = schemaless_reader(cast(IO[bytes], stream), schema)
+        except AttributeError:
+            # fastavro decodes strings with .decode(), which memoryviews lack: a string of
+            # _VIEW_MIN_BYTES or more is rare, so read again with every chunk as bytes.
+            stream = _MessageStream(view, len(view) + 1)
+            datum = schemaless_reader(cast(IO[bytes], stream), schema)
+    except Exception as exc:
+        raise MalformedAvro(
+            f"cannot decode the {len(view) - _HEADER.size}-byte {name} payload: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if stream.pos != len(view):
+        raise MalformedAvro(
+            f"{len(view) - stream.pos} trailing bytes after the {name} datum; expected none"
+        )
+    return name, cast(dict[str, Any], datum)
+
+
+class _MessageStream:
+    """A file-like reader over a message's Avro payload, for fastavro's schemaless_reader.
+
+    Reads of at least `view_min` bytes return memoryview slices, so tensor data is not copied;
+    shorter reads return bytes, which fastavro's integer and string decoders require.
+    """
+
+    __slots__ = ("_view", "_view_min", "pos")
+
+    def __init__(self, view: memoryview, view_min: int) -> None:
+        self._view = view
+        self._view_min = view_min
+        self.pos = _HEADER.size
+
+    def read(self, size: int) -> bytes | memoryview:
+        if size < 0:
+            raise EOFError(f"negative length {size}")
+        start = self.pos
+        chunk = self._view[start : start + size]
+        self.pos = start + len(chunk)
+        return chunk if size >= self._view_min else chunk.tobytes()
+
+
+def tensor_to_avro(
+    arr: np.ndarray, *, name: str | None = None, max_bytes: int = MAX_TENSOR_BYTES
+) -> dict[str, Any]:
+    """The Avro Tensor datum for `arr`, converted to little-endian C order if it is not so.
+
+    `data` is a memoryview of the array (no copy; fastavro copies it into the message), so
+    do not modify `arr` before the datum is encoded.
+    """
+    found = _WIRE_BY_DTYPE.get(arr.dtype)
+    if found is None:
+        raise UnsupportedDtype(f"dtype {arr.dtype} is not one of {_DTYPE_LIST}", tensor=name)
+    if arr.nbytes > max_bytes:
+        raise TensorTooLarge(
+            f"{arr.nbytes} bytes exceeds the limit of {max_bytes} bytes", tensor=name
+        )
+    dtype_name, wire = found
+    flat = np.asarray(arr).astype(wire, order="C", copy=False).ravel()
+    return {"dtype": dtype_name, "shape": list(arr.shape), "data": flat.view(_BYTE).data}
+
+
+def tensor_from_avro(
+    datum: Mapping[str, Any],
+    *,
+    name: str | None = None,
+    allow_nonfinite: bool = True,
+    max_bytes: int = MAX_TENSOR_BYTES,
+) -> np.ndarray:
+    """The validated array for an Avro Tensor datum; `name` says which tensor in errors.
+
+    The array views the datum's bytes (np.frombuffer, no copy): it is read-only when they are
+    immutable, may be unaligned, and keeps the message alive; `.copy()` gives an owned array.
+    """
+    wire = _WIRE_DTYPES.get(datum["dtype"])
+    if wire is None:
+        raise UnsupportedDtype(
+            f"dtype {datum['dtype']!r} is not one of {_DTYPE_LIST}", tensor=name
+        )
+    shape = tuple(datum["shape"])
+    if any(dim < 0 for dim in shape):
+        raise NegativeDimension(
+            f"shape {shape} has a negative dimension; expected all >= 0", tensor=name
+        )
+    data = datum["data"]
+    if len(data) > max_bytes:
+        raise TensorTooLarge(
+            f"{len(data)} bytes exceeds the limit of {max_bytes} bytes", tensor=name
+        )
+    expected = math.prod(shape) * wire.itemsize
+    if len(data) != expected:
+        raise SizeMismatch(
+            f"{len(data)} data bytes, but shape {shape} of {wire.name} needs {expected}",
+            tensor=name,
+        )
+    try:
+        arr = np.frombuffer(data, dtype=wire).reshape(shape)
+    except ValueError as exc:  # a zero-size shape with dimensions too large for numpy
+        raise SizeMismatch(f"shape {shape} is not representable: {exc}", tensor=name) from exc
+    if not allow_nonfinite and wire.kind == "f":
+        bad = arr.size - np.count_nonzero(np.isfinite(arr))
+        if bad:
+            raise NonFiniteValue(
+                f"{bad} of {arr.size} values are NaN or Inf; expected finite values", tensor=name
+            )
+    return arr

@@ -1,0 +1,120 @@
+"""What the three record stages share: Record in, encoded message out, models loaded from config."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tensorline.config import ModelConfig, PipelineConfig, StageConfig
+from tensorline.schemas import (Detection, FusedResult, ModelRef, Record, decode_record, encode_detection,
+                                encode_record, encode_result)
+from tensorline.stages.runtime import DeadLetter, Message
+
+BUILTIN = {
+    "preprocess": "tensorline.stages.preprocess:Preprocess",
+    "features": "tensorline.stages.features:Features",
+    "detection": "tensorline.stages.detection:Detection",
+}
+# Stages of these kinds run one consumer group per model, so each model reads every record.
+PER_MODEL_KINDS = frozenset({"detection"})
+
+
+class RecordStage:
+    """Base of a stage reading Records: decoding, encoding by output type, keys kept from input."""
+
+    def __init__(self, pipeline: PipelineConfig, stage: StageConfig, model: ModelConfig | None):
+        self.name = stage.name
+        self.params = stage.params
+        self.model_config = model
+        self.model_ref = ModelRef(model.name, model.version) if model else None
+
+    def decode(self, message: Message) -> Record:
+        return decode_record(message.value)
+
+    def check(self, item: Record) -> None:
+        pass
+
+    def encode(self, output: Record | Detection | FusedResult) -> bytes:
+        if isinstance(output, Record):
+            return encode_record(output)
+        if isinstance(output, Detection):
+            return encode_detection(output)
+        return encode_result(output)
+
+    def key(self, output: Any, message: Message) -> bytes | None:
+        return message.key
+
+
+def tensor(record: Record, name: str, ndim: tuple[int, ...]) -> np.ndarray:
+    """The record's tensor `name`, checked to be numeric with one of the allowed ranks."""
+    if name not in record.tensors:
+        raise DeadLetter(f"record {record.record_id} has no tensor {name!r} (has {sorted(record.tensors)})")
+    arr = record.tensors[name]
+    if arr.ndim not in ndim or arr.dtype.kind not in "biuf":
+        raise DeadLetter(f"record {record.record_id}: tensor {name!r} is {arr.dtype}{list(arr.shape)}, "
+                         f"expected a numeric tensor of rank {' or '.join(map(str, ndim))}")
+    return arr
+
+
+def pin_device(device: str) -> bool:
+    """Make only `device` ("cpu" or "gpu:N") visible to TensorFlow, GPU memory growing on demand.
+
+    TensorFlow reads these variables once, at import: returns False (nothing pinned) when it is
+    already imported in this process.
+    """
+    if "tensorflow" in sys.modules:
+        return False
+    os.environ["CUDA_VISIBLE_DEVICES"] = "-1" if device == "cpu" else device.split(":", 1)[1]
+    os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return True
+
+
+class Model:
+    """A Keras file or SavedModel as one callable on a batch, with its expected input shape."""
+
+    def __init__(self, config: ModelConfig):
+        import keras
+
+        path = Path(config.path)
+        if not path.exists():
+            raise FileNotFoundError(f"model {config.name}: {path} does not exist")
+        if path.is_dir():  # a TensorFlow SavedModel
+            layer = keras.layers.TFSMLayer(str(path), call_endpoint="serving_default")
+            self._call: Callable[[np.ndarray], Any] = lambda x: next(iter(layer(x).values()))
+            self.input_shape: tuple[int | None, ...] | None = None
+        else:
+            model = keras.saving.load_model(path, compile=False)
+            self._call = lambda x: model(x, training=False)
+            self.input_shape = tuple(model.input_shape[1:])
+        self.config = config
+
+    def check(self, record_id: str, arr: np.ndarray) -> None:
+        """DeadLetter when `arr` cannot be one row of this model's input."""
+        if self.input_shape is None:
+            return
+        expected = self.input_shape
+        if len(arr.shape) != len(expected) or any(e is not None and e != a for e, a in zip(expected, arr.shape)):
+            raise DeadLetter(f"record {record_id}: tensor {self.config.input!r} has shape {list(arr.shape)}, "
+                             f"model {self.config.name} expects {list(expected)}")
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self._call(batch))
+
+
+def load_stage(pipeline: PipelineConfig, stage: str, model: str | None = None):
+    """The stage object for `stage` (and its model `model`), from its kind in the pipeline file."""
+    cfg = pipeline.stages[stage]
+    target = BUILTIN.get(cfg.kind, cfg.kind)
+    if ":" not in target:
+        raise ValueError(f"{pipeline.path}: stages.{stage}.kind: unknown stage kind {cfg.kind!r} "
+                         f"(builtin: {', '.join(BUILTIN)}, or 'package.module:Factory')")
+    module, attr = target.split(":", 1)
+    factory = getattr(importlib.import_module(module), attr)
+    return factory(pipeline, cfg, pipeline.model(stage, model))

@@ -1,0 +1,324 @@
+"""The one worker runtime every stage runs on.
+
+Loop: poll -> decode -> micro-batch (up to `max_batch` records, or `max_delay_ms` after the first)
+-> one model call per batch -> encode -> produce -> commit. The runtime owns everything Kafka;
+a stage owns only its transformation (see `Stage`). It takes a `Source` and a `Sink`, so a
+stage runs the same code in memory (tests) and on Kafka (`stages.kafka`).
+
+Exactly-once: outputs, dead letters and the consumed offsets go into one transaction per batch.
+Poll-safe: the model runs on a helper thread while the main thread keeps polling with every
+partition paused, so a slow batch never pushes the worker out of its group; a batch slower than
+`slow_batch_s` halves the batch size, fast batches grow it back.
+Rebalance-safe: on revoke, the in-flight batch is finished and committed before the partitions go.
+A record that fails to decode, fails the stage's check, or makes the model raise goes to the
+dead-letter topic with its reason and original bytes; a failing batch is bisected to find it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tensorline import logs
+
+Headers = list[tuple[str, bytes]]
+TRACE_ID = "tl.trace"
+INGEST_MS = "tl.ingest_ms"
+# A batch slower than this halves the batch size: a fifth of kafka-python's default
+# max.poll.interval.ms (300 s), though polling goes on during the model call anyway.
+DEFAULT_SLOW_BATCH_S = 60.0
+# A batch faster than this fraction of slow_batch_s lets the batch size grow back by half.
+GROW_FRACTION = 0.25
+# How long one keep-alive poll waits while the model runs: short, so a finished batch is
+# committed promptly, long enough not to spin.
+KEEPALIVE_POLL_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One consumed record, as the runtime sees it (Kafka's ConsumerRecord, minus the client)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: Headers = field(default_factory=list)
+    timestamp_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One record to produce."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Headers
+
+
+class DeadLetter(Exception):
+    """Raised by a stage's `check` for a record its model cannot take (wrong dtype, shape, ...)."""
+
+
+class Stage(Protocol):
+    """What a stage module provides: its name, and batch in -> batch out."""
+
+    name: str
+
+    def decode(self, message: Message) -> Any:
+        """The message's payload as the stage's input item; raises a CodecError on bad bytes."""
+
+    def check(self, item: Any) -> None:
+        """Raise DeadLetter when this item cannot go to the model."""
+
+    def process(self, items: list[Any]) -> list[Any]:
+        """One model call for the whole batch; one output per input, in order."""
+
+    def encode(self, output: Any) -> bytes:
+        """The output as message bytes."""
+
+    def key(self, output: Any, message: Message) -> bytes | None:
+        """The output's partition key."""
+
+
+class Source(Protocol):
+    """Where a worker reads: a consumer group member (or an in-memory list in tests)."""
+
+    def poll(self, timeout_s: float, max_records: int) -> list[Message]: ...
+
+    def keepalive(self) -> None:
+        """Poll with every partition paused: heartbeats, rebalances, no records."""
+
+    def resume(self) -> None: ...
+
+    def positions(self, batch: Sequence[Message]) -> dict[tuple[str, int], int]:
+        """The offsets to commit after `batch`: per partition, the next offset to read."""
+
+    def rewind(self, batch: Sequence[Message]) -> None:
+        """Seek back to the batch's first offsets so an aborted batch is read again."""
+
+    def set_revoke_listener(self, listener: Callable[[set[tuple[str, int]]], None]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Sink(Protocol):
+    """Where a worker writes: a (transactional) producer, or a list in tests."""
+
+    transactional: bool
+
+    def begin(self) -> None: ...
+
+    def send(self, output: Output) -> None: ...
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Make the batch's outputs and its consumed offsets durable, atomically when transactional."""
+
+    def abort(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Stats:
+    """Counters a worker keeps (logged at exit; exported as metrics by ops)."""
+
+    records_in: int = 0
+    records_out: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+    batch_seconds: float = 0.0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def header(headers: Headers, name: str) -> bytes | None:
+    """The last value of a header, or None."""
+    for k, v in reversed(headers):
+        if k == name:
+            return v
+    return None
+
+
+def dead_letter(stage: str, message: Message, error: BaseException, dlq_topic: str) -> Output:
+    """The DLQ record: original key and bytes untouched, the reason and origin in headers."""
+    reason = [
+        ("tl.dlq.stage", stage.encode()),
+        ("tl.dlq.error", type(error).__name__.encode()),
+        ("tl.dlq.message", str(error).encode(errors="replace")[:4096]),
+        ("tl.dlq.topic", message.topic.encode()),
+        ("tl.dlq.partition", str(message.partition).encode()),
+        ("tl.dlq.offset", str(message.offset).encode()),
+        ("tl.dlq.timestamp_ms", str(message.timestamp_ms).encode()),
+    ]
+    return Output(dlq_topic, message.key, message.value, list(message.headers) + reason)
+
+
+@dataclass
+class _Batch:
+    """A micro-batch on its way: its messages, when it arrived, its dead letters, the model call."""
+
+    messages: list[Message]
+    received_ms: int
+    dead: list[Output] = field(default_factory=list)
+    model: Future | None = None
+
+
+class Worker:
+    """Runs one stage from a Source to a Sink until stopped."""
+
+    def __init__(self, stage: Stage, source: Source, sink: Sink, *, output_topic: str, dlq_topic: str,
+                 max_batch: int, max_delay_ms: int, slow_batch_s: float = DEFAULT_SLOW_BATCH_S,
+                 log: Any = None):
+        self.stage, self.source, self.sink = stage, source, sink
+        self.output_topic, self.dlq_topic = output_topic, dlq_topic
+        self.max_batch, self.batch_size = max_batch, max_batch
+        self.max_delay_s, self.slow_batch_s = max_delay_ms / 1000, slow_batch_s
+        self.stats = Stats()
+        self.stop_event = threading.Event()
+        self.log = log or logs.get(stage=stage.name)
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{stage.name}-model")
+        self._buffer: list[Message] = []
+        self._in_flight: _Batch | None = None
+        source.set_revoke_listener(self._on_revoke)
+
+    # -- loop ------------------------------------------------------------------------------
+    def run(self, *, until_idle_s: float | None = None) -> Stats:
+        """Process batches until `stop()` (or, when `until_idle_s` is set, until idle that long)."""
+        idle_since = time.monotonic()
+        try:
+            while not self.stop_event.is_set():
+                batch = self._collect()
+                if batch:
+                    self._run_batch(batch)
+                    idle_since = time.monotonic()
+                elif until_idle_s is not None and time.monotonic() - idle_since > until_idle_s:
+                    break
+        finally:
+            self._model_thread.shutdown(wait=True)
+        return self.stats
+
+    def stop(self) -> None:
+        """Ask the loop to finish the current batch and return (signal-safe)."""
+        self.stop_event.set()
+
+    def _collect(self) -> list[Message]:
+        """A micro-batch: up to batch_size records, or what came within max_delay of the first."""
+        deadline = None
+        while len(self._buffer) < self.batch_size and not self.stop_event.is_set():
+            if deadline is None:
+                timeout = 0.5  # wait for a first record, waking up regularly to notice stop()
+            else:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+            got = self.source.poll(timeout, self.batch_size - len(self._buffer))
+            if got and deadline is None:
+                deadline = time.monotonic() + self.max_delay_s
+            self._buffer.extend(got)
+            if deadline is None and not got:
+                return []
+        batch, self._buffer = self._buffer, []
+        return batch
+
+    # -- one batch -------------------------------------------------------------------------
+    def _run_batch(self, messages: list[Message]) -> None:
+        started = time.monotonic()
+        batch = _Batch(messages, now_ms())
+        items = []
+        for message in messages:
+            try:
+                item = self.stage.decode(message)
+                self.stage.check(item)
+                items.append((message, item))
+            except Exception as e:  # bad input of any kind goes to the DLQ, never crashes the worker
+                batch.dead.append(self._dead(message, e))
+        batch.model = self._model_thread.submit(self._call, items)
+        self._in_flight = batch
+        try:
+            while not batch.model.done():
+                self.source.keepalive()
+            if self._in_flight is batch:  # not already finished by a revoke
+                self._finish(batch)
+        finally:
+            self.source.resume()
+            self._in_flight = None
+        self._adapt(time.monotonic() - started)
+
+    def _finish(self, batch: "_Batch") -> None:
+        """Produce the batch's outputs and dead letters and commit them with its offsets."""
+        assert batch.model is not None
+        results, model_dead = batch.model.result()
+        self._in_flight = None
+        self.sink.begin()
+        try:
+            for message, output in results:
+                self.sink.send(Output(self.output_topic, self.stage.key(output, message),
+                                      self.stage.encode(output), self._trace(message, batch.received_ms)))
+            for out in batch.dead + model_dead:
+                self.sink.send(out)
+            self.sink.commit(self.source.positions(batch.messages))
+        except Exception:
+            self.log.exception("batch commit failed; aborting and reading the batch again",
+                               records=len(batch.messages))
+            self.sink.abort()
+            self.source.rewind(batch.messages)
+            return
+        self.stats.records_in += len(batch.messages)
+        self.stats.records_out += len(results)
+        self.stats.dead_letters += len(batch.dead) + len(model_dead)
+        self.stats.batches += 1
+
+    def _call(self, items: list[tuple[Message, Any]]) -> tuple[list[tuple[Message, Any]], list[Output]]:
+        """The model on the batch; on failure, bisect to isolate the records that make it raise."""
+        if not items:
+            return [], []
+        try:
+            outputs = self.stage.process([item for _, item in items])
+            if len(outputs) != len(items):
+                raise RuntimeError(f"stage {self.stage.name} returned {len(outputs)} outputs for {len(items)} inputs")
+            return list(zip([m for m, _ in items], outputs)), []
+        except Exception as e:
+            if len(items) == 1:
+                return [], [self._dead(items[0][0], e)]
+            mid = len(items) // 2
+            left, right = self._call(items[:mid]), self._call(items[mid:])
+            return left[0] + right[0], left[1] + right[1]
+
+    def _dead(self, message: Message, error: BaseException) -> Output:
+        self.log.warning("record to dead-letter topic", topic=message.topic, partition=message.partition,
+                         offset=message.offset, error=type(error).__name__, reason=str(error)[:300])
+        return dead_letter(self.stage.name, message, error, self.dlq_topic)
+
+    def _trace(self, message: Message, received: int) -> Headers:
+        """Input headers plus this stage's received/produced times (and a trace id if missing)."""
+        headers = [h for h in message.headers if not h[0].startswith(f"tl.{self.stage.name}.")]
+        if header(headers, TRACE_ID) is None:
+            headers.append((TRACE_ID, uuid.uuid4().hex.encode()))
+        headers.append((f"tl.{self.stage.name}.received_ms", str(received).encode()))
+        headers.append((f"tl.{self.stage.name}.produced_ms", str(now_ms()).encode()))
+        return headers
+
+    def _adapt(self, seconds: float) -> None:
+        self.stats.batch_seconds += seconds
+        if seconds > self.slow_batch_s and self.batch_size > 1:
+            self.batch_size = max(1, self.batch_size // 2)
+            self.log.warning("slow batch: batch size halved", seconds=round(seconds, 2), batch_size=self.batch_size)
+        elif seconds < GROW_FRACTION * self.slow_batch_s and self.batch_size < self.max_batch:
+            self.batch_size = min(self.max_batch, self.batch_size + max(1, self.batch_size // 2))
+
+    # -- rebalance -------------------------------------------------------------------------
+    def _on_revoke(self, partitions: set[tuple[str, int]]) -> None:
+        """Partitions are leaving: commit the in-flight batch first, drop buffered records of theirs."""
+        if self._in_flight is not None:
+            self.log.info("partitions revoked during a batch: finishing it first", partitions=sorted(partitions))
+            self._finish(self._in_flight)
+        self._buffer = [m for m in self._buffer if (m.topic, m.partition) not in partitions]

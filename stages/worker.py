@@ -1,0 +1,88 @@
+"""One worker process of one stage: pin the device, load the stage, join the group, run, leave."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import IO
+
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+
+from tensorline import logs
+from tensorline.config import PipelineConfig
+from tensorline.ops import clients
+from tensorline.stages.base import PER_MODEL_KINDS, load_stage, pin_device
+from tensorline.stages.kafka import KafkaSink, KafkaSource
+from tensorline.stages.runtime import Stats, Worker
+
+STATE_DIR_ENV = "TENSORLINE_STATE_DIR"
+
+
+def group_id(pipeline: PipelineConfig, stage: str, model: str | None) -> str:
+    """The stage's consumer group; per-model stages (detection) get one group per model."""
+    per_model = pipeline.stages[stage].kind in PER_MODEL_KINDS
+    return pipeline.group_id(stage, model or pipeline.model(stage, None).name if per_model else None)
+
+
+def claim_slot(group: str) -> tuple[int, IO]:
+    """The lowest worker index of `group` free on this host, held by a file lock while we run.
+
+    The index makes the transactional id stable across restarts (a restarted worker aborts its
+    killed predecessor's open transaction at once) yet unique among live workers on the host.
+    """
+    folder = Path(os.environ.get(STATE_DIR_ENV, ".tensorline")) / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    index = 0
+    while True:
+        handle = open(folder / f"{group}.{index}.lock", "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return index, handle
+        except BlockingIOError:
+            handle.close()
+            index += 1
+
+
+def run(pipeline: PipelineConfig, stage: str, *, model: str | None = None, device: str = "cpu",
+        until_idle_s: float | None = None, stop: threading.Event | None = None) -> Stats:
+    """Run one worker until SIGTERM/SIGINT (or `stop`, or idle for `until_idle_s`)."""
+    pinned = pin_device(device)
+    group = group_id(pipeline, stage, model)
+    index, slot = claim_slot(group)
+    member = f"{socket.gethostname()}-{index}"
+    log = logs.get(stage=stage, model=model, group=group, member=member, device=device)
+    if not pinned:
+        log.warning("TensorFlow was imported before the device could be pinned; using its default devices")
+    cfg = pipeline.stages[stage]
+    stage_obj = load_stage(pipeline, stage, model)
+    consumer = clients.consumer(pipeline, group, client_id=f"{group}.{member}",
+                                partition_assignment_strategy=[CooperativeStickyAssignor])
+    source = KafkaSource(consumer, [pipeline.topic(cfg.input).name])
+    exactly_once = pipeline.delivery == "exactly_once"
+    producer = clients.producer(pipeline, transactional_id=f"{group}.{member}" if exactly_once else None)
+    sink = KafkaSink(producer, source, transactional=exactly_once)
+    if not exactly_once:
+        log.warning("at-least-once delivery: after a crash, records of the last batch are produced again")
+    worker = Worker(stage_obj, source, sink, output_topic=pipeline.topic(cfg.output).name,
+                    dlq_topic=pipeline.topic(pipeline.dlq).name, max_batch=cfg.max_batch,
+                    max_delay_ms=cfg.max_delay_ms, log=log)
+    if stop is not None:
+        worker.stop_event = stop
+    elif threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: worker.stop())
+    log.info("worker started", input=pipeline.topic(cfg.input).name, output=pipeline.topic(cfg.output).name,
+             delivery=pipeline.delivery, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms)
+    try:
+        stats = worker.run(until_idle_s=until_idle_s)
+    finally:
+        sink.close()
+        source.close()
+        slot.close()
+    log.info("worker stopped", **asdict(stats))
+    return stats

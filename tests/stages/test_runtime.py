@@ -1,0 +1,137 @@
+"""The worker runtime in memory: batching, DLQ with bisection, commits, trace headers, revokes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tensorline.config import parse
+from tensorline.schemas import Record, decode_record, encode_record
+from tensorline.stages.runtime import TRACE_ID, Message, Worker, header
+from tensorline.stages.testing import MemorySink, MemorySource, Scale
+
+PIPELINE = parse({
+    "pipeline": {"name": "mem"},
+    "topics": {"in": {}, "out": {}},
+    "stages": {"scale": {"input": "in", "output": "out", "kind": "tensorline.stages.testing:Scale"}},
+})
+
+
+def message(i: int, *, partition: int = 0, poison: bool = False, x: np.ndarray | None = None) -> Message:
+    record = Record(record_id=f"r{i}", source="test", ingest_ts_ms=1000 + i,
+                    tensors={"x": np.full(3, i, np.float32) if x is None else x}, stage="producer",
+                    attributes={"poison": "1"} if poison else {})
+    return Message("mem.in", partition, i, f"k{i}".encode(), bytes(encode_record(record)),
+                   [(TRACE_ID, f"trace{i}".encode())], 5000 + i)
+
+
+def worker(messages, *, max_batch=4, sink=None, **kw) -> tuple[Worker, MemorySink, Scale]:
+    stage = Scale(PIPELINE, PIPELINE.stages["scale"], None)
+    sink = sink or MemorySink()
+    w = Worker(stage, MemorySource(messages), sink, output_topic="mem.out", dlq_topic="mem.dlq",
+               max_batch=max_batch, max_delay_ms=0, **kw)
+    return w, sink, stage
+
+
+def test_micro_batches_one_model_call_each_and_all_records_out():
+    w, sink, stage = worker([message(i) for i in range(10)])
+    stats = w.run(until_idle_s=0)
+    assert stage.batch_sizes == [4, 4, 2]
+    out = [decode_record(o.value) for o in sink.topic("mem.out")]
+    assert [r.record_id for r in out] == [f"r{i}" for i in range(10)]
+    assert all(np.array_equal(r.tensors["x"], np.full(3, 2 * i, np.float32)) for i, r in enumerate(out))
+    assert sink.offsets == {("mem.in", 0): 10}
+    assert (stats.records_in, stats.records_out, stats.dead_letters, stats.batches) == (10, 10, 0, 3)
+
+
+def test_poison_record_goes_to_dlq_alone_and_the_batch_goes_on():
+    msgs = [message(i, poison=(i == 5)) for i in range(8)]
+    w, sink, stage = worker(msgs, max_batch=8)
+    w.run(until_idle_s=0)
+    assert [decode_record(o.value).record_id for o in sink.topic("mem.out")] == [f"r{i}" for i in range(8) if i != 5]
+    [dead] = sink.topic("mem.dlq")
+    assert dead.value == msgs[5].value and dead.key == b"k5"  # original bytes untouched
+    assert header(dead.headers, "tl.dlq.error") == b"ValueError"
+    assert header(dead.headers, "tl.dlq.message") == b"poisoned record in batch"
+    assert (header(dead.headers, "tl.dlq.topic"), header(dead.headers, "tl.dlq.offset")) == (b"mem.in", b"5")
+    assert header(dead.headers, "tl.dlq.stage") == b"scale"
+    assert stage.batch_sizes[0] == 8 and len(stage.batch_sizes) > 2  # bisected after the failure
+    assert sink.offsets == {("mem.in", 0): 8}
+
+
+@pytest.mark.parametrize("value, error", [
+    (b"", b"EmptyMessage"),
+    (b"\x07\x00\x00\x00\x01junk", b"UnknownMagicByte"),
+    (b"\x00\x00\x00\x00\x01\xff\xff\xff", b"MalformedAvro"),
+])
+def test_undecodable_bytes_go_to_dlq_with_their_error_class(value, error):
+    msgs = [message(0), Message("mem.in", 0, 1, b"bad", value, [], 0), message(2)]
+    w, sink, _ = worker(msgs)
+    w.run(until_idle_s=0)
+    assert len(sink.topic("mem.out")) == 2
+    [dead] = sink.topic("mem.dlq")
+    assert dead.value == value and header(dead.headers, "tl.dlq.error") == error
+
+
+def test_tensor_of_wrong_kind_fails_the_check_not_the_batch():
+    msgs = [message(0), message(1, x=np.zeros((1, 1, 1, 1, 1), np.float32)), message(2)]
+    w, sink, stage = worker(msgs)
+    w.run(until_idle_s=0)
+    [dead] = sink.topic("mem.dlq")
+    assert header(dead.headers, "tl.dlq.error") == b"DeadLetter" and b"tensor 'x'" in header(dead.headers, "tl.dlq.message")
+    assert stage.batch_sizes == [2]  # the model never saw the bad record
+
+
+class FailOnceSink(MemorySink):
+    def __init__(self):
+        super().__init__()
+        self.failures = 1
+
+    def commit(self, offsets):
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("broker went away")
+        super().commit(offsets)
+
+
+def test_failed_commit_aborts_and_reads_the_batch_again_without_duplicates():
+    w, sink, _ = worker([message(i) for i in range(6)], sink=FailOnceSink())
+    w.run(until_idle_s=0)
+    assert sorted(decode_record(o.value).record_id for o in sink.topic("mem.out")) == [f"r{i}" for i in range(6)]
+    assert sink.offsets == {("mem.in", 0): 6}
+
+
+def test_trace_headers_keep_the_trace_and_add_stage_times():
+    w, sink, _ = worker([message(0)])
+    w.run(until_idle_s=0)
+    [out] = sink.topic("mem.out")
+    assert header(out.headers, TRACE_ID) == b"trace0"
+    received = int(header(out.headers, "tl.scale.received_ms"))
+    produced = int(header(out.headers, "tl.scale.produced_ms"))
+    assert 0 < received <= produced
+
+
+def test_slow_batches_halve_the_batch_size():
+    w, _, stage = worker([message(i) for i in range(12)], max_batch=8, slow_batch_s=0.0)
+    w.run(until_idle_s=0)
+    assert stage.batch_sizes == [8, 4]
+    assert w.batch_size == 2
+
+
+def test_revoke_during_a_batch_commits_it_first_and_drops_buffered_records():
+    msgs = [message(i, partition=i % 2) for i in range(4)]
+    w, sink, _ = worker(msgs, max_batch=4)
+
+    class RevokingSource(MemorySource):
+        def keepalive(self):
+            if w._in_flight is not None and not sink.committed:
+                w._buffer = [message(9, partition=1)]
+                self.revoke_listener({("mem.in", 1)})
+
+    w.source = RevokingSource(msgs)
+    w.source.set_revoke_listener(w._on_revoke)
+    batch = w._collect()
+    w._run_batch(batch)
+    assert len(sink.topic("mem.out")) == 4  # finished inside the revoke, not twice
+    assert w._buffer == []  # the revoked partition's buffered record is left to its new owner
+    assert sink.offsets == {("mem.in", 0): 3, ("mem.in", 1): 4}

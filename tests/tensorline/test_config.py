@@ -1,0 +1,96 @@
+"""The pipeline file: validation errors name file, key and expectation; env overrides; secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tensorline import config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def table(**over: object) -> dict:
+    base = {
+        "pipeline": {"name": "p1"},
+        "topics": {"raw": {}, "out": {"partitions": 8, "retention_ms": 1000}},
+        "stages": {"pre": {"input": "raw", "output": "out", "max_batch": 16,
+                           "models": {"m": {"path": "m.keras", "version": 2}}}},
+    }
+    base.update(over)
+    return base
+
+
+def test_demo_pipeline_file_loads():
+    cfg = config.load(ROOT / "pipeline.toml")
+    assert cfg.name == "demo"
+    assert cfg.fusion is not None and cfg.fusion.expected_models == ("cnn", "mlp", "logreg")
+    assert [m.name for m in cfg.stages["detection"].models] == ["cnn", "mlp", "logreg"]
+    assert cfg.topic("raw").name == "demo.raw" and cfg.topic("dlq").partitions == 1
+
+
+def test_defaults_and_derived_names():
+    cfg = config.parse(table(), "p.toml")
+    assert cfg.topic("raw").partitions == config.DEFAULT_PARTITIONS
+    assert cfg.topic("out").partitions == 8 and cfg.topic("out").retention_ms == 1000
+    assert cfg.topic("dlq").name == "p1.dlq"  # always present
+    stage = cfg.stages["pre"]
+    assert stage.max_batch == 16 and stage.max_delay_ms == config.DEFAULT_MAX_DELAY_MS
+    assert stage.models[0].version == "2" and stage.devices == ("cpu",)
+    assert cfg.group_id("pre") == "p1.pre" and cfg.group_id("det", "cnn") == "p1.det.cnn"
+    assert cfg.delivery == "exactly_once" and cfg.max_message_bytes == 16 * 1024 * 1024
+
+
+@pytest.mark.parametrize("mutate, key, expected", [
+    (lambda t: t["stages"]["pre"].update(max_batch=0), "stages.pre.max_batch", "positive integer"),
+    (lambda t: t["stages"]["pre"].update(input="nope"), "stages.pre.input", "topic key"),
+    (lambda t: t["stages"]["pre"].update(devices=["tpu"]), "stages.pre.devices", "gpu:0"),
+    (lambda t: t["pipeline"].update(delivery="maybe"), "pipeline.delivery", "exactly_once"),
+    (lambda t: t["pipeline"].pop("name"), "pipeline.name", "required"),
+    (lambda t: t["topics"]["raw"].update(partitions="4"), "topics.raw.partitions", "positive integer"),
+    (lambda t: t.update(kafka={"sasl_pasword": "x"}), "kafka.sasl_pasword", "kafka-python settings"),
+    (lambda t: t["stages"]["pre"]["models"]["m"].pop("path"), "stages.pre.models.m.path", "required"),
+    (lambda t: t.update(fusion={"input": "raw", "output": "out", "expected_models": ["a"], "quorum": 2}),
+     "fusion.quorum", "from 1 to 1"),
+])
+def test_errors_name_file_key_and_expectation(mutate, key, expected):
+    t = table()
+    mutate(t)
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(t, "bad.toml")
+    assert err.value.key == key
+    assert str(err.value).startswith(f"bad.toml: {key}: expected") and expected in str(err.value)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(config.ConfigError, match="missing.toml: \\(file\\)"):
+        config.load(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[pipeline\nname=1")
+    with pytest.raises(config.ConfigError, match="bad.toml: \\(syntax\\): expected valid TOML"):
+        config.load(bad)
+
+
+def test_environment_overrides_bootstrap_and_secrets(monkeypatch):
+    t = table(kafka={"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN",
+                     "sasl_plain_username": "u", "sasl_plain_password": "in-file"})
+    t["pipeline"]["bootstrap"] = "file:9092"
+    assert config.parse(t).bootstrap == "file:9092"
+    monkeypatch.setenv("TENSORLINE_BOOTSTRAP", "env:9092")
+    monkeypatch.setenv("TENSORLINE_SASL_PLAIN_PASSWORD", "from-env")
+    cfg = config.parse(t)
+    assert cfg.bootstrap == "env:9092"
+    assert cfg.kafka["sasl_plain_password"] == "from-env"
+    assert "from-env" not in repr(cfg) and "***" in repr(cfg)
+
+
+def test_config_is_frozen():
+    cfg = config.parse(table())
+    with pytest.raises(AttributeError):
+        cfg.name = "other"  # type: ignore[misc]
+
+
+def test_with_name_moves_topics_and_groups():
+    cfg = config.parse(table()).with_name("ns1")
+    assert cfg.topic("raw").name == "ns1.raw" and cfg.group_id("pre") == "ns1.pre"
