@@ -89,10 +89,12 @@ class Model:
             layer = keras.layers.TFSMLayer(str(path), call_endpoint="serving_default")
             self._call: Callable[[np.ndarray], Any] = lambda x: next(iter(layer(x).values()))
             self.input_shape: tuple[int | None, ...] | None = None
+            self.output_shape: tuple[int | None, ...] | None = None
         else:
             model = keras.saving.load_model(path, compile=False)
             self._call = lambda x: model(x, training=False)
             self.input_shape = tuple(model.input_shape[1:])
+            self.output_shape = tuple(model.output_shape[1:])
         self.config = config
 
     def check(self, record_id: str, arr: np.ndarray) -> None:

@@ -1,0 +1,91 @@
+"""features and detection stages with small real Keras models, run by the runtime in memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tensorline.config import parse
+from tensorline.schemas import Record, decode_detection, decode_record, encode_record
+from tensorline.stages.base import load_stage
+from tensorline.stages.runtime import Message, Worker, header
+from tensorline.stages.testing import MemorySink, MemorySource
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    import keras
+
+    folder = tmp_path_factory.mktemp("models")
+    keras.utils.set_random_seed(0)
+    backbone = keras.Sequential([keras.Input((16, 16, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
+                                 keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(8)])
+    head = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2, activation="softmax")])
+    backbone.save(folder / "backbone.keras")
+    head.save(folder / "head.keras")
+    return folder
+
+
+def pipeline(folder, classes=("normal", "nodule")):
+    return parse({
+        "pipeline": {"name": "m"},
+        "topics": {"pre": {}, "feat": {}, "det": {}},
+        "stages": {
+            "features": {"input": "pre", "output": "feat",
+                         "models": {"backbone": {"path": str(folder / "backbone.keras")}}},
+            "detection": {"input": "feat", "output": "det", "params": {"classes": list(classes)},
+                          "models": {"head": {"path": str(folder / "head.keras"), "input": "embedding", "version": "3"}}},
+        },
+    })
+
+
+def msg(i: int, image: np.ndarray) -> Message:
+    r = Record(record_id=f"r{i}", source="s", ingest_ts_ms=7, tensors={"image": image}, stage="preprocess",
+               label="nodule")
+    return Message("m.pre", 0, i, b"study-1", bytes(encode_record(r)), [], 0)
+
+
+def run(stage, messages):
+    sink = MemorySink()
+    Worker(stage, MemorySource(messages), sink, output_topic="out", dlq_topic="dlq",
+           max_batch=8, max_delay_ms=0).run(until_idle_s=0)
+    return sink
+
+
+def test_features_then_detection_keyed_by_record_id(models):
+    cfg = pipeline(models)
+    rng = np.random.default_rng(0)
+    feats = run(load_stage(cfg, "features"), [msg(i, rng.standard_normal((16, 16, 1)).astype(np.float32)) for i in range(5)])
+    records = [decode_record(o.value) for o in feats.topic("out")]
+    assert [r.tensors["embedding"].shape for r in records] == [(8,)] * 5
+    assert records[0].model.name == "backbone" and records[0].tensors["image"].shape == (16, 16, 1)
+
+    det_messages = [Message("m.feat", 0, i, o.key, o.value, o.headers, 0) for i, o in enumerate(feats.topic("out"))]
+    dets = run(load_stage(cfg, "detection", "head"), det_messages)
+    outs = dets.topic("out")
+    assert [o.key for o in outs] == [f"r{i}".encode() for i in range(5)]
+    decoded = [decode_detection(o.value) for o in outs]
+    assert all(d.model.name == "head" and d.model.version == "3" and d.label == "nodule" for d in decoded)
+    assert all(abs(sum(d.scores) - 1) < 1e-5 and d.classes == ("normal", "nodule") for d in decoded)
+    assert header(outs[0].headers, "tl.features.produced_ms") is not None  # the trace goes on
+
+
+def test_wrong_input_shape_is_a_dead_letter_naming_model_and_shapes(models):
+    cfg = pipeline(models)
+    good, bad = np.zeros((16, 16, 1), np.float32), np.zeros((20, 16, 1), np.float32)
+    sink = run(load_stage(cfg, "features"), [msg(0, good), msg(1, bad), msg(2, good)])
+    assert len(sink.topic("out")) == 2
+    [dead] = sink.topic("dlq")
+    reason = header(dead.headers, "tl.dlq.message").decode()
+    assert "[20, 16, 1]" in reason and "backbone" in reason and "[16, 16, 1]" in reason
+
+
+def test_class_count_mismatch_fails_at_start(models):
+    with pytest.raises(ValueError, match="gives 2 scores.*names 3"):
+        load_stage(pipeline(models, classes=("a", "b", "c")), "detection", "head")
+
+
+def test_missing_model_file_names_the_path(models, tmp_path):
+    cfg = pipeline(tmp_path)
+    with pytest.raises(FileNotFoundError, match="backbone.keras"):
+        load_stage(cfg, "features")

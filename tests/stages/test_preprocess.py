@@ -1,0 +1,75 @@
+"""preprocess: rescale, window, MONOCHROME1, resize, normalise — against numpy by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tensorline.config import parse
+from tensorline.schemas import Record
+from tensorline.stages.preprocess import Preprocess
+from tensorline.stages.runtime import DeadLetter
+
+
+def stage(**params) -> Preprocess:
+    cfg = parse({"pipeline": {"name": "p"}, "topics": {"raw": {}, "pre": {}},
+                 "stages": {"preprocess": {"input": "raw", "output": "pre", "params": params}}})
+    return Preprocess(cfg, cfg.stages["preprocess"], None)
+
+
+def rec(image: np.ndarray, **attrs: str) -> Record:
+    return Record(record_id="r", source="s", ingest_ts_ms=0, tensors={"image": image}, stage="producer",
+                  attributes=attrs)
+
+
+def test_rescale_and_window_match_the_formula():
+    image = np.array([[0, 50], [100, 150]], np.uint16)
+    r = rec(image, rescale_slope="2", rescale_intercept="-100", window_center="50", window_width="200")
+    [out] = stage(size=2, normalize="none").process([r])
+    hu = image.astype(np.float64) * 2 - 100
+    expected = np.clip((hu - (50 - 100)) / 200, 0, 1)
+    assert out.tensors["image"].shape == (2, 2, 1) and out.stage == "preprocess"
+    np.testing.assert_allclose(out.tensors["image"][..., 0], expected, atol=1e-6)
+
+
+def test_monochrome1_is_inverted():
+    image = np.array([[0, 100]], np.int16)
+    plain, inverted = stage(size=1, normalize="none").process([
+        rec(image.reshape(1, 2), window_center="50", window_width="100"),
+        rec(image.reshape(1, 2), window_center="50", window_width="100", photometric="MONOCHROME1")])
+    assert plain.tensors["image"].shape == (1, 1, 1)
+    np.testing.assert_allclose(plain.tensors["image"] + inverted.tensors["image"], 1.0, atol=1e-6)
+
+
+def test_resize_and_zscore_in_one_batch_of_mixed_shapes():
+    rng = np.random.default_rng(1)
+    items = [rec(rng.integers(0, 4000, (100, 80)).astype(np.uint16)), rec(rng.standard_normal((64, 64)).astype(np.float32))]
+    outs = stage(size=32).process(items)
+    for out in outs:
+        img = out.tensors["image"]
+        assert img.shape == (32, 32, 1) and img.dtype == np.float32
+        assert abs(float(img.mean())) < 1e-3 and abs(float(img.std()) - 1) < 1e-2
+
+
+def test_fixed_window_from_params_overrides_attributes():
+    [out] = stage(size=1, normalize="none", window_center=500, window_width=1000).process(
+        [rec(np.array([[500.0]], np.float32), window_center="0", window_width="1")])
+    assert out.tensors["image"][0, 0, 0] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("image, attrs, match", [
+    (np.zeros((4, 4, 3), np.uint8), {}, "3 channels"),
+    (np.zeros((0, 4), np.uint8), {}, "empty"),
+    (np.array([[np.nan, 1.0]], np.float32), {}, "NaN"),
+    (np.zeros((4, 4), np.uint8), {"rescale_slope": "abc"}, "rescale_slope='abc' is not a number"),
+    (np.zeros((4, 4), np.uint8), {"window_center": "1", "window_width": "0"}, "not positive"),
+    (np.zeros((2, 2, 2, 2), np.uint8), {}, "rank 2 or 3"),
+])
+def test_bad_records_are_dead_letters_with_a_reason(image, attrs, match):
+    with pytest.raises(DeadLetter, match=match):
+        stage().check(rec(image, **attrs))
+
+
+def test_unknown_normalisation_is_a_config_error():
+    with pytest.raises(ValueError, match="params.normalize"):
+        stage(normalize="l2")
