@@ -81,6 +81,7 @@ def create_topics(cfg: PipelineConfig) -> list[str]:
         # Replication factor -1: the cluster's default.replication.factor (1 on the local broker).
         wanted = [NewTopic(t.name, t.partitions, -1,
                            topic_configs={"retention.ms": str(t.retention_ms),
+                                          "cleanup.policy": t.cleanup_policy,
                                           "max.message.bytes": str(cfg.max_message_bytes)})
                   for t in cfg.topics.values() if t.name not in existing]
         created = []

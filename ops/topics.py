@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
@@ -14,16 +15,17 @@ from tensorline.ops import clients
 READ_TIMEOUT_S = 60.0
 
 
-def read_all(cfg: PipelineConfig, topic: str, *, timeout_s: float = READ_TIMEOUT_S,
-             committed_only: bool = True) -> list[ConsumerRecord]:
-    """Every record of `topic` from the beginning to its current end (read_committed by default)."""
+def read_all(cfg: PipelineConfig, topic: str, *, partitions: Iterable[int] | None = None,
+             timeout_s: float = READ_TIMEOUT_S, committed_only: bool = True) -> list[ConsumerRecord]:
+    """Every record of `topic` (or of some of its partitions) from the beginning to its current
+    end, read_committed by default."""
     isolation = "read_committed" if committed_only else "read_uncommitted"
     consumer = clients.consumer(cfg, None, isolation_level=isolation)
     try:
         found = consumer.partitions_for_topic(topic)
         if not found:
             raise KeyError(f"topic {topic} does not exist on {clients.bootstrap(cfg)}")
-        tps = [TopicPartition(topic, p) for p in sorted(found)]
+        tps = [TopicPartition(topic, p) for p in sorted(found if partitions is None else partitions)]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         end = consumer.end_offsets(tps)

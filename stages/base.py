@@ -14,12 +14,13 @@ import numpy as np
 from tensorline.config import ModelConfig, PipelineConfig, StageConfig
 from tensorline.schemas import (Detection, FusedResult, ModelRef, Record, decode_record, encode_detection,
                                 encode_record, encode_result)
-from tensorline.stages.runtime import DeadLetter, Message
+from tensorline.stages.runtime import DeadLetter, Message, Output
 
 BUILTIN = {
     "preprocess": "tensorline.stages.preprocess:Preprocess",
     "features": "tensorline.stages.features:Features",
     "detection": "tensorline.stages.detection:Detection",
+    "fusion": "tensorline.fusion.stage:Fusion",
 }
 # Stages of these kinds run one consumer group per model, so each model reads every record.
 PER_MODEL_KINDS = frozenset({"detection"})
@@ -49,6 +50,22 @@ class RecordStage:
 
     def key(self, output: Any, message: Message) -> bytes | None:
         return message.key
+
+    # Hooks for stateful stages; a map stage needs none of them.
+    def tick(self) -> list[Output]:
+        return []
+
+    def on_assigned(self, partitions: set[tuple[str, int]]) -> None:
+        pass
+
+    def on_revoked(self, partitions: set[tuple[str, int]]) -> None:
+        pass
+
+    def committed(self) -> None:
+        pass
+
+    def aborted(self) -> None:
+        pass
 
 
 def tensor(record: Record, name: str, ndim: tuple[int, ...]) -> np.ndarray:

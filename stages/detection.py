@@ -1,7 +1,7 @@
 """detection: one detection model, its own consumer group, scoring every record of the features topic.
 
 Outputs are keyed by record id, so every model's output for one record lands in one partition
-of the detections topic, ready for fusion. The class names come from params.classes.
+of the detections topic, ready for fusion. The class names come from pipeline.classes.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from tensorline.schemas import Record
 from tensorline.stages.base import Model, RecordStage, tensor
 from tensorline.stages.runtime import Message
 
-DEFAULT_CLASSES = ("normal", "nodule")
-
 
 class Detection(RecordStage):
     def __init__(self, pipeline: PipelineConfig, stage: StageConfig, model: ModelConfig | None):
@@ -23,11 +21,11 @@ class Detection(RecordStage):
         if model is None:
             raise ValueError(f"{pipeline.path}: stages.{stage.name}.models: the detection stage needs a model")
         self.model = Model(model)
-        self.classes = tuple(self.params.get("classes", DEFAULT_CLASSES))
+        self.classes = pipeline.classes
         out = self.model.output_shape
         if out is not None and out[-1] != len(self.classes):
             raise ValueError(f"{pipeline.path}: model {model.name} ({model.path}) gives {out[-1]} scores, "
-                             f"stages.{stage.name}.params.classes names {len(self.classes)}")
+                             f"pipeline.classes names {len(self.classes)}")
 
     def check(self, item: Record) -> None:
         self.model.check(item.record_id, tensor(item, self.model.config.input, (1, 2, 3, 4)))
@@ -37,7 +35,7 @@ class Detection(RecordStage):
         scores = self.model(batch).reshape(len(items), -1)
         if scores.shape[1] != len(self.classes):
             raise ValueError(f"model {self.model.config.name} gives {scores.shape[1]} scores, "
-                             f"params.classes names {len(self.classes)}")
+                             f"pipeline.classes names {len(self.classes)}")
         return [DetectionMessage(record_id=r.record_id, source=r.source, ingest_ts_ms=r.ingest_ts_ms,
                                  model=self.model_ref, classes=self.classes, scores=tuple(map(float, s)),
                                  attributes=r.attributes, label=r.label)

@@ -24,12 +24,14 @@ class _Listener(ConsumerRebalanceListener):
         self.source = source
 
     def on_partitions_revoked(self, revoked):
-        if revoked and self.source.revoke_listener:
-            self.source.revoke_listener({(tp.topic, tp.partition) for tp in revoked})
+        if revoked and self.source.revoked:
+            self.source.revoked({(tp.topic, tp.partition) for tp in revoked})
 
     def on_partitions_assigned(self, assigned):
         if self.source.paused and assigned:  # assigned while a batch runs: keep them quiet too
             self.source.consumer.pause(*assigned)
+        if assigned and self.source.assigned:
+            self.source.assigned({(tp.topic, tp.partition) for tp in assigned})
 
 
 class KafkaSource:
@@ -38,12 +40,14 @@ class KafkaSource:
     def __init__(self, consumer: KafkaConsumer, topics: Sequence[str]):
         self.consumer = consumer
         self.paused = False
-        self.revoke_listener: Callable[[set[tuple[str, int]]], None] | None = None
+        self.revoked: Callable[[set[tuple[str, int]]], None] | None = None
+        self.assigned: Callable[[set[tuple[str, int]]], None] | None = None
         self._pending: list[Message] = []
         consumer.subscribe(list(topics), listener=_Listener(self))
 
-    def set_revoke_listener(self, listener: Callable[[set[tuple[str, int]]], None]) -> None:
-        self.revoke_listener = listener
+    def set_rebalance_listener(self, revoked: Callable[[set[tuple[str, int]]], None],
+                               assigned: Callable[[set[tuple[str, int]]], None]) -> None:
+        self.revoked, self.assigned = revoked, assigned
 
     def poll(self, timeout_s: float, max_records: int) -> list[Message]:
         if self._pending:
@@ -112,18 +116,19 @@ class KafkaSink:
 
     def send(self, output: Output) -> None:
         self._futures.append(self.producer.send(output.topic, key=output.key, value=output.value,
-                                                headers=output.headers))
+                                                headers=output.headers, partition=output.partition))
 
     def commit(self, offsets: dict[tuple[str, int], int]) -> None:
         committed = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
         if self.transactional:
-            self.producer.send_offsets_to_transaction(committed, self.source.group_metadata())
+            if committed:
+                self.producer.send_offsets_to_transaction(committed, self.source.group_metadata())
             self.producer.commit_transaction()
         else:
             self.producer.flush()
         for future in self._futures:
             future.get(timeout=SEND_TIMEOUT_S)  # raises the send's error, if any
-        if not self.transactional:
+        if not self.transactional and committed:
             self.source.consumer.commit(committed)
         self._futures = []
 

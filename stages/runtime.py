@@ -54,12 +54,13 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Output:
-    """One record to produce."""
+    """One record to produce (partition None: by key, as the producer's partitioner decides)."""
 
     topic: str
     key: bytes | None
-    value: bytes
+    value: bytes | None
     headers: Headers
+    partition: int | None = None
 
 
 class DeadLetter(Exception):
@@ -67,7 +68,13 @@ class DeadLetter(Exception):
 
 
 class Stage(Protocol):
-    """What a stage module provides: its name, and batch in -> batch out."""
+    """What a stage module provides: its name, and batch in -> batch out.
+
+    `process` returns one element per input: an output object (encoded with `encode`, keyed with
+    `key`, traced from its input), a ready `Output`, a list of these, or None. Stateful stages
+    (fusion) also get `tick` (outputs due without input), `on_assigned`/`on_revoked` (partitions
+    come and go) and `committed`/`aborted` (the batch's transaction outcome): see `RecordStage`.
+    """
 
     name: str
 
@@ -78,7 +85,7 @@ class Stage(Protocol):
         """Raise DeadLetter when this item cannot go to the model."""
 
     def process(self, items: list[Any]) -> list[Any]:
-        """One model call for the whole batch; one output per input, in order."""
+        """One model call for the whole batch; one element per input, in order."""
 
     def encode(self, output: Any) -> bytes:
         """The output as message bytes."""
@@ -103,7 +110,8 @@ class Source(Protocol):
     def rewind(self, batch: Sequence[Message]) -> None:
         """Seek back to the batch's first offsets so an aborted batch is read again."""
 
-    def set_revoke_listener(self, listener: Callable[[set[tuple[str, int]]], None]) -> None: ...
+    def set_rebalance_listener(self, revoked: Callable[[set[tuple[str, int]]], None],
+                               assigned: Callable[[set[tuple[str, int]]], None]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -148,6 +156,16 @@ def header(headers: Headers, name: str) -> bytes | None:
     return None
 
 
+def trace_headers(stage: str, headers: Headers, received_ms: int) -> Headers:
+    """Input headers plus this stage's received/produced times (and a trace id if missing)."""
+    out = [h for h in headers if not h[0].startswith(f"tl.{stage}.")]
+    if header(out, TRACE_ID) is None:
+        out.append((TRACE_ID, uuid.uuid4().hex.encode()))
+    out.append((f"tl.{stage}.received_ms", str(received_ms).encode()))
+    out.append((f"tl.{stage}.produced_ms", str(now_ms()).encode()))
+    return out
+
+
 def dead_letter(stage: str, message: Message, error: BaseException, dlq_topic: str) -> Output:
     """The DLQ record: original key and bytes untouched, the reason and origin in headers."""
     reason = [
@@ -188,7 +206,7 @@ class Worker:
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{stage.name}-model")
         self._buffer: list[Message] = []
         self._in_flight: _Batch | None = None
-        source.set_revoke_listener(self._on_revoke)
+        source.set_rebalance_listener(self._on_revoke, self._on_assign)
 
     # -- loop ------------------------------------------------------------------------------
     def run(self, *, until_idle_s: float | None = None) -> Stats:
@@ -200,7 +218,9 @@ class Worker:
                 if batch:
                     self._run_batch(batch)
                     idle_since = time.monotonic()
-                elif until_idle_s is not None and time.monotonic() - idle_since > until_idle_s:
+                if self._tick():
+                    idle_since = time.monotonic()
+                elif not batch and until_idle_s is not None and time.monotonic() - idle_since > until_idle_s:
                     break
         finally:
             self._model_thread.shutdown(wait=True)
@@ -258,24 +278,46 @@ class Worker:
         assert batch.model is not None
         results, model_dead = batch.model.result()
         self._in_flight = None
+        outputs = [o for message, element in results for o in self._outputs(message, element, batch.received_ms)]
+        if self._commit(outputs + batch.dead + model_dead, self.source.positions(batch.messages)):
+            self.stats.records_in += len(batch.messages)
+            self.stats.records_out += len(outputs)
+            self.stats.dead_letters += len(batch.dead) + len(model_dead)
+            self.stats.batches += 1
+        else:
+            self.source.rewind(batch.messages)
+
+    def _commit(self, outputs: list[Output], offsets: dict[tuple[str, int], int]) -> bool:
+        """One transaction: every output, then the offsets. False (and aborted) on failure."""
         self.sink.begin()
         try:
-            for message, output in results:
-                self.sink.send(Output(self.output_topic, self.stage.key(output, message),
-                                      self.stage.encode(output), self._trace(message, batch.received_ms)))
-            for out in batch.dead + model_dead:
+            for out in outputs:
                 self.sink.send(out)
-            self.sink.commit(self.source.positions(batch.messages))
+            self.sink.commit(offsets)
         except Exception:
-            self.log.exception("batch commit failed; aborting and reading the batch again",
-                               records=len(batch.messages))
+            self.log.exception("commit failed; transaction aborted, the batch will be read again",
+                               outputs=len(outputs))
             self.sink.abort()
-            self.source.rewind(batch.messages)
-            return
-        self.stats.records_in += len(batch.messages)
-        self.stats.records_out += len(results)
-        self.stats.dead_letters += len(batch.dead) + len(model_dead)
-        self.stats.batches += 1
+            self.stage.aborted()
+            return False
+        self.stage.committed()
+        return True
+
+    def _outputs(self, message: Message, element: Any, received_ms: int) -> list[Output]:
+        if element is None:
+            return []
+        return [e if isinstance(e, Output) else
+                Output(self.output_topic, self.stage.key(e, message), self.stage.encode(e),
+                       trace_headers(self.stage.name, message.headers, received_ms))
+                for e in (element if isinstance(element, list) else [element])]
+
+    def _tick(self) -> bool:
+        """Outputs a stage owes without new input (fusion deadlines), in their own transaction."""
+        outputs = self.stage.tick()
+        if outputs:
+            self._commit(outputs, {})
+            self.stats.records_out += len(outputs)
+        return bool(outputs)
 
     def _call(self, items: list[tuple[Message, Any]]) -> tuple[list[tuple[Message, Any]], list[Output]]:
         """The model on the batch; on failure, bisect to isolate the records that make it raise."""
@@ -287,6 +329,7 @@ class Worker:
                 raise RuntimeError(f"stage {self.stage.name} returned {len(outputs)} outputs for {len(items)} inputs")
             return list(zip([m for m, _ in items], outputs)), []
         except Exception as e:
+            self.stage.aborted()  # a stateful stage forgets what the failed call half-did
             if len(items) == 1:
                 return [], [self._dead(items[0][0], e)]
             mid = len(items) // 2
@@ -297,15 +340,6 @@ class Worker:
         self.log.warning("record to dead-letter topic", topic=message.topic, partition=message.partition,
                          offset=message.offset, error=type(error).__name__, reason=str(error)[:300])
         return dead_letter(self.stage.name, message, error, self.dlq_topic)
-
-    def _trace(self, message: Message, received: int) -> Headers:
-        """Input headers plus this stage's received/produced times (and a trace id if missing)."""
-        headers = [h for h in message.headers if not h[0].startswith(f"tl.{self.stage.name}.")]
-        if header(headers, TRACE_ID) is None:
-            headers.append((TRACE_ID, uuid.uuid4().hex.encode()))
-        headers.append((f"tl.{self.stage.name}.received_ms", str(received).encode()))
-        headers.append((f"tl.{self.stage.name}.produced_ms", str(now_ms()).encode()))
-        return headers
 
     def _adapt(self, seconds: float) -> None:
         self.stats.batch_seconds += seconds
@@ -322,3 +356,7 @@ class Worker:
             self.log.info("partitions revoked during a batch: finishing it first", partitions=sorted(partitions))
             self._finish(self._in_flight)
         self._buffer = [m for m in self._buffer if (m.topic, m.partition) not in partitions]
+        self.stage.on_revoked(partitions)
+
+    def _on_assign(self, partitions: set[tuple[str, int]]) -> None:
+        self.stage.on_assigned(partitions)

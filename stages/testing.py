@@ -42,8 +42,9 @@ class MemorySource:
         self.messages = list(messages)
         self.next = 0
 
-    def set_revoke_listener(self, listener: Callable[[set[tuple[str, int]]], None]) -> None:
-        self.revoke_listener = listener
+    def set_rebalance_listener(self, revoked: Callable[[set[tuple[str, int]]], None],
+                               assigned: Callable[[set[tuple[str, int]]], None]) -> None:
+        self.revoked, self.assigned = revoked, assigned
 
     def poll(self, timeout_s: float, max_records: int) -> list[Message]:
         got = self.messages[self.next:self.next + max_records]

@@ -28,6 +28,8 @@ DEFAULT_MAX_BATCH = 32
 DEFAULT_MAX_DELAY_MS = 50
 # Exactly-once unless the pipeline asks otherwise (at-least-once exists for comparison).
 DEFAULT_DELIVERY = "exactly_once"
+# The demo's task: a patch is normal or holds a nodule. Detection and fusion share this order.
+DEFAULT_CLASSES = ("normal", "nodule")
 DELIVERY_MODES = ("exactly_once", "at_least_once")
 FUSION_EMIT_MODES = ("all", "quorum", "deadline")
 BAD_FILE_ACTIONS = ("dlq", "skip")
@@ -43,6 +45,7 @@ SECRET_KEYS = frozenset({"sasl_plain_password", "ssl_password"})
 SECRET_ENV = {"sasl_plain_password": "TENSORLINE_SASL_PLAIN_PASSWORD",
               "ssl_password": "TENSORLINE_SSL_PASSWORD"}
 BOOTSTRAP_ENV = "TENSORLINE_BOOTSTRAP"
+CHANGELOG = "fusion-changelog"
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
@@ -63,6 +66,7 @@ class TopicConfig:
     name: str
     partitions: int = DEFAULT_PARTITIONS
     retention_ms: int = DEFAULT_RETENTION_MS
+    cleanup_policy: str = "delete"  # "compact" for the fusion changelog: latest state per key
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,9 @@ class FusionConfig:
     params: Mapping[str, Any] = field(default_factory=dict)
     # Caps memory for joins whose models never report; the oldest are emitted as partial.
     max_open_joins: int = 10_000
+    # Emitted record ids remembered in memory to recognise late outputs (about 100 bytes each);
+    # the changelog keeps them all, this bounds only the worker's memory.
+    max_emitted: int = 200_000
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,7 @@ class PipelineConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     on_bad_file: str = "dlq"
     kafka: Mapping[str, Any] = field(default_factory=dict)
+    classes: tuple[str, ...] = DEFAULT_CLASSES
 
     def model(self, stage: str, name: str | None) -> ModelConfig | None:
         """The stage's model called `name`; with no name, its only model (or None if it has none)."""
@@ -257,6 +265,7 @@ def _fusion(r: _Reader, topics: Mapping[str, TopicConfig]) -> FusionConfig:
         strategy=r.get("strategy", str, "soft_vote"),
         params=dict(r.sub("params").table),
         max_open_joins=r.positive("max_open_joins", 10_000),
+        max_emitted=r.positive("max_emitted", 200_000),
     )
 
 
@@ -281,7 +290,17 @@ def parse(data: Mapping[str, Any], path: str | Path = "<pipeline>") -> PipelineC
     topics = _topics(root.sub("topics"), name)
     stages_r = root.sub("stages")
     stages = {s: _stage(stages_r.sub(s, required=True), s, topics) for s in stages_r.table}
-    fusion = _fusion(root.sub("fusion"), topics) if "fusion" in data else None
+    fusion = None
+    if "fusion" in data:
+        fusion = _fusion(root.sub("fusion"), topics)
+        f = root.sub("fusion")
+        # The join's changelog: co-partitioned with its input, compacted to the latest state per key.
+        topics[CHANGELOG] = TopicConfig(CHANGELOG, f"{name}.{CHANGELOG}", topics[fusion.input].partitions,
+                                        cleanup_policy="compact")
+        stages["fusion"] = StageConfig(name="fusion", input=fusion.input, output=fusion.output, kind="fusion",
+                                       max_batch=f.positive("max_batch", DEFAULT_MAX_BATCH),
+                                       max_delay_ms=f.get("max_delay_ms", int, DEFAULT_MAX_DELAY_MS),
+                                       workers=f.positive("workers", 1), params=fusion.params)
     bootstrap = os.environ.get(BOOTSTRAP_ENV) or p.get("bootstrap", str, None)
     return PipelineConfig(
         path=path, name=name, bootstrap=bootstrap, topics=topics, stages=stages, fusion=fusion,
@@ -290,6 +309,7 @@ def parse(data: Mapping[str, Any], path: str | Path = "<pipeline>") -> PipelineC
         max_message_bytes=p.positive("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES),
         on_bad_file=p.choice("on_bad_file", BAD_FILE_ACTIONS, "dlq"),
         kafka=_kafka(root.sub("kafka")),
+        classes=p.strings("classes", list(DEFAULT_CLASSES)),
     )
 
 

@@ -1,0 +1,108 @@
+"""The fusion stage on the runtime, in memory: emits, restore from the changelog, late outputs."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from tensorline.config import CHANGELOG, parse
+from tensorline.fusion.stage import Fusion
+from tensorline.schemas import Detection, ModelRef, decode_result, encode_detection
+from tensorline.stages.runtime import Message, Worker
+from tensorline.stages.testing import MemorySink, MemorySource
+
+MODELS = ("cnn", "mlp", "logreg")
+
+
+def pipeline(**fusion):
+    return parse({"pipeline": {"name": "f"}, "topics": {"det": {"partitions": 2}, "res": {}},
+                  "fusion": {"input": "det", "output": "res", "expected_models": list(MODELS), **fusion}})
+
+
+def message(offset: int, rid: str, model: str, p: float, partition: int = 0) -> Message:
+    d = Detection(record_id=rid, source="s", ingest_ts_ms=5, model=ModelRef(model, "1"),
+                  classes=("normal", "nodule"), scores=(1 - p, p), label="nodule")
+    return Message("f.det", partition, offset, rid.encode(), bytes(encode_detection(d)), [], 0)
+
+
+def changelog_reader(sink: MemorySink, topic: str):
+    def read(parts):
+        return [SimpleNamespace(key=o.key, value=o.value, headers=o.headers, partition=o.partition)
+                for o in sink.topic(topic) if o.partition in parts]
+    return read
+
+
+def run(cfg, messages, sink=None, restore_from=None, idle_s=0.0):
+    sink = sink or MemorySink()
+    stage = Fusion(cfg, cfg.stages["fusion"], None,
+                   read_changelog=changelog_reader(restore_from or sink, cfg.topic(CHANGELOG).name))
+    stage.on_assigned({("f.det", 0), ("f.det", 1)})
+    Worker(stage, MemorySource(messages), sink, output_topic="f.res", dlq_topic="f.dlq",
+           max_batch=4, max_delay_ms=0).run(until_idle_s=idle_s)
+    return sink, stage
+
+
+def results(sink):
+    return [decode_result(o.value) for o in sink.topic("f.res")]
+
+
+def test_all_mode_emits_once_per_record_with_the_soft_vote():
+    msgs = [message(i * 3 + j, f"r{i}", m, p) for i in range(4) for j, (m, p) in enumerate(zip(MODELS, (0.9, 0.6, 0.3)))]
+    sink, stage = run(pipeline(), msgs)
+    res = results(sink)
+    assert [r.record_id for r in res] == ["r0", "r1", "r2", "r3"]
+    r = res[0]
+    assert r.strategy == "soft_vote" and not r.partial and r.missing == () and r.contributors == MODELS
+    assert r.scores == pytest.approx((0.4, 0.6), abs=1e-6) and r.decision == "nodule" and r.label == "nodule"
+    assert stage.counts["complete"] == 4
+
+
+def test_restart_restores_open_joins_from_the_changelog_and_emits_exactly_once():
+    cfg = pipeline()
+    first = [message(0, "r1", "cnn", 0.9), message(1, "r2", "cnn", 0.2), message(2, "r1", "mlp", 0.8),
+             message(3, "r1", "logreg", 0.7)]
+    sink, _ = run(cfg, first)
+    assert [r.record_id for r in results(sink)] == ["r1"]
+    # A new worker (after a crash) restores r2's open join and sees a late output for r1.
+    rest = [message(4, "r2", "mlp", 0.1), message(5, "r1", "cnn", 0.5), message(6, "r2", "logreg", 0.3)]
+    sink2, stage2 = run(cfg, rest, restore_from=sink)
+    [r2] = results(sink2)
+    assert r2.record_id == "r2" and r2.contributors == MODELS and r2.scores[1] == pytest.approx(0.2, abs=1e-6)
+    assert stage2.counts["late"] == 1
+
+
+def test_deadline_mode_emits_partial_naming_the_missing_model():
+    cfg = pipeline(emit="deadline", deadline_ms=1)
+    sink, stage = run(cfg, [message(0, "r1", "cnn", 0.9), message(1, "r1", "mlp", 0.7)], idle_s=0.1)
+    [r] = results(sink)
+    assert r.partial and r.missing == ("logreg",) and r.contributors == ("cnn", "mlp")
+
+
+def test_weighted_average_uses_the_configured_weights():
+    cfg = pipeline(strategy="weighted_average", params={"weights": {"cnn": 3.0, "mlp": 1.0, "logreg": 0.0}})
+    sink, _ = run(cfg, [message(i, "r", m, p) for i, (m, p) in enumerate(zip(MODELS, (0.9, 0.1, 0.5)))])
+    [r] = results(sink)
+    assert r.scores[1] == pytest.approx(0.7, abs=1e-6)
+
+
+def test_unknown_model_and_bad_strategy_are_reported():
+    cfg = pipeline()
+    sink, _ = run(cfg, [message(0, "r", "rogue", 0.5)])
+    [dead] = sink.topic("f.dlq")
+    assert b"not in fusion.expected_models" in dict(dead.headers)["tl.dlq.message"]
+    with pytest.raises(ValueError, match="fusion.strategy"):
+        bad = pipeline(strategy="median")
+        Fusion(bad, bad.stages["fusion"], None, read_changelog=lambda parts: [])
+
+
+def test_changelog_ends_with_tombstones_and_markers_only():
+    cfg = pipeline()
+    msgs = [message(i * 3 + j, f"r{i}", m, 0.5) for i in range(2) for j, m in enumerate(MODELS)]
+    sink, _ = run(cfg, msgs)
+    latest = {}
+    for o in sink.topic(cfg.topic(CHANGELOG).name):
+        latest[o.key] = o.value
+    assert {k: v for k, v in latest.items() if v is not None} == {b"r0": b"emitted", b"r1": b"emitted"}
+    assert np.all([o.partition == 0 for o in sink.topic(cfg.topic(CHANGELOG).name)])
