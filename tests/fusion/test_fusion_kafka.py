@@ -1,0 +1,131 @@
+"""The fusion worker on the real broker: emit modes, a stopped model, late outputs, SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tensorline import config
+from tensorline.ops import clients, topics
+from tensorline.schemas import Detection, ModelRef, decode_result, encode_detection
+from tensorline.stages import worker
+
+pytestmark = pytest.mark.broker
+MODELS = ("cnn", "mlp", "logreg")
+
+
+def write_pipeline(path: Path, name: str, bootstrap: str, fusion: str) -> config.PipelineConfig:
+    path.write_text(f"""
+[pipeline]
+name = "{name}"
+bootstrap = "{bootstrap}"
+[topics]
+detections = {{ partitions = 3 }}
+results = {{ partitions = 3 }}
+dlq = {{ partitions = 1 }}
+[fusion]
+input = "detections"
+output = "results"
+expected_models = ["cnn", "mlp", "logreg"]
+max_batch = 16
+{fusion}
+""")
+    cfg = config.load(path)
+    clients.create_topics(cfg)
+    return cfg
+
+
+def send(cfg, pairs, producer=None):
+    own = producer is None
+    producer = producer or clients.producer(cfg)
+    for rid, model in pairs:
+        d = Detection(record_id=rid, source="t", ingest_ts_ms=int(time.time() * 1000), model=ModelRef(model, "1"),
+                      classes=("normal", "nodule"), scores=(0.3, 0.7), label="nodule")
+        producer.send(cfg.topic("detections").name, key=rid.encode(), value=bytes(encode_detection(d)))
+    producer.flush()
+    if own:
+        producer.close()
+
+
+def results(cfg):
+    return [decode_result(r.value) for r in topics.read_all(cfg, cfg.topic("results").name)]
+
+
+@pytest.mark.parametrize("mode, extra, n_results, n_partial", [
+    ("all", "", 10, 0),
+    ("quorum", "quorum = 2", 20, 20),
+    ("deadline", "deadline_ms = 500", 20, 10),
+])
+def test_emit_modes_with_one_model_stopped_halfway(tmp_path, namespace, kafka_bootstrap, monkeypatch,
+                                                   mode, extra, n_results, n_partial):
+    monkeypatch.setenv("TENSORLINE_STATE_DIR", str(tmp_path / "state"))
+    cfg = write_pipeline(tmp_path / "p.toml", namespace, kafka_bootstrap, f'emit = "{mode}"\n{extra}')
+    # records 0-9: every model; records 10-19: the logreg worker is down.
+    send(cfg, [(f"r{i}", m) for i in range(20) for m in MODELS if i < 10 or m != "logreg"])
+    worker.run(cfg, "fusion", until_idle_s=2.5, stop=threading.Event())
+    res = results(cfg)
+    assert len(res) == n_results and len({r.record_id for r in res}) == n_results
+    partial = [r for r in res if r.partial]
+    assert len(partial) == n_partial
+    if mode == "deadline":
+        assert all(r.missing == ("logreg",) and r.contributors == ("cnn", "mlp") for r in partial)
+
+
+def test_late_outputs_are_counted_not_emitted_again(tmp_path, namespace, kafka_bootstrap, monkeypatch):
+    monkeypatch.setenv("TENSORLINE_STATE_DIR", str(tmp_path / "state"))
+    cfg = write_pipeline(tmp_path / "p.toml", namespace, kafka_bootstrap, 'emit = "quorum"\nquorum = 2')
+    send(cfg, [("r1", "cnn"), ("r1", "mlp")])
+    worker.run(cfg, "fusion", until_idle_s=1.5, stop=threading.Event())
+    send(cfg, [("r1", "logreg")])  # late: r1 was emitted at quorum
+    worker.run(cfg, "fusion", until_idle_s=1.5, stop=threading.Event())
+    [r] = results(cfg)
+    assert r.record_id == "r1" and r.missing == ("logreg",)
+
+
+def test_sigkill_with_joins_open_then_restart_gives_each_result_exactly_once(tmp_path, namespace, kafka_bootstrap):
+    path = tmp_path / "p.toml"
+    cfg = write_pipeline(path, namespace, kafka_bootstrap, 'emit = "all"\nmax_delay_ms = 5')
+    env = {**os.environ, "TENSORLINE_STATE_DIR": str(tmp_path / "state")}
+
+    def spawn(log):
+        return subprocess.Popen([sys.executable, "-m", "tensorline.cli", "run", "fusion", "-c", str(path)],
+                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / log, "w"), env=env)
+
+    n = 150
+    # Each model's outputs arrive in its own order, so joins stay open across batches.
+    pairs = [(f"r{i}", "cnn") for i in range(n)] + [(f"r{i}", "mlp") for i in reversed(range(n))]
+    pairs += [(f"r{i}", "logreg") for i in range(n)]
+    producer = clients.producer(cfg)
+    proc = spawn("w1.log")
+    sender = threading.Thread(target=lambda: [send(cfg, pairs[k:k + 30], producer) or time.sleep(0.3)
+                                              for k in range(0, len(pairs), 30)])
+    sender.start()
+    deadline = time.monotonic() + 60
+    while len(results(cfg)) < 20 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(results(cfg))
+    sender.join()
+    producer.close()
+    proc = spawn("w2.log")
+    try:
+        deadline = time.monotonic() + 90
+        while len(results(cfg)) < n and time.monotonic() < deadline:
+            time.sleep(0.3)
+        time.sleep(1.0)
+        res = results(cfg)
+        assert 20 <= killed_at < n
+        assert len(res) == n and len({r.record_id for r in res}) == n
+        assert all(not r.partial for r in res)
+        assert "joins restored from the changelog" in (tmp_path / "w2.log").read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
