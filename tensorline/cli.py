@@ -58,6 +58,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from tensorline.ops import report
+
+    rep = report.build(_pipeline(args))
+    print(json.dumps(rep) if args.json else report.format_table(rep))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from tensorline.ops import demo
 
@@ -89,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", help="the stage's model to serve (stages with several models)")
     r.add_argument("--device", default="cpu", help="cpu or gpu:N (default: %(default)s)")
     r.set_defaults(func=cmd_run)
+
+    rp = with_config(sub.add_parser("report", help="precision, recall, F1 per class for each model and the fused result"))
+    rp.add_argument("--json", action="store_true", help="print one JSON object")
+    rp.set_defaults(func=cmd_report)
 
     d = with_config(sub.add_parser("demo", help="run the demo end to end on a local broker"))
     d.add_argument("--json", action="store_true", help="end with one line holding the report as JSON")

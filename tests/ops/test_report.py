@@ -1,0 +1,78 @@
+"""The evaluation report: metrics by hand, and the JSON read back from real topics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tensorline import config
+from tensorline.ops import clients
+from tensorline.ops.report import classification_report, format_table
+from tensorline.schemas import Detection, FusedResult, ModelRef, encode_detection, encode_result
+
+CLASSES = ("normal", "nodule")
+
+
+def test_metrics_against_a_hand_computed_case():
+    truth = ["nodule", "nodule", "nodule", "normal", "normal"]
+    pred = ["nodule", "nodule", "normal", "nodule", "normal"]
+    rep = classification_report(truth, pred, CLASSES)
+    nod = rep["per_class"]["nodule"]
+    assert (nod["precision"], nod["recall"], nod["support"]) == (pytest.approx(2 / 3), pytest.approx(2 / 3), 3)
+    nor = rep["per_class"]["normal"]
+    assert (nor["precision"], nor["recall"], nor["f1"]) == (0.5, 0.5, 0.5)
+    assert rep["accuracy"] == pytest.approx(0.6) and rep["f1_micro"] == pytest.approx(0.6)
+    assert rep["f1_macro"] == pytest.approx((2 / 3 + 0.5) / 2)
+
+
+def test_empty_and_never_predicted_classes_are_zero_not_errors():
+    rep = classification_report(["normal", "normal"], ["normal", "normal"], CLASSES)
+    assert rep["per_class"]["nodule"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert classification_report([], [], CLASSES)["accuracy"] == 0.0
+    with pytest.raises(ValueError, match="2 labels but 1"):
+        classification_report(["a", "b"], ["a"], CLASSES)
+
+
+@pytest.mark.broker
+def test_report_json_from_the_topics(tmp_path, namespace, kafka_bootstrap):
+    path = tmp_path / "p.toml"
+    path.write_text(f"""
+[pipeline]
+name = "{namespace}"
+bootstrap = "{kafka_bootstrap}"
+[topics]
+detections = {{ partitions = 2 }}
+results = {{ partitions = 2 }}
+[fusion]
+input = "detections"
+output = "results"
+expected_models = ["a", "b"]
+""")
+    cfg = config.load(path)
+    clients.create_topics(cfg)
+    producer = clients.producer(cfg)
+    truth = ["nodule", "normal", "nodule", "normal"]
+    for i, label in enumerate(truth):
+        for model, p in (("a", 0.9), ("b", 0.2 if i == 0 else 0.9)):
+            d = Detection(record_id=f"r{i}", source="t", ingest_ts_ms=0, model=ModelRef(model, "1"),
+                          classes=CLASSES, scores=(1 - p, p), label=label)
+            producer.send(cfg.topic("detections").name, key=f"r{i}".encode(), value=bytes(encode_detection(d)))
+        r = FusedResult(record_id=f"r{i}", source="t", ingest_ts_ms=0, strategy="soft_vote", classes=CLASSES,
+                        scores=(0.5, 0.5), decision=label, contributors=("a", "b"), missing=(),
+                        partial=i == 3, label=label)
+        producer.send(cfg.topic("results").name, key=f"r{i}".encode(), value=bytes(encode_result(r)))
+    producer.flush()
+    producer.close()
+    out = subprocess.run([sys.executable, "-m", "tensorline.cli", "report", "-c", str(path), "--json"],
+                         capture_output=True, text=True, check=True)
+    rep = json.loads(out.stdout)
+    assert set(rep) == {"models", "fused", "records", "partial"}
+    assert (rep["records"], rep["partial"]) == (4, 1)
+    assert rep["fused"]["accuracy"] == 1.0
+    assert rep["models"]["a"]["accuracy"] == 0.5  # a always says nodule
+    assert rep["models"]["b"]["accuracy"] == 0.25  # b says nodule on all but r0
+    assert set(rep["models"]["a"]) >= {"accuracy", "f1_macro", "f1_micro", "per_class"}
+    assert "FUSED" in format_table(rep)
