@@ -166,17 +166,25 @@ def trace_headers(stage: str, headers: Headers, received_ms: int) -> Headers:
     return out
 
 
-def dead_letter(stage: str, message: Message, error: BaseException, dlq_topic: str) -> Output:
-    """The DLQ record: original key and bytes untouched, the reason and origin in headers."""
-    reason = [
+def dead_letter_headers(stage: str, error: BaseException, *, topic: str, partition: int = -1,
+                        offset: int = -1, timestamp_ms: int = 0) -> Headers:
+    """The reason and origin of a dead letter, as headers: stage, error class and message, and
+    the topic/partition/offset/timestamp it came from (-1 where it never was on a topic)."""
+    return [
         ("tl.dlq.stage", stage.encode()),
         ("tl.dlq.error", type(error).__name__.encode()),
         ("tl.dlq.message", str(error).encode(errors="replace")[:4096]),
-        ("tl.dlq.topic", message.topic.encode()),
-        ("tl.dlq.partition", str(message.partition).encode()),
-        ("tl.dlq.offset", str(message.offset).encode()),
-        ("tl.dlq.timestamp_ms", str(message.timestamp_ms).encode()),
+        ("tl.dlq.topic", topic.encode()),
+        ("tl.dlq.partition", str(partition).encode()),
+        ("tl.dlq.offset", str(offset).encode()),
+        ("tl.dlq.timestamp_ms", str(timestamp_ms).encode()),
     ]
+
+
+def dead_letter(stage: str, message: Message, error: BaseException, dlq_topic: str) -> Output:
+    """The DLQ record: original key and bytes untouched, the reason and origin in headers."""
+    reason = dead_letter_headers(stage, error, topic=message.topic, partition=message.partition,
+                                 offset=message.offset, timestamp_ms=message.timestamp_ms)
     return Output(dlq_topic, message.key, message.value, list(message.headers) + reason)
 
 

@@ -58,6 +58,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_produce(args: argparse.Namespace) -> int:
+    import signal
+
+    from tensorline.producers import publish
+
+    cfg = _pipeline(args)
+    stopping: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _: stopping.append(signum))
+    summary = publish.produce(cfg, args.sources, rate=args.rate, watch=args.watch, limit=args.limit,
+                              state=publish.state_file(cfg, args.sources), stop=lambda: bool(stopping))
+    print(summary.line())
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     import json
 
@@ -99,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", help="the stage's model to serve (stages with several models)")
     r.add_argument("--device", default="cpu", help="cpu or gpu:N (default: %(default)s)")
     r.set_defaults(func=cmd_run)
+
+    pr = with_config(sub.add_parser("produce", help="publish DICOM, NIfTI, PNG/JPEG, .npy/.npz files to the raw topic"))
+    pr.add_argument("sources", nargs="+", help="files or folders")
+    pr.add_argument("--rate", type=float, help="at most this many records per second")
+    pr.add_argument("--watch", action="store_true", help="keep watching the folders for new files")
+    pr.add_argument("--limit", type=int, help="stop after this many records")
+    pr.set_defaults(func=cmd_produce)
 
     rp = with_config(sub.add_parser("report", help="precision, recall, F1 per class for each model and the fused result"))
     rp.add_argument("--json", action="store_true", help="print one JSON object")
