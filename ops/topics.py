@@ -39,3 +39,26 @@ def read_all(cfg: PipelineConfig, topic: str, *, partitions: Iterable[int] | Non
         return records
     finally:
         consumer.close()
+
+
+def reset(cfg: PipelineConfig, *, timeout_s: float = 30.0) -> None:
+    """Delete the pipeline's topics and consumer groups (the demo starts from nothing)."""
+    from tensorline.ops import lag
+
+    admin = clients.admin(cfg)
+    try:
+        names = [t.name for t in cfg.topics.values()]
+        existing = [n for n in names if n in set(admin.list_topics())]
+        groups = [g for _, g, _ in lag.groups(cfg)]
+        known = {g["group_id"] for g in admin.list_groups()}
+        if [g for g in groups if g in known]:
+            admin.delete_groups([g for g in groups if g in known])
+        if existing:
+            admin.delete_topics(existing)
+        deadline = time.monotonic() + timeout_s
+        while set(existing) & set(admin.list_topics()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"topics {existing} still exist {timeout_s:.0f} s after deletion")
+            time.sleep(0.2)
+    finally:
+        admin.close()

@@ -83,14 +83,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from tensorline.ops import train
+
+    train.train(_pipeline(args), seed=args.seed)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from tensorline.ops import demo
 
-    return demo.main(args.config, json_out=args.json)
+    return demo.main(args.config, json_out=args.json, limit=args.limit)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tensorline", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tensorline", description="A Kafka-native streaming pipeline for multi-model inference.")
     parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -126,8 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--json", action="store_true", help="print one JSON object")
     rp.set_defaults(func=cmd_report)
 
+    tr = with_config(sub.add_parser("train", help="train the demo models named in the pipeline file"))
+    tr.add_argument("--seed", type=int, default=7, help="seed of the demo set and the models (default: %(default)s)")
+    tr.set_defaults(func=cmd_train)
+
     d = with_config(sub.add_parser("demo", help="run the demo end to end on a local broker"))
     d.add_argument("--json", action="store_true", help="end with one line holding the report as JSON")
+    d.add_argument("--limit", type=int, help="send only the first N test images")
     d.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,0 +1,153 @@
+"""`tensorline demo`: the whole pipeline end to end on the demo set, as real use runs it.
+
+Starts the local broker if no bootstrap is configured, resets and creates the pipeline's topics,
+trains the demo models on first run, writes the demo test set as DICOM files, starts one worker
+process per stage (and per detection model), sends the files with the DICOM producer, waits for
+every record's fused result, prints the evaluation, throughput, end-to-end latency and the final
+consumer lag per stage, then stops everything (also on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tensorline import config, logs
+from tensorline.ops import broker, clients, lag, report, topics
+from tensorline.stages.base import PER_MODEL_KINDS
+from tensorline.stages.runtime import INGEST_MS, header
+
+DEMO_DIR = Path(".tensorline/demo")
+# Enough for a cold start of six TensorFlow workers and the test set on 2 cores, with margin.
+RESULT_TIMEOUT_S = 900.0
+STOP_TIMEOUT_S = 30.0
+
+
+def _workers(cfg: config.PipelineConfig, path: str, env: dict[str, str], log_dir: Path) -> list[subprocess.Popen]:
+    """One worker process per stage, and per model for per-model stages."""
+    procs = []
+    for name, stage in cfg.stages.items():
+        models = [m.name for m in stage.models] if stage.kind in PER_MODEL_KINDS else [None]
+        for model in models:
+            label = f"{name}.{model}" if model else name
+            cmd = [sys.executable, "-m", "tensorline.cli", "run", name, "-c", path]
+            if model:
+                cmd += ["--model", model]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                          stderr=open(log_dir / f"{label}.log", "w"), start_new_session=True))
+    return procs
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _latency(cfg: config.PipelineConfig) -> tuple[dict[str, float], float]:
+    """End-to-end latency percentiles (ingest -> fused result produced) and records/s."""
+    results = topics.read_all(cfg, cfg.topic(cfg.fusion.output).name)
+    ingest, done = [], []
+    for rec in results:
+        i, d = header(rec.headers, INGEST_MS), header(rec.headers, "tl.fusion.produced_ms")
+        if i and d:
+            ingest.append(int(i))
+            done.append(int(d))
+    if not done:
+        return {"p50": 0.0, "p95": 0.0, "p99": 0.0}, 0.0
+    e2e = np.array(done) - np.array(ingest)
+    p50, p95, p99 = (float(np.percentile(e2e, q)) for q in (50, 95, 99))
+    span_s = max((max(done) - min(ingest)) / 1000, 1e-3)
+    return {"p50": p50, "p95": p95, "p99": p99}, len(done) / span_s
+
+
+def _test_dicoms(folder: Path) -> list[Path]:
+    """The demo test split as DICOM files (written once; they keep the source's rescale/window)."""
+    from tensorline.producers import demo_data
+
+    files = sorted(folder.glob("*.dcm"))
+    if not files:
+        print(f"writing the demo test set as DICOM files to {folder} ...", file=sys.stderr)
+        files = sorted(demo_data.write_dicoms(demo_data.build()["test"], folder))
+    return files
+
+
+def main(path: str, *, json_out: bool = False, limit: int | None = None) -> int:
+    log = logs.get(stage="demo")
+    cfg = config.load(path)
+    started_broker = None
+    if not cfg.bootstrap and not broker.local_bootstrap():
+        print("starting the local Kafka broker ...", file=sys.stderr)
+        started_broker = broker.start()
+    procs: list[subprocess.Popen] = []
+    try:
+        from tensorline.ops import train
+        from tensorline.producers import publish
+
+        bootstrap = clients.bootstrap(cfg)
+        print(f"broker: {bootstrap}; resetting the demo topics", file=sys.stderr)
+        topics.reset(cfg)
+        clients.create_topics(cfg)
+        train.ensure(cfg)
+        files = _test_dicoms(DEMO_DIR / "dicom")[:limit]
+        log_dir = DEMO_DIR / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, config.BOOTSTRAP_ENV: bootstrap}
+        procs = _workers(cfg, path, env, log_dir)
+        print(f"started {len(procs)} workers (logs in {log_dir}); sending {len(files)} DICOM files", file=sys.stderr)
+        summary = publish.produce(cfg, [str(f) for f in files])
+        _wait_for_results(cfg, summary.sent, procs, log_dir)
+        _stop(procs)
+        rep = report.build(cfg)
+        latency, rps = _latency(cfg)
+        lags = {g.stage: g.total for g in lag.measure(cfg)}
+        print(report.format_table(rep))
+        print(f"\nthroughput: {rps:.1f} records/s   end-to-end latency ms: p50 {latency['p50']:.0f}  "
+              f"p95 {latency['p95']:.0f}  p99 {latency['p99']:.0f}")
+        print("final consumer lag: " + "  ".join(f"{k}={v}" for k, v in lags.items()))
+        if json_out:
+            print(json.dumps({**rep, "throughput_rps": rps, "latency_ms": latency, "lag": lags}))
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping the workers", file=sys.stderr)
+        return 130
+    finally:
+        _stop(procs)
+        if started_broker is not None:
+            broker.stop()
+        log.debug("demo finished")
+
+
+def _wait_for_results(cfg: config.PipelineConfig, expected: int, procs: list[subprocess.Popen], log_dir: Path) -> None:
+    """Until every record sent has its fused result; shows progress, fails fast on a dead worker."""
+    deadline = time.monotonic() + RESULT_TIMEOUT_S
+    tty = sys.stderr.isatty()
+    while True:
+        done = sum(1 for _ in topics.read_all(cfg, cfg.topic(cfg.fusion.output).name))
+        lags = "  ".join(f"{g.stage}={g.total}" for g in lag.measure(cfg))
+        line = f"results {done}/{expected}   lag: {lags}"
+        print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+        if done >= expected:
+            if tty:
+                print(file=sys.stderr)
+            return
+        dead = [p for p in procs if p.poll() is not None]
+        if dead:
+            raise RuntimeError(f"a worker exited with code {dead[0].returncode}; see the logs in {log_dir}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {done} of {expected} results after {RESULT_TIMEOUT_S:.0f} s; see {log_dir}")
+        time.sleep(2.0)
