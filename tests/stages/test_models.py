@@ -28,12 +28,12 @@ def models(tmp_path_factory):
 
 def pipeline(folder, classes=("normal", "nodule")):
     return parse({
-        "pipeline": {"name": "m"},
+        "pipeline": {"name": "m", "classes": list(classes)},
         "topics": {"pre": {}, "feat": {}, "det": {}},
         "stages": {
             "features": {"input": "pre", "output": "feat",
                          "models": {"backbone": {"path": str(folder / "backbone.keras")}}},
-            "detection": {"input": "feat", "output": "det", "params": {"classes": list(classes)},
+            "detection": {"input": "feat", "output": "det",
                           "models": {"head": {"path": str(folder / "head.keras"), "input": "embedding", "version": "3"}}},
         },
     })

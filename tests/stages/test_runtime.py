@@ -126,10 +126,10 @@ def test_revoke_during_a_batch_commits_it_first_and_drops_buffered_records():
         def keepalive(self):
             if w._in_flight is not None and not sink.committed:
                 w._buffer = [message(9, partition=1)]
-                self.revoke_listener({("mem.in", 1)})
+                self.revoked({("mem.in", 1)})
 
     w.source = RevokingSource(msgs)
-    w.source.set_revoke_listener(w._on_revoke)
+    w.source.set_rebalance_listener(w._on_revoke, w._on_assign)
     batch = w._collect()
     w._run_batch(batch)
     assert len(sink.topic("mem.out")) == 4  # finished inside the revoke, not twice
