@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from tensorline import logs
+from tensorline.ops import metrics
 from tensorline.config import CHANGELOG, ModelConfig, PipelineConfig, StageConfig
 from tensorline.fusion.join import Headers, Joins, OpenJoin
 from tensorline.fusion.stacking import MissingModel, Stacker, load_stacker
@@ -136,7 +137,7 @@ class Fusion(RecordStage):
             elif added.outcome == "duplicate":
                 out.append([])
             elif added.outcome == "ready":
-                out.append(self._emit(added.join))
+                out.append(self._emit(added.join, "quorum"))
             else:
                 key = f"{d.record_id}/{d.model.name}".encode()
                 head = item.headers + [(FIRST_MS, str(added.join.first_ms).encode())]
@@ -145,15 +146,23 @@ class Fusion(RecordStage):
             self.counts["evicted"] += 1
             self.log.warning("open joins over max_open_joins: oldest emitted partial", record_id=join.record_id,
                              max_open_joins=self.cfg.max_open_joins)
-            out[-1] = out[-1] + self._emit(join)
+            out[-1] = out[-1] + self._emit(join, "cap")
+        metrics.OPEN_JOINS.labels(self.name, "").set(len(self.joins.open))
         return out
 
     def tick(self) -> list[Output]:
-        return [o for join in self.joins.due(now_ms()) for o in self._emit(join)]
+        due = self.joins.due(now_ms())
+        if due:
+            metrics.OPEN_JOINS.labels(self.name, "").set(len(self.joins.open))
+        return [o for join in due for o in self._emit(join, "deadline")]
 
-    def _emit(self, join: OpenJoin) -> list[Output]:
+    def _emit(self, join: OpenJoin, cause: str) -> list[Output]:
+        """The result of a closed join, and its changelog clean-up. `cause`: why it closed early
+        ("quorum", "deadline", "cap"), counted when the result is partial."""
         result = combine(join, self.cfg.expected_models, self.classes, self.strategy, dict(self.params), self.stacker)
         self.counts["partial" if result.partial else "complete"] += 1
+        if result.partial:
+            metrics.PARTIAL_RESULTS.labels(self.name, "", cause).inc()
         rid = join.record_id
         outputs = [Output(self.results_topic, rid.encode(), encode_result(result),
                           trace_headers(self.name, join.headers, join.received_ms))]

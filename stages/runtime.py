@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tensorline import logs
+from tensorline.ops import metrics
 
 Headers = list[tuple[str, bytes]]
 TRACE_ID = "tl.trace"
@@ -211,6 +212,9 @@ class Worker:
         self.stats = Stats()
         self.stop_event = threading.Event()
         self.log = log or logs.get(stage=stage.name)
+        model_ref = getattr(stage, "model_ref", None)
+        self.labels = (stage.name, model_ref.name if model_ref else "")
+        self.assigned: set[tuple[str, int]] = set()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{stage.name}-model")
         self._buffer: list[Message] = []
         self._in_flight: _Batch | None = None
@@ -279,7 +283,9 @@ class Worker:
         finally:
             self.source.resume()
             self._in_flight = None
-        self._adapt(time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        metrics.BATCH_SECONDS.labels(*self.labels).observe(elapsed)
+        self._adapt(elapsed)
 
     def _finish(self, batch: "_Batch") -> None:
         """Produce the batch's outputs and dead letters and commit them with its offsets."""
@@ -287,13 +293,28 @@ class Worker:
         results, model_dead = batch.model.result()
         self._in_flight = None
         outputs = [o for message, element in results for o in self._outputs(message, element, batch.received_ms)]
-        if self._commit(outputs + batch.dead + model_dead, self.source.positions(batch.messages)):
+        dead = batch.dead + model_dead
+        if self._commit(outputs + dead, self.source.positions(batch.messages)):
             self.stats.records_in += len(batch.messages)
             self.stats.records_out += len(outputs)
-            self.stats.dead_letters += len(batch.dead) + len(model_dead)
+            self.stats.dead_letters += len(dead)
             self.stats.batches += 1
+            self._observe(batch, outputs, dead)
         else:
             self.source.rewind(batch.messages)
+
+    def _observe(self, batch: "_Batch", outputs: list[Output], dead: list[Output]) -> None:
+        labels = self.labels
+        metrics.RECORDS_IN.labels(*labels).inc(len(batch.messages))
+        metrics.RECORDS_OUT.labels(*labels).inc(len(outputs))
+        metrics.BATCH_SIZE.labels(*labels).observe(len(batch.messages))
+        for d in dead:
+            metrics.DEAD_LETTERS.labels(*labels, (header(d.headers, "tl.dlq.error") or b"").decode()).inc()
+        now = now_ms()
+        for out in outputs:
+            ingest = header(out.headers, INGEST_MS)
+            if ingest is not None:
+                metrics.END_TO_END_SECONDS.labels(*labels).observe((now - int(ingest)) / 1000)
 
     def _commit(self, outputs: list[Output], offsets: dict[tuple[str, int], int]) -> bool:
         """One transaction: every output, then the offsets. False (and aborted) on failure."""
@@ -332,7 +353,8 @@ class Worker:
         if not items:
             return [], []
         try:
-            outputs = self.stage.process([item for _, item in items])
+            with metrics.MODEL_SECONDS.labels(*self.labels).time():
+                outputs = self.stage.process([item for _, item in items])
             if len(outputs) != len(items):
                 raise RuntimeError(f"stage {self.stage.name} returned {len(outputs)} outputs for {len(items)} inputs")
             return list(zip([m for m, _ in items], outputs)), []
@@ -365,6 +387,11 @@ class Worker:
             self._finish(self._in_flight)
         self._buffer = [m for m in self._buffer if (m.topic, m.partition) not in partitions]
         self.stage.on_revoked(partitions)
+        self.assigned -= partitions
+        metrics.ASSIGNED_PARTITIONS.labels(*self.labels).set(len(self.assigned))
 
     def _on_assign(self, partitions: set[tuple[str, int]]) -> None:
         self.stage.on_assigned(partitions)
+        self.assigned |= partitions
+        metrics.ASSIGNED_PARTITIONS.labels(*self.labels).set(len(self.assigned))
+        self.log.info("partitions assigned", partitions=sorted(self.assigned))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -15,7 +16,7 @@ from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssi
 
 from tensorline import logs
 from tensorline.config import PipelineConfig
-from tensorline.ops import clients
+from tensorline.ops import clients, metrics
 from tensorline.stages.base import PER_MODEL_KINDS, load_stage, pin_device
 from tensorline.stages.kafka import KafkaSink, KafkaSource
 from tensorline.stages.runtime import Stats, Worker
@@ -39,9 +40,10 @@ def claim_slot(group: str) -> tuple[int, IO]:
     folder.mkdir(parents=True, exist_ok=True)
     index = 0
     while True:
-        handle = open(folder / f"{group}.{index}.lock", "w")
+        handle = open(folder / f"{group}.{index}.lock", "a")  # "a": never truncate a live worker's file
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle.truncate(0)
             return index, handle
         except BlockingIOError:
             handle.close()
@@ -49,13 +51,25 @@ def claim_slot(group: str) -> tuple[int, IO]:
 
 
 def run(pipeline: PipelineConfig, stage: str, *, model: str | None = None, device: str = "cpu",
-        until_idle_s: float | None = None, stop: threading.Event | None = None) -> Stats:
-    """Run one worker until SIGTERM/SIGINT (or `stop`, or idle for `until_idle_s`)."""
+        until_idle_s: float | None = None, stop: threading.Event | None = None,
+        metrics_port: int | None = 0) -> Stats:
+    """Run one worker until SIGTERM/SIGINT (or `stop`, or idle for `until_idle_s`).
+
+    Prometheus metrics are served on 127.0.0.1:`metrics_port` (0: a free port, None: not served);
+    the address is written into the worker's slot file under the state dir, where the dashboard
+    and a Prometheus file-based discovery can find it.
+    """
     pinned = pin_device(device)
     group = group_id(pipeline, stage, model)
     index, slot = claim_slot(group)
     member = f"{socket.gethostname()}-{index}"
     log = logs.get(stage=stage, model=model, group=group, member=member, device=device)
+    endpoint = None
+    if metrics_port is not None:
+        endpoint = f"127.0.0.1:{metrics.serve(metrics_port)}"
+        slot.write(json.dumps({"group": group, "member": member, "device": device, "metrics": endpoint,
+                               "pid": os.getpid()}))
+        slot.flush()
     if not pinned:
         log.warning("TensorFlow was imported before the device could be pinned; using its default devices")
     cfg = pipeline.stages[stage]
@@ -76,7 +90,8 @@ def run(pipeline: PipelineConfig, stage: str, *, model: str | None = None, devic
     elif threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: worker.stop())
-    log.info("worker started", input=pipeline.topic(cfg.input).name, output=pipeline.topic(cfg.output).name,
+    metrics.DEVICE.labels(*worker.labels, device).set(1)
+    log.info("worker started", metrics=endpoint, input=pipeline.topic(cfg.input).name, output=pipeline.topic(cfg.output).name,
              delivery=pipeline.delivery, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms)
     try:
         stats = worker.run(until_idle_s=until_idle_s)

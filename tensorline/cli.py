@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _pipeline(args)
     if args.stage not in cfg.stages:
         raise config.ConfigError(cfg.path, f"stages.{args.stage}", f"one of the stages {', '.join(cfg.stages)}")
-    worker.run(cfg, args.stage, model=args.model, device=args.device)
+    worker.run(cfg, args.stage, model=args.model, device=args.device, metrics_port=args.metrics_port)
     return 0
 
 
@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("stage", help="a stage of the pipeline file")
     r.add_argument("--model", help="the stage's model to serve (stages with several models)")
     r.add_argument("--device", default="cpu", help="cpu or gpu:N (default: %(default)s)")
+    r.add_argument("--metrics-port", type=int, default=0,
+                   help="Prometheus /metrics port on 127.0.0.1 (default 0: a free port, written to the state dir)")
     r.set_defaults(func=cmd_run)
 
     pr = with_config(sub.add_parser("produce", help="publish DICOM, NIfTI, PNG/JPEG, .npy/.npz files to the raw topic"))

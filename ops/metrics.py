@@ -1,0 +1,35 @@
+"""Prometheus metrics every worker exports (prometheus-client, default registry).
+
+Labels: `stage` and `model` ("" for stages without one). Latency from trace headers is derived
+from the records themselves, so it measures the pipeline, not a worker's view of it.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_LABELS = ("stage", "model")
+# Batch and model time: 1 ms to a minute. End to end: 10 ms to 10 minutes (a backlog drains).
+_FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_SLOW = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+RECORDS_IN = Counter("tensorline_records_in_total", "Records consumed and committed", _LABELS)
+RECORDS_OUT = Counter("tensorline_records_out_total", "Records produced and committed", _LABELS)
+DEAD_LETTERS = Counter("tensorline_dead_letters_total", "Records sent to the DLQ", (*_LABELS, "reason"))
+BATCH_SIZE = Histogram("tensorline_batch_size", "Records per micro-batch", _LABELS,
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+BATCH_SECONDS = Histogram("tensorline_batch_seconds", "Wall time of a batch, poll to commit", _LABELS, buckets=_FAST)
+MODEL_SECONDS = Histogram("tensorline_model_seconds", "Wall time of the model call of a batch", _LABELS, buckets=_FAST)
+END_TO_END_SECONDS = Histogram("tensorline_end_to_end_seconds", "Ingest to this stage's output, from trace headers",
+                               _LABELS, buckets=_SLOW)
+ASSIGNED_PARTITIONS = Gauge("tensorline_assigned_partitions", "Partitions assigned to this worker", _LABELS)
+DEVICE = Gauge("tensorline_worker_device", "1 for the device this worker is pinned to", (*_LABELS, "device"))
+OPEN_JOINS = Gauge("tensorline_open_joins", "Fusion joins waiting for models", _LABELS)
+PARTIAL_RESULTS = Counter("tensorline_partial_results_total", "Fused results emitted without every model",
+                          (*_LABELS, "cause"))
+
+
+def serve(port: int, host: str = "127.0.0.1") -> int:
+    """Expose /metrics on host:port (0 picks a free port); returns the port."""
+    server, _ = start_http_server(port, addr=host)
+    return server.server_address[1]
