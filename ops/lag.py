@@ -1,14 +1,21 @@
-"""Consumer lag per stage group and partition: committed offset, log-end offset, offset lag.
+"""Consumer lag per stage group and partition: committed offset, log-end offset, offset lag, time
+lag, and whether the partition is stuck.
 
 Derived from the broker, never stored: the committed offsets of each stage's consumer group
 (OffsetFetch) against the log-end offsets (high watermarks) of its input topic, as Kafka's
 kafka-consumer-groups tool computes them. On transactional topics a commit marker occupies the
-offset after each transaction; workers commit their consumer position, which steps past it.
+offset after each transaction; workers commit their consumer position, which steps past it, so a
+drained partition shows lag 0. Time lag is the age of the oldest unconsumed record (its
+timestamp). A partition is stuck when its committed offset has not moved for `stuck_after_s`
+while its lag is above zero; that needs one earlier observation, kept in a small history file.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from kafka import TopicPartition
 
@@ -16,16 +23,26 @@ from tensorline.config import PipelineConfig
 from tensorline.ops import clients
 from tensorline.stages.base import PER_MODEL_KINDS
 
+# Far above a healthy batch (seconds), short enough to page before a backlog grows for long.
+DEFAULT_STUCK_AFTER_S = 120.0
+HISTORY_DIR = Path(".tensorline/lag")
+
 
 @dataclass(frozen=True)
 class PartitionLag:
     partition: int
     committed: int | None  # None: the group has committed nothing here yet
     log_end: int
+    time_lag_s: float | None = None  # age of the oldest unconsumed record; None when caught up
+    stuck: bool = False
 
     @property
     def lag(self) -> int:
-        return self.log_end - (self.committed or 0)
+        return max(0, self.log_end - (self.committed or 0))
+
+    def to_dict(self) -> dict:
+        return {"partition": self.partition, "committed": self.committed, "log_end": self.log_end,
+                "lag": self.lag, "time_lag_s": self.time_lag_s, "stuck": self.stuck}
 
 
 @dataclass(frozen=True)
@@ -39,9 +56,15 @@ class GroupLag:
     def total(self) -> int:
         return sum(p.lag for p in self.partitions)
 
+    @property
+    def time_lag_s(self) -> float | None:
+        ages = [p.time_lag_s for p in self.partitions if p.time_lag_s is not None]
+        return max(ages) if ages else None
+
     def to_dict(self) -> dict:
         return {"stage": self.stage, "group": self.group, "topic": self.topic, "lag": self.total,
-                "partitions": [{**asdict(p), "lag": p.lag} for p in self.partitions]}
+                "time_lag_s": self.time_lag_s, "stuck": any(p.stuck for p in self.partitions),
+                "partitions": [p.to_dict() for p in self.partitions]}
 
 
 def groups(cfg: PipelineConfig) -> list[tuple[str, str, str]]:
@@ -56,20 +79,88 @@ def groups(cfg: PipelineConfig) -> list[tuple[str, str, str]]:
     return out
 
 
-def measure(cfg: PipelineConfig) -> list[GroupLag]:
+class History:
+    """When each partition's committed offset last moved (a JSON file, so one-shot runs see it)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.seen: dict[str, list] = {}
+        if path and path.exists():
+            self.seen = json.loads(path.read_text())
+
+    def unchanged_for(self, key: str, committed: int | None, now: float) -> float:
+        last = self.seen.get(key)
+        if last is None or last[0] != committed:
+            self.seen[key] = [committed, now]
+            return 0.0
+        return now - last[1]
+
+    def save(self) -> None:
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.seen))
+
+
+def history_file(cfg: PipelineConfig) -> Path:
+    return HISTORY_DIR / f"{cfg.name}.json"
+
+
+def _oldest_timestamps(consumer, positions: dict[TopicPartition, int], timeout_s: float = 5.0) -> dict[TopicPartition, int]:
+    """The timestamp (ms) of the first record at or after each position."""
+    if not positions:
+        return {}
+    consumer.assign(list(positions))
+    for tp, offset in positions.items():
+        consumer.seek(tp, offset)
+    found: dict[TopicPartition, int] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(found) < len(positions) and time.monotonic() < deadline:
+        for tp, records in consumer.poll(timeout_ms=200, max_records=500).items():
+            if tp not in found and records:
+                found[tp] = records[0].timestamp
+                consumer.pause(tp)
+    return found
+
+
+def measure(cfg: PipelineConfig, *, stuck_after_s: float = DEFAULT_STUCK_AFTER_S,
+            history: History | None = None) -> list[GroupLag]:
     """The lag of every stage group, now."""
     admin = clients.admin(cfg)
-    consumer = clients.consumer(cfg, None, isolation_level="read_uncommitted")
+    consumer = clients.consumer(cfg, None, isolation_level="read_uncommitted", enable_auto_commit=False)
+    now = time.time()
     try:
         result = []
         for stage, group, topic in groups(cfg):
             tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
             end = consumer.end_offsets(tps)
-            committed = admin.list_group_offsets({group: None}).get(group, {})
-            parts = tuple(PartitionLag(tp.partition, committed[tp].offset if tp in committed and committed[tp].offset >= 0
-                                       else None, end[tp]) for tp in tps)
-            result.append(GroupLag(stage, group, topic, parts))
+            offsets = admin.list_group_offsets({group: None}).get(group, {})
+            committed = {tp: offsets[tp].offset for tp in tps if tp in offsets and offsets[tp].offset >= 0}
+            behind = {tp: committed.get(tp, 0) for tp in tps if end[tp] > committed.get(tp, 0)}
+            oldest = _oldest_timestamps(consumer, behind)
+            parts = []
+            for tp in tps:
+                c = committed.get(tp)
+                age = (now * 1000 - oldest[tp]) / 1000 if tp in oldest else None
+                idle = history.unchanged_for(f"{group}/{tp.topic}/{tp.partition}", c, now) if history else 0.0
+                parts.append(PartitionLag(tp.partition, c, end[tp], age, idle >= stuck_after_s and tp in behind))
+            result.append(GroupLag(stage, group, topic, tuple(parts)))
+        if history:
+            history.save()
         return result
     finally:
         consumer.close()
         admin.close()
+
+
+def format_table(lags: list[GroupLag]) -> str:
+    head = f"{'STAGE':<20}{'PARTITION':>10}{'COMMITTED':>12}{'LOG-END':>10}{'LAG':>8}{'TIME-LAG-S':>12}  STUCK"
+    lines = [head]
+    for g in lags:
+        for p in g.partitions:
+            age = "-" if p.time_lag_s is None else f"{p.time_lag_s:.1f}"
+            committed = "-" if p.committed is None else str(p.committed)
+            lines.append(f"{g.stage:<20}{p.partition:>10}{committed:>12}{p.log_end:>10}{p.lag:>8}{age:>12}  "
+                         f"{'STUCK' if p.stuck else ''}")
+        age = "-" if g.time_lag_s is None else f"{g.time_lag_s:.1f}"
+        lines.append(f"{g.stage + ' total':<20}{'':>10}{'':>12}{'':>10}{g.total:>8}{age:>12}")
+    return "\n".join(lines)

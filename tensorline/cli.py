@@ -73,6 +73,27 @@ def cmd_produce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lag(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from tensorline.ops import lag
+
+    cfg = _pipeline(args)
+    history = lag.History(lag.history_file(cfg))
+    while True:
+        lags = lag.measure(cfg, stuck_after_s=args.stuck_after, history=history)
+        if args.json:
+            print(json.dumps({"stages": [g.to_dict() for g in lags]}), flush=True)
+        else:
+            if args.watch and sys.stdout.isatty():
+                print("\033[2J\033[H", end="")
+            print(lag.format_table(lags), flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     import json
 
@@ -130,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--watch", action="store_true", help="keep watching the folders for new files")
     pr.add_argument("--limit", type=int, help="stop after this many records")
     pr.set_defaults(func=cmd_produce)
+
+    lg = with_config(sub.add_parser("lag", help="consumer lag per stage and partition (offsets and seconds)"))
+    lg.add_argument("--json", action="store_true", help="print JSON")
+    lg.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                    help="refresh every SECONDS (default 2)")
+    lg.add_argument("--stuck-after", type=float, default=120.0,
+                    help="flag a partition whose committed offset has not moved for this long while behind "
+                         "(default: %(default)s s)")
+    lg.set_defaults(func=cmd_lag)
 
     rp = with_config(sub.add_parser("report", help="precision, recall, F1 per class for each model and the fused result"))
     rp.add_argument("--json", action="store_true", help="print one JSON object")

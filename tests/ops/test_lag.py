@@ -1,0 +1,80 @@
+"""Lag on a transactional topic agrees with Kafka's own kafka-consumer-groups; time lag; stuck."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tensorline import config
+from tensorline.ops import broker, clients, lag
+from tensorline.schemas import Record, encode_record
+from tensorline.stages import worker
+
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture
+def cfg(namespace, kafka_bootstrap, tmp_path, monkeypatch):
+    monkeypatch.setenv("TENSORLINE_STATE_DIR", str(tmp_path / "state"))
+    c = config.parse({"pipeline": {"name": namespace, "bootstrap": kafka_bootstrap},
+                      "topics": {"in": {"partitions": 3}, "out": {"partitions": 3}, "dlq": {"partitions": 1}},
+                      "stages": {"scale": {"input": "in", "output": "out", "kind": "tensorline.stages.testing:Scale"}}})
+    clients.create_topics(c)
+    return c
+
+
+def produce_in_transactions(c, n_tx: int, per_tx: int, start: int = 0) -> None:
+    producer = clients.producer(c, transactional_id=f"{c.name}.lagtest")
+    producer.init_transactions()
+    i = start
+    for _ in range(n_tx):
+        producer.begin_transaction()
+        for _ in range(per_tx):
+            r = Record(record_id=f"r{i}", source="t", ingest_ts_ms=0, tensors={"x": np.ones(2, np.float32)}, stage="p")
+            producer.send(c.topic("in").name, key=f"k{i}".encode(), value=bytes(encode_record(r)))
+            i += 1
+        producer.commit_transaction()
+    producer.close()
+
+
+def kafka_tool(c, group: str) -> dict[int, tuple[int, int, int]]:
+    """partition -> (CURRENT-OFFSET, LOG-END-OFFSET, LAG) as kafka-consumer-groups --describe prints them."""
+    cmd = broker.java_command("org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
+                              "--bootstrap-server", clients.bootstrap(c), "--describe", "--group", group)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rows = {}
+    for line in out.splitlines():
+        cols = line.split()
+        if len(cols) >= 6 and cols[0] == group:
+            rows[int(cols[2])] = (int(cols[3]), int(cols[4]), int(cols[5]))
+    return rows
+
+
+def test_lag_matches_kafka_consumer_groups_on_a_transactional_topic(cfg):
+    produce_in_transactions(cfg, 3, 10)
+    worker.run(cfg, "scale", until_idle_s=2.0, stop=threading.Event(), metrics_port=None)
+    [drained] = lag.measure(cfg)
+    assert drained.total == 0  # the commit markers are stepped over
+    produce_in_transactions(cfg, 1, 12, start=30)
+    [behind] = lag.measure(cfg)
+    tool = kafka_tool(cfg, behind.group)
+    ours = {p.partition: (p.committed, p.log_end, p.lag) for p in behind.partitions}
+    assert ours == tool
+    assert behind.total == 12 + sum(1 for p in behind.partitions if p.lag)  # records + one marker each
+    assert all(p.time_lag_s is not None and 0 <= p.time_lag_s < 60 for p in behind.partitions if p.lag)
+
+
+def test_stuck_flags_only_partitions_behind_whose_offset_does_not_move(cfg, tmp_path):
+    produce_in_transactions(cfg, 1, 9)
+    history = lag.History(tmp_path / "history.json")
+    first = lag.measure(cfg, stuck_after_s=0.5, history=history)
+    assert not any(p.stuck for g in first for p in g.partitions)
+    time.sleep(0.6)
+    again = lag.measure(cfg, stuck_after_s=0.5, history=lag.History(tmp_path / "history.json"))
+    [g] = again
+    assert all(p.stuck == (p.lag > 0) for p in g.partitions) and any(p.stuck for p in g.partitions)
+    assert g.to_dict()["stuck"] is True
