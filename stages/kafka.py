@@ -27,6 +27,11 @@ class _Listener(ConsumerRebalanceListener):
         if revoked and self.source.revoked:
             self.source.revoked({(tp.topic, tp.partition) for tp in revoked})
 
+    def on_partitions_lost(self, lost):
+        # Evicted from the group: nothing of these partitions can be committed any more.
+        if lost and self.source.lost:
+            self.source.lost({(tp.topic, tp.partition) for tp in lost})
+
     def on_partitions_assigned(self, assigned):
         if self.source.paused and assigned:  # assigned while a batch runs: keep them quiet too
             self.source.consumer.pause(*assigned)
@@ -42,12 +47,14 @@ class KafkaSource:
         self.paused = False
         self.revoked: Callable[[set[tuple[str, int]]], None] | None = None
         self.assigned: Callable[[set[tuple[str, int]]], None] | None = None
+        self.lost: Callable[[set[tuple[str, int]]], None] | None = None
         self._pending: list[Message] = []
         consumer.subscribe(list(topics), listener=_Listener(self))
 
     def set_rebalance_listener(self, revoked: Callable[[set[tuple[str, int]]], None],
-                               assigned: Callable[[set[tuple[str, int]]], None]) -> None:
-        self.revoked, self.assigned = revoked, assigned
+                               assigned: Callable[[set[tuple[str, int]]], None],
+                               lost: Callable[[set[tuple[str, int]]], None]) -> None:
+        self.revoked, self.assigned, self.lost = revoked, assigned, lost
 
     def poll(self, timeout_s: float, max_records: int) -> list[Message]:
         if self._pending:
@@ -75,10 +82,11 @@ class KafkaSource:
         for m in batch:
             last[(m.topic, m.partition)] = max(last.get((m.topic, m.partition), -1), m.offset)
         waiting = {(m.topic, m.partition) for m in self._pending}
+        assigned = self.consumer.assignment()
         out = {}
         for (topic, partition), offset in last.items():
             position = offset + 1
-            if (topic, partition) not in waiting:
+            if (topic, partition) not in waiting and TopicPartition(topic, partition) in assigned:
                 position = max(position, self.consumer.position(TopicPartition(topic, partition)) or 0)
             out[(topic, partition)] = position
         return out

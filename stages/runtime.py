@@ -112,7 +112,8 @@ class Source(Protocol):
         """Seek back to the batch's first offsets so an aborted batch is read again."""
 
     def set_rebalance_listener(self, revoked: Callable[[set[tuple[str, int]]], None],
-                               assigned: Callable[[set[tuple[str, int]]], None]) -> None: ...
+                               assigned: Callable[[set[tuple[str, int]]], None],
+                               lost: Callable[[set[tuple[str, int]]], None]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -218,7 +219,7 @@ class Worker:
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{stage.name}-model")
         self._buffer: list[Message] = []
         self._in_flight: _Batch | None = None
-        source.set_rebalance_listener(self._on_revoke, self._on_assign)
+        source.set_rebalance_listener(self._on_revoke, self._on_assign, self._on_lost)
 
     # -- loop ------------------------------------------------------------------------------
     def run(self, *, until_idle_s: float | None = None) -> Stats:
@@ -385,6 +386,15 @@ class Worker:
         if self._in_flight is not None:
             self.log.info("partitions revoked during a batch: finishing it first", partitions=sorted(partitions))
             self._finish(self._in_flight)
+        self._drop(partitions)
+
+    def _on_lost(self, partitions: set[tuple[str, int]]) -> None:
+        """Evicted (session expired): the batch in flight cannot commit; it will be read again."""
+        self.log.warning("partitions lost: the group evicted this worker", partitions=sorted(partitions))
+        self._in_flight = None
+        self._drop(partitions)
+
+    def _drop(self, partitions: set[tuple[str, int]]) -> None:
         self._buffer = [m for m in self._buffer if (m.topic, m.partition) not in partitions]
         self.stage.on_revoked(partitions)
         self.assigned -= partitions

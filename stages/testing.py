@@ -43,8 +43,9 @@ class MemorySource:
         self.next = 0
 
     def set_rebalance_listener(self, revoked: Callable[[set[tuple[str, int]]], None],
-                               assigned: Callable[[set[tuple[str, int]]], None]) -> None:
-        self.revoked, self.assigned = revoked, assigned
+                               assigned: Callable[[set[tuple[str, int]]], None],
+                               lost: Callable[[set[tuple[str, int]]], None]) -> None:
+        self.revoked, self.assigned, self.lost = revoked, assigned, lost
 
     def poll(self, timeout_s: float, max_records: int) -> list[Message]:
         got = self.messages[self.next:self.next + max_records]

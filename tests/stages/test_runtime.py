@@ -129,7 +129,7 @@ def test_revoke_during_a_batch_commits_it_first_and_drops_buffered_records():
                 self.revoked({("mem.in", 1)})
 
     w.source = RevokingSource(msgs)
-    w.source.set_rebalance_listener(w._on_revoke, w._on_assign)
+    w.source.set_rebalance_listener(w._on_revoke, w._on_assign, w._on_lost)
     batch = w._collect()
     w._run_batch(batch)
     assert len(sink.topic("mem.out")) == 4  # finished inside the revoke, not twice

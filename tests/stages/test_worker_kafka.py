@@ -127,8 +127,8 @@ def test_second_worker_joining_takes_partitions_without_loss_or_duplicates(pipel
     finally:
         for p in (a, b):
             p.send_signal(signal.SIGTERM)
-        for p in (a, b):
-            assert p.wait(30) == 0
+        codes = [p.wait(30) for p in (a, b)]
+    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
     import json
     stopped = [json.loads(line) for log in logs for line in log.read_text().splitlines()
                if '"worker stopped"' in line]

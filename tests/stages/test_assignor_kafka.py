@@ -1,0 +1,82 @@
+"""CapacityAssignor on the real broker: two consumers of capacities 2 and 1 share 6 partitions 4:2,
+and the one left after the other closes owns all 6."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tensorline import config
+from tensorline.ops import clients
+from tensorline.stages.assignor import CapacityAssignor
+
+pytestmark = pytest.mark.broker
+
+# Heartbeats every 0.5 s: a member learns of a rebalance (a join, a leave, a cooperative
+# follow-up) within half a second instead of three.
+HEARTBEAT_MS = 500
+# An assignment unchanged this long counts as settled (several heartbeats, no follow-up round).
+STABLE_S = 3.0
+
+
+class Member(threading.Thread):
+    """A plain consumer polling in its own thread (kafka-python consumers are not thread-safe),
+    publishing its assignment after every poll."""
+
+    def __init__(self, cfg: config.PipelineConfig, group: str, topic: str, capacity: float):
+        super().__init__(daemon=True)
+        self.consumer = clients.consumer(cfg, group, topic, heartbeat_interval_ms=HEARTBEAT_MS,
+                                         partition_assignment_strategy=[CapacityAssignor(capacity)])
+        self.assignment: frozenset[int] = frozenset()
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.consumer.poll(timeout_ms=100)
+                self.assignment = frozenset(tp.partition for tp in self.consumer.assignment())
+        except BaseException as e:  # surfaced by the test
+            self.error = e
+        finally:
+            self.consumer.close()
+
+
+def settled(members: list[Member], expected: list[int], timeout: float) -> list[frozenset[int]]:
+    """Wait until the members' assignment sizes are `expected` and stay unchanged STABLE_S."""
+    deadline = time.monotonic() + timeout
+    last, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        now = [m.assignment for m in members]
+        assert not any(m.error for m in members), [m.error for m in members]
+        if now != last:
+            last, since = now, time.monotonic()
+        elif [len(a) for a in now] == expected and time.monotonic() - since >= STABLE_S:
+            return now
+        time.sleep(0.1)
+    raise AssertionError(f"assignment did not settle at sizes {expected}: {last}")
+
+
+def test_capacities_two_and_one_share_six_partitions_then_the_survivor_takes_all(namespace, kafka_bootstrap):
+    table = {"pipeline": {"name": namespace, "bootstrap": kafka_bootstrap}, "topics": {"in": {"partitions": 6}}}
+    cfg = config.parse(table, Path("test-pipeline.toml"))
+    clients.create_topics(cfg)
+    topic, group = cfg.topic("in").name, f"{namespace}.assignor"
+    fast, slow = Member(cfg, group, topic, 2.0), Member(cfg, group, topic, 1.0)
+    members = [fast, slow]
+    try:
+        for m in members:
+            m.start()
+        owned = settled(members, [4, 2], timeout=20)
+        assert owned[0] | owned[1] == set(range(6))
+        slow.stop.set()
+        slow.join(10)
+        assert settled([fast], [6], timeout=10) == [frozenset(range(6))]
+    finally:
+        for m in members:
+            m.stop.set()
+        for m in members:
+            m.join(10)
