@@ -3,11 +3,14 @@
 Thin adapters over kafka-python, named as Kafka names things. Exactly-once uses KIP-447: one
 transactional producer per worker, the consumed offsets sent into the transaction with the
 consumer's group metadata, so a zombie of an older generation is fenced by the group coordinator.
+A source may be bounded (replays): given end offsets, or a drain event that fixes them at the
+log end when set, it reads up to them, never commits past them, and then calls `on_end`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
@@ -26,11 +29,13 @@ class _Listener(ConsumerRebalanceListener):
     def on_partitions_revoked(self, revoked):
         if revoked and self.source.revoked:
             self.source.revoked({(tp.topic, tp.partition) for tp in revoked})
+        self.source.forget(revoked)
 
     def on_partitions_lost(self, lost):
         # Evicted from the group: nothing of these partitions can be committed any more.
         if lost and self.source.lost:
             self.source.lost({(tp.topic, tp.partition) for tp in lost})
+        self.source.forget(lost)
 
     def on_partitions_assigned(self, assigned):
         if self.source.paused and assigned:  # assigned while a batch runs: keep them quiet too
@@ -40,16 +45,32 @@ class _Listener(ConsumerRebalanceListener):
 
 
 class KafkaSource:
-    """A consumer group member subscribed to the stage's input topic."""
+    """A consumer group member subscribed to the stage's input topic.
 
-    def __init__(self, consumer: KafkaConsumer, topics: Sequence[str]):
+    Bounded when given `end_offsets` ((topic, partition) -> offset, every partition of the
+    input) or a `drain` event (once set: the input's log-end offsets at that moment): records at
+    or past the end are dropped, commits never pass it, and once every partition is assigned,
+    read to its end and committed past every record handed out, `on_end` is called. One member
+    must hold every partition, as a replay's own group does.
+    """
+
+    def __init__(self, consumer: KafkaConsumer, topics: Sequence[str], *,
+                 end_offsets: Mapping[tuple[str, int], int] | None = None,
+                 drain: threading.Event | None = None):
         self.consumer = consumer
+        self.topics = list(topics)
         self.paused = False
         self.revoked: Callable[[set[tuple[str, int]]], None] | None = None
         self.assigned: Callable[[set[tuple[str, int]]], None] | None = None
         self.lost: Callable[[set[tuple[str, int]]], None] | None = None
+        self.on_end: Callable[[], None] | None = None
+        self.end_offsets = None if end_offsets is None else {TopicPartition(t, p): o for (t, p), o in end_offsets.items()}
+        self.drain = drain
+        self.bounded = end_offsets is not None or drain is not None
+        self._handed: dict[TopicPartition, int] = {}     # bounded: next offset after the records handed out
+        self._committed: dict[TopicPartition, int] = {}  # bounded: offsets the sink has committed
         self._pending: list[Message] = []
-        consumer.subscribe(list(topics), listener=_Listener(self))
+        consumer.subscribe(self.topics, listener=_Listener(self))
 
     def set_rebalance_listener(self, revoked: Callable[[set[tuple[str, int]]], None],
                                assigned: Callable[[set[tuple[str, int]]], None],
@@ -59,20 +80,64 @@ class KafkaSource:
     def poll(self, timeout_s: float, max_records: int) -> list[Message]:
         if self._pending:
             got, self._pending = self._pending[:max_records], self._pending[max_records:]
-            return got
+        else:
+            got = self._fetch(timeout_s, max_records)
+            if not got and self.on_end and self._at_end():
+                self.on_end()
+        if self.bounded:
+            for m in got:
+                tp = TopicPartition(m.topic, m.partition)
+                self._handed[tp] = max(self._handed.get(tp, 0), m.offset + 1)
+        return got
+
+    def _fetch(self, timeout_s: float, max_records: int) -> list[Message]:
         records = self.consumer.poll(timeout_ms=max(0, int(timeout_s * 1000)), max_records=max_records)
-        return [Message(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or []), r.timestamp)
-                for rs in records.values() for r in rs]
+        ends = self._ends()
+        got = [Message(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or []), r.timestamp)
+               for tp, rs in records.items() for r in rs if ends is None or tp not in ends or r.offset < ends[tp]]
+        if ends:
+            done = [tp for tp in self.consumer.assignment() if tp in ends and self.consumer.position(tp) >= ends[tp]]
+            if done:
+                self.consumer.pause(*done)
+        return got
+
+    def _ends(self) -> dict[TopicPartition, int] | None:
+        """The end offsets, fixed at the log end on the first call after `drain` is set."""
+        if self.end_offsets is None and self.drain is not None and self.drain.is_set():
+            tps = [TopicPartition(t, p) for t in self.topics for p in self.consumer.partitions_for_topic(t) or ()]
+            self.end_offsets = self.consumer.end_offsets(tps)
+        return self.end_offsets
+
+    def _at_end(self) -> bool:
+        ends = self._ends()
+        if ends is None:
+            return False
+        assigned = self.consumer.assignment()
+        return all(tp in assigned and self._committed.get(tp, -1) >= self._handed.get(tp, -1)
+                   and self.consumer.position(tp) >= end for tp, end in ends.items())
+
+    def committed(self, offsets: Mapping[tuple[str, int], int]) -> None:
+        """The sink committed these offsets (what a bounded source waits for before its end)."""
+        if self.bounded:
+            self._committed.update({TopicPartition(t, p): o for (t, p), o in offsets.items()})
+
+    def forget(self, partitions) -> None:
+        """Partitions gone in a rebalance: whoever gets them reads from the committed offsets."""
+        for tp in partitions:
+            self._handed.pop(tp, None)
+            self._committed.pop(tp, None)
 
     def keepalive(self) -> None:
         if not self.paused:
             self.consumer.pause(*self.consumer.assignment())
             self.paused = True
-        self._pending.extend(self.poll(KEEPALIVE_POLL_S, 500))
+        self._pending.extend(self._fetch(KEEPALIVE_POLL_S, 500))
 
     def resume(self) -> None:
         if self.paused:
-            self.consumer.resume(*self.consumer.paused())
+            ends = self.end_offsets or {}
+            self.consumer.resume(*[tp for tp in self.consumer.paused()
+                                   if tp not in ends or self.consumer.position(tp) < ends[tp]])
             self.paused = False
 
     def positions(self, batch: Sequence[Message]) -> dict[tuple[str, int], int]:
@@ -88,7 +153,8 @@ class KafkaSource:
             position = offset + 1
             if (topic, partition) not in waiting and TopicPartition(topic, partition) in assigned:
                 position = max(position, self.consumer.position(TopicPartition(topic, partition)) or 0)
-            out[(topic, partition)] = position
+            end = (self.end_offsets or {}).get(TopicPartition(topic, partition))
+            out[(topic, partition)] = position if end is None else min(position, end)
         return out
 
     def rewind(self, batch: Sequence[Message]) -> None:
@@ -139,6 +205,7 @@ class KafkaSink:
         if not self.transactional and committed:
             self.source.consumer.commit(committed)
         self._futures = []
+        self.source.committed(offsets)
 
     def abort(self) -> None:
         self._futures = []

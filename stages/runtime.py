@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,9 +35,17 @@ INGEST_MS = "tl.ingest_ms"
 DEFAULT_SLOW_BATCH_S = 60.0
 # A batch faster than this fraction of slow_batch_s lets the batch size grow back by half.
 GROW_FRACTION = 0.25
-# How long one keep-alive poll waits while the model runs: short, so a finished batch is
-# committed promptly, long enough not to spin.
+# How long one keep-alive poll waits while the model runs and nothing else is to be done.
 KEEPALIVE_POLL_S = 0.05
+# Waiting for a model with nothing to collect: poll this often (heartbeats run on kafka-python's
+# own thread; polls keep max.poll.interval.ms and rebalances served). A model finishing in
+# between is noticed at once: the wait is on its future, not on the poll.
+KEEPALIVE_INTERVAL_S = 0.5
+# While a batch's model runs, the next batch is collected in slices this short, so the model's
+# end is noticed within one slice.
+COLLECT_SLICE_S = 0.005
+# With nothing in flight, wait this long for a first record before looking at stop/ticks again.
+FIRST_RECORD_WAIT_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,10 +200,13 @@ def dead_letter(stage: str, message: Message, error: BaseException, dlq_topic: s
 
 @dataclass
 class _Batch:
-    """A micro-batch on its way: its messages, when it arrived, its dead letters, the model call."""
+    """A micro-batch on its way: its messages, when it started, the offsets to commit after it,
+    its dead letters and the model call."""
 
     messages: list[Message]
     received_ms: int
+    started: float
+    positions: dict[tuple[str, int], int]
     dead: list[Output] = field(default_factory=list)
     model: Future | None = None
 
@@ -223,49 +234,74 @@ class Worker:
 
     # -- loop ------------------------------------------------------------------------------
     def run(self, *, until_idle_s: float | None = None) -> Stats:
-        """Process batches until `stop()` (or, when `until_idle_s` is set, until idle that long)."""
+        """Process batches until `stop()` (or, when `until_idle_s` is set, until idle that long).
+
+        Pipelined: while batch N's model runs, the main thread collects batch N+1; once N's model
+        is done, N+1's model starts and N is committed meanwhile. At most one batch is in flight
+        when the consumer polls, so a revoke has one batch to finish.
+        """
         idle_since = time.monotonic()
         try:
             while not self.stop_event.is_set():
-                batch = self._collect()
-                if batch:
-                    self._run_batch(batch)
+                self._collect()
+                previous = self._in_flight
+                if previous is not None:
+                    self._await(previous)
+                    if self._in_flight is not previous:  # finished by a revoke while we waited
+                        previous = None
+                    self._in_flight = None
+                started = bool(self._buffer)
+                if started:
+                    self._in_flight = self._start()
+                if previous is not None:
+                    self._finish(previous)
+                ticked = self._in_flight is None and self._tick()
+                if started or previous is not None or ticked:
                     idle_since = time.monotonic()
-                if self._tick():
-                    idle_since = time.monotonic()
-                elif not batch and until_idle_s is not None and time.monotonic() - idle_since > until_idle_s:
+                elif until_idle_s is not None and time.monotonic() - idle_since > until_idle_s:
                     break
+            last = self._in_flight
+            if last is not None:  # stopping: the batch in flight is finished, not dropped
+                self._await(last)
+                if self._in_flight is last:
+                    self._in_flight = None
+                    self._finish(last)
         finally:
             self._model_thread.shutdown(wait=True)
         return self.stats
 
     def stop(self) -> None:
-        """Ask the loop to finish the current batch and return (signal-safe)."""
+        """Ask the loop to finish the batch in flight and return (signal-safe)."""
         self.stop_event.set()
 
-    def _collect(self) -> list[Message]:
-        """A micro-batch: up to batch_size records, or what came within max_delay of the first."""
-        deadline = None
+    def _collect(self) -> None:
+        """Fill the buffer. With nothing in flight: up to batch_size records, or what came within
+        max_delay of the first (waiting up to half a second for a first one). With a batch in
+        flight: whatever arrives until its model is done (or the buffer is full)."""
+        first_at = None
         while len(self._buffer) < self.batch_size and not self.stop_event.is_set():
-            if deadline is None:
-                timeout = 0.5  # wait for a first record, waking up regularly to notice stop()
+            flight = self._in_flight
+            if flight is not None:
+                if flight.model.done():
+                    return
+                timeout = COLLECT_SLICE_S
+            elif not self._buffer:
+                timeout = FIRST_RECORD_WAIT_S
             else:
-                timeout = deadline - time.monotonic()
+                first_at = first_at or time.monotonic()
+                timeout = first_at + self.max_delay_s - time.monotonic()
                 if timeout <= 0:
-                    break
+                    return
             got = self.source.poll(timeout, self.batch_size - len(self._buffer))
-            if got and deadline is None:
-                deadline = time.monotonic() + self.max_delay_s
             self._buffer.extend(got)
-            if deadline is None and not got:
-                return []
-        batch, self._buffer = self._buffer, []
-        return batch
+            if flight is None and not self._buffer:
+                return  # idle: let the loop look at stop, ticks and until_idle
 
     # -- one batch -------------------------------------------------------------------------
-    def _run_batch(self, messages: list[Message]) -> None:
-        started = time.monotonic()
-        batch = _Batch(messages, now_ms())
+    def _start(self) -> "_Batch":
+        """Decode and check the buffered records, snapshot their offsets, start the model call."""
+        messages, self._buffer = self._buffer, []
+        batch = _Batch(messages, now_ms(), time.monotonic(), self.source.positions(messages))
         items = []
         for message in messages:
             try:
@@ -275,34 +311,41 @@ class Worker:
             except Exception as e:  # bad input of any kind goes to the DLQ, never crashes the worker
                 batch.dead.append(self._dead(message, e))
         batch.model = self._model_thread.submit(self._call, items)
-        self._in_flight = batch
-        try:
-            while not batch.model.done():
-                self.source.keepalive()
-            if self._in_flight is batch:  # not already finished by a revoke
-                self._finish(batch)
-        finally:
-            self.source.resume()
-            self._in_flight = None
-        elapsed = time.monotonic() - started
+        return batch
+
+    def _await(self, batch: "_Batch") -> None:
+        """Wait for the batch's model, polling (partitions paused) so the group keeps us."""
+        assert batch.model is not None
+        while not wait([batch.model], timeout=KEEPALIVE_INTERVAL_S).done:
+            self.source.keepalive()
+        self.source.resume()
+        elapsed = time.monotonic() - batch.started
         metrics.BATCH_SECONDS.labels(*self.labels).observe(elapsed)
         self._adapt(elapsed)
 
     def _finish(self, batch: "_Batch") -> None:
-        """Produce the batch's outputs and dead letters and commit them with its offsets."""
+        """Produce the batch's outputs and dead letters and commit them with its offsets.
+
+        On failure the transaction is aborted, a batch started meanwhile is dropped, the stage
+        forgets what it did, and both batches are read again.
+        """
         assert batch.model is not None
         results, model_dead = batch.model.result()
-        self._in_flight = None
         outputs = [o for message, element in results for o in self._outputs(message, element, batch.received_ms)]
         dead = batch.dead + model_dead
-        if self._commit(outputs + dead, self.source.positions(batch.messages)):
+        if self._commit(outputs + dead, batch.positions):
             self.stats.records_in += len(batch.messages)
             self.stats.records_out += len(outputs)
             self.stats.dead_letters += len(dead)
             self.stats.batches += 1
             self._observe(batch, outputs, dead)
-        else:
-            self.source.rewind(batch.messages)
+            return
+        later, self._in_flight = self._in_flight, None
+        if later is not None:
+            self._await(later)
+        self.stage.aborted()
+        self.source.rewind(batch.messages + (later.messages if later else []) + self._buffer)
+        self._buffer = []
 
     def _observe(self, batch: "_Batch", outputs: list[Output], dead: list[Output]) -> None:
         labels = self.labels
@@ -328,7 +371,6 @@ class Worker:
             self.log.exception("commit failed; transaction aborted, the batch will be read again",
                                outputs=len(outputs))
             self.sink.abort()
-            self.stage.aborted()
             return False
         self.stage.committed()
         return True
@@ -342,11 +384,14 @@ class Worker:
                 for e in (element if isinstance(element, list) else [element])]
 
     def _tick(self) -> bool:
-        """Outputs a stage owes without new input (fusion deadlines), in their own transaction."""
+        """Outputs a stage owes without new input (fusion deadlines), in their own transaction.
+        Only called with no batch in flight, so it never runs beside `process`."""
         outputs = self.stage.tick()
         if outputs:
-            self._commit(outputs, {})
-            self.stats.records_out += len(outputs)
+            if self._commit(outputs, {}):
+                self.stats.records_out += len(outputs)
+            else:
+                self.stage.aborted()
         return bool(outputs)
 
     def _call(self, items: list[tuple[Message, Any]]) -> tuple[list[tuple[Message, Any]], list[Output]]:
@@ -385,7 +430,8 @@ class Worker:
         """Partitions are leaving: commit the in-flight batch first, drop buffered records of theirs."""
         if self._in_flight is not None:
             self.log.info("partitions revoked during a batch: finishing it first", partitions=sorted(partitions))
-            self._finish(self._in_flight)
+            batch, self._in_flight = self._in_flight, None
+            self._finish(batch)
         self._drop(partitions)
 
     def _on_lost(self, partitions: set[tuple[str, int]]) -> None:

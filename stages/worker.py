@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 from dataclasses import asdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
@@ -52,8 +53,11 @@ def claim_slot(group: str) -> tuple[int, IO]:
 
 def run(pipeline: PipelineConfig, stage: str, *, model: str | None = None, device: str = "cpu",
         until_idle_s: float | None = None, stop: threading.Event | None = None,
-        metrics_port: int | None = 0) -> Stats:
-    """Run one worker until SIGTERM/SIGINT (or `stop`, or idle for `until_idle_s`).
+        metrics_port: int | None = 0, end_offsets: Mapping[tuple[str, int], int] | None = None,
+        drain: threading.Event | None = None) -> Stats:
+    """Run one worker until SIGTERM/SIGINT (or `stop`, or idle for `until_idle_s`, or, bounded by
+    `end_offsets` or a set `drain` event, once its input is read and committed to the end: see
+    `KafkaSource`; replays run this way).
 
     Prometheus metrics are served on 127.0.0.1:`metrics_port` (0: a free port, None: not served);
     the address is written into the worker's slot file under the state dir, where the dashboard
@@ -76,7 +80,7 @@ def run(pipeline: PipelineConfig, stage: str, *, model: str | None = None, devic
     stage_obj = load_stage(pipeline, stage, model)
     consumer = clients.consumer(pipeline, group, client_id=f"{group}.{member}",
                                 partition_assignment_strategy=[CooperativeStickyAssignor])
-    source = KafkaSource(consumer, [pipeline.topic(cfg.input).name])
+    source = KafkaSource(consumer, [pipeline.topic(cfg.input).name], end_offsets=end_offsets, drain=drain)
     exactly_once = pipeline.delivery == "exactly_once"
     producer = clients.producer(pipeline, transactional_id=f"{group}.{member}" if exactly_once else None)
     sink = KafkaSink(producer, source, transactional=exactly_once)
@@ -90,6 +94,11 @@ def run(pipeline: PipelineConfig, stage: str, *, model: str | None = None, devic
     elif threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: worker.stop())
+    if source.bounded:
+        def at_end() -> None:
+            log.info("input read and committed to its end offsets: stopping")
+            worker.stop()
+        source.on_end = at_end
     metrics.DEVICE.labels(*worker.labels, device).set(1)
     log.info("worker started", metrics=endpoint, input=pipeline.topic(cfg.input).name, output=pipeline.topic(cfg.output).name,
              delivery=pipeline.delivery, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms)

@@ -121,17 +121,19 @@ def test_slow_batches_halve_the_batch_size():
 def test_revoke_during_a_batch_commits_it_first_and_drops_buffered_records():
     msgs = [message(i, partition=i % 2) for i in range(4)]
     w, sink, _ = worker(msgs, max_batch=4)
-
-    class RevokingSource(MemorySource):
-        def keepalive(self):
-            if w._in_flight is not None and not sink.committed:
-                w._buffer = [message(9, partition=1)]
-                self.revoked({("mem.in", 1)})
-
-    w.source = RevokingSource(msgs)
-    w.source.set_rebalance_listener(w._on_revoke, w._on_assign, w._on_lost)
-    batch = w._collect()
-    w._run_batch(batch)
-    assert len(sink.topic("mem.out")) == 4  # finished inside the revoke, not twice
+    w._collect()
+    w._in_flight = w._start()
+    w._buffer = [message(9, partition=1)]  # polled meanwhile
+    w._on_revoke({("mem.in", 1)})  # as the consumer calls it from inside a poll
+    assert len(sink.topic("mem.out")) == 4 and w._in_flight is None  # finished, inside the revoke
     assert w._buffer == []  # the revoked partition's buffered record is left to its new owner
     assert sink.offsets == {("mem.in", 0): 3, ("mem.in", 1): 4}
+    w.run(until_idle_s=0)
+    assert len(sink.topic("mem.out")) == 4  # not twice
+
+
+def test_pipelined_batches_commit_in_order():
+    w, sink, stage = worker([message(i) for i in range(9)], max_batch=3)
+    w.run(until_idle_s=0)
+    assert [decode_record(o.value).record_id for o in sink.topic("mem.out")] == [f"r{i}" for i in range(9)]
+    assert stage.batch_sizes == [3, 3, 3] and sink.offsets == {("mem.in", 0): 9}

@@ -1,0 +1,409 @@
+"""Stages benchmark: features + detection as real worker processes on the project's own broker.
+
+One fixed stream of 64x64x1 float32 images goes through a Keras CNN backbone (features) and a
+detection head on its 64-d embedding (detection), each stage a `tensorline run` process.
+Baselines measured in the same run, on the same records and the same saved models:
+- ceiling: backbone then head called in-process on batches of max_batch (no Kafka, no codec);
+- per-message: the Kafka-ML way, one consumer loop doing decode, backbone and head on a batch of
+  one, produce, flush and commit for every record (at-least-once, one round trip per record).
+Latency comes from the trace headers of the outputs; memory is a worker's RSS after 1,000 and
+after 10,000 records. Goals: vs_ceiling >= 0.9, vs_per_message >= 5, rss_growth <= 0.10.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from tensorline import config
+from tensorline.ops import broker, clients
+from tensorline.schemas import Detection, ModelRef, Record, decode_record, encode_detection, encode_record
+from tensorline.stages.base import Model, pin_device
+from tensorline.stages.runtime import INGEST_MS, header
+from tensorline.stages.worker import group_id
+
+N_THROUGHPUT = 3000  # records through both stages: ~10 s of steady state on a 2-core machine
+N_PER_MESSAGE = 600  # the per-message loop runs at a steady rate; fewer records keep the bench short
+N_PACED = 300  # records sent one at a time for latency, at PACE_LOAD of the measured throughput
+PACE_LOAD = 0.5  # half load: latency of a pipeline keeping up, not of a backlog
+MEM_FIRST, MEM_TOTAL = 1_000, 10_000  # RSS of the memory-phase worker after each of these counts
+IMAGE = (64, 64, 1)
+MEM_IMAGE = (16, 16, 1)  # the memory phase measures the runtime, not the model: small images, fast
+EMBEDDING = 64
+CLASSES = ("normal", "nodule")
+MAX_BATCH = 32  # the pipeline default: 32 images fill a CPU model call well
+MAX_DELAY_MS = 50  # the pipeline default
+# Passes over the stream in-process, before and again after the Kafka run; the fastest is the
+# ceiling, so a busy spell on a shared machine lowers vs_ceiling rather than raising it.
+CEILING_REPEAT = 2
+WORKER_START_S = 120.0  # TensorFlow import + model load + group join, generous on a cold machine
+STREAM_TIMEOUT_S = 300.0
+
+PIPELINE = """\
+[pipeline]
+name = "bench"
+bootstrap = "{bootstrap}"
+delivery = "exactly_once"
+[topics]
+preprocessed = {{ partitions = 4 }}
+features = {{ partitions = 4 }}
+detections = {{ partitions = 4 }}
+per_message = {{ partitions = 4 }}
+mem_in = {{ partitions = 4 }}
+mem_out = {{ partitions = 4 }}
+dlq = {{ partitions = 1 }}
+
+[stages.features]
+input = "preprocessed"
+output = "features"
+max_batch = {max_batch}
+max_delay_ms = {max_delay_ms}
+[stages.features.models.backbone]
+path = "{models}/backbone.keras"
+
+[stages.detection]
+input = "features"
+output = "detections"
+max_batch = {max_batch}
+max_delay_ms = {max_delay_ms}
+[stages.detection.params]
+classes = {classes}
+[stages.detection.models.head]
+path = "{models}/head.keras"
+input = "embedding"
+
+[stages.mem]
+kind = "features"
+input = "mem_in"
+output = "mem_out"
+max_batch = {max_batch}
+max_delay_ms = {max_delay_ms}
+[stages.mem.models.small]
+path = "{models}/small.keras"
+"""
+
+
+def build_models(folder: Path) -> None:
+    """The backbone (four 3x3 convolutions: the model call is a real part of a record's cost), the head, and a
+    small backbone for the memory phase; fixed seeds, saved as .keras files."""
+    import keras
+
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    backbone = keras.Sequential([keras.Input(IMAGE)])
+    for i, width in enumerate((32, 32, 64, 64)):
+        backbone.add(layers.Conv2D(width, 3, padding="same", activation="relu"))
+        if i % 2:
+            backbone.add(layers.MaxPooling2D())
+    backbone.add(layers.GlobalAveragePooling2D())
+    backbone.add(layers.Dense(EMBEDDING))
+    head = keras.Sequential([keras.Input((EMBEDDING,)), layers.Dense(64, activation="relu"),
+                             layers.Dense(len(CLASSES), activation="softmax")])
+    small = keras.Sequential([keras.Input(MEM_IMAGE), layers.Conv2D(8, 3, activation="relu"),
+                              layers.GlobalAveragePooling2D(), layers.Dense(16)])
+    backbone.save(folder / "backbone.keras")
+    head.save(folder / "head.keras")
+    small.save(folder / "small.keras")
+
+
+def images(n: int, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
+
+
+def record(i: int, image: np.ndarray, prefix: str = "r") -> tuple[bytes, bytes, int]:
+    """(key, value, ingest ms) of one preprocessed record."""
+    ingest = int(time.time() * 1000)
+    r = Record(record_id=f"{prefix}{i}", source="bench", ingest_ts_ms=ingest, tensors={"image": image},
+               stage="preprocess", label=CLASSES[i % 2])
+    return f"study-{i % 64}".encode(), bytes(encode_record(r)), ingest
+
+
+def produce(cfg: config.PipelineConfig, topic: str, batch: np.ndarray, *, prefix: str = "r",
+            first: int = 0, rate: float | None = None) -> None:
+    """Send one record per image; paced at `rate` records/s when given, else as fast as possible."""
+    producer = clients.producer(cfg)
+    started = time.monotonic()
+    for i, image in enumerate(batch):
+        if rate:
+            time.sleep(max(0.0, started + i / rate - time.monotonic()))
+        key, value, ingest = record(first + i, image, prefix)
+        producer.send(cfg.topic(topic).name, key=key, value=value, headers=[(INGEST_MS, str(ingest).encode())])
+    producer.flush()
+    producer.close()
+
+
+# -- baselines, in this process --------------------------------------------------------------
+def ceiling_rps(backbone: Model, head: Model, stream: np.ndarray) -> float:
+    """Records/s of backbone then head on max_batch slices of the stream (best of CEILING_REPEAT)."""
+    batches = [stream[i:i + MAX_BATCH] for i in range(0, len(stream), MAX_BATCH)]
+    for b in (batches[0], batches[-1]):  # first calls of each batch shape
+        head(backbone(b))
+    best = float("inf")
+    for _ in range(CEILING_REPEAT):
+        started = time.perf_counter()
+        for b in batches:
+            head(backbone(b))
+        best = min(best, time.perf_counter() - started)
+    return len(stream) / best
+
+
+def per_message_rps(cfg: config.PipelineConfig, backbone: Model, head: Model) -> float:
+    """Records/s of a Kafka-ML style loop: per record decode, predict on a batch of one, produce,
+    flush, commit. Timed from the first record done (group joined) to the last commit."""
+    consumer = clients.consumer(cfg, f"{cfg.name}.per_message", cfg.topic("preprocessed").name)
+    producer = clients.producer(cfg)
+    out, ref = cfg.topic("per_message").name, ModelRef("head", "1")
+    done, started = 0, 0.0
+    try:
+        for message in consumer:
+            r = decode_record(message.value)
+            scores = head(backbone(r.tensors["image"][None]))[0]
+            d = Detection(record_id=r.record_id, source=r.source, ingest_ts_ms=r.ingest_ts_ms, model=ref,
+                          classes=CLASSES, scores=tuple(map(float, scores)), label=r.label)
+            producer.send(out, key=r.record_id.encode(), value=encode_detection(d))
+            producer.flush()
+            consumer.commit()
+            done += 1
+            if done == 1:
+                started = time.perf_counter()
+            if done == N_PER_MESSAGE:
+                break
+        return (done - 1) / (time.perf_counter() - started)
+    finally:
+        producer.close()
+        consumer.close()
+
+
+# -- worker processes ------------------------------------------------------------------------
+class Workers:
+    """`tensorline run` subprocesses, stopped with SIGTERM; their logs kept for failures."""
+
+    def __init__(self, pipeline_file: Path, folder: Path):
+        self.pipeline_file, self.folder = pipeline_file, folder
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, stage: str) -> subprocess.Popen:
+        env = {**os.environ, "TENSORLINE_STATE_DIR": str(self.folder / "state"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        with open(self.folder / f"{stage}.log", "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "tensorline.cli", "run", stage, "-c", str(self.pipeline_file)],
+                                    stdout=subprocess.DEVNULL, stderr=log, env=env)
+        self.procs[stage] = proc
+        return proc
+
+    def check(self) -> None:
+        for stage, proc in self.procs.items():
+            if proc.poll() is not None:
+                tail = (self.folder / f"{stage}.log").read_text()[-3000:]
+                raise RuntimeError(f"worker {stage} exited with {proc.returncode}:\n{tail}")
+
+    def stop(self, stage: str) -> dict:
+        """SIGTERM, wait, and the 'worker stopped' stats from its log."""
+        proc = self.procs.pop(stage)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        for line in (self.folder / f"{stage}.log").read_text().splitlines():
+            if '"worker stopped"' in line:
+                return json.loads(line)
+        return {}
+
+    def stop_all(self) -> None:
+        for stage in list(self.procs):
+            self.stop(stage)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, workers: Workers) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        workers.check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def group_joined(admin, group: str) -> bool:
+    info = admin.describe_groups([group]).get(group, {})
+    return info.get("group_state") == "Stable" and bool(info.get("members"))
+
+
+def committed(admin, group: str) -> int:
+    """Records a group has committed on its (non-transactional) input topic."""
+    return sum(o.offset for o in admin.list_group_offsets(group).get(group, {}).values() if o.offset > 0)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class Outputs:
+    """A read_committed consumer on the detections topic, noting when each record became visible."""
+
+    def __init__(self, cfg: config.PipelineConfig):
+        from kafka import TopicPartition
+
+        self.consumer = clients.consumer(cfg, None)
+        topic = cfg.topic("detections").name
+        tps = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic))]
+        self.consumer.assign(tps)
+        self.consumer.seek_to_beginning(*tps)
+        self.records: dict[bytes, object] = {}
+        self.duplicates = 0
+        self.last_seen = 0.0
+
+    def until(self, n: int, workers: Workers) -> None:
+        deadline = time.monotonic() + STREAM_TIMEOUT_S
+        while len(self.records) < n:
+            workers.check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.records)} of {n} outputs after {STREAM_TIMEOUT_S:.0f} s")
+            for batch in self.consumer.poll(timeout_ms=100).values():
+                for r in batch:
+                    self.duplicates += r.key in self.records
+                    self.records[r.key] = r
+                    self.last_seen = time.time()
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def ms(r, name: str) -> int:
+    value = header(list(r.headers), name)
+    if value is None:
+        raise KeyError(f"output {r.key!r} has no header {name}")
+    return int(value)
+
+
+def latencies(records: list) -> dict[str, np.ndarray]:
+    """Per record, milliseconds received->produced in each stage and ingest->detection produced."""
+    return {
+        "features": np.array([ms(r, "tl.features.produced_ms") - ms(r, "tl.features.received_ms") for r in records]),
+        "detection": np.array([ms(r, "tl.detection.produced_ms") - ms(r, "tl.detection.received_ms") for r in records]),
+        "e2e": np.array([ms(r, "tl.detection.produced_ms") - ms(r, INGEST_MS) for r in records]),
+    }
+
+
+def pct(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q, method="inverted_cdf"))
+
+
+# -- the run ---------------------------------------------------------------------------------
+def main() -> None:
+    pin_device("cpu")
+    # Other work on the machine skews the phases unequally: say how busy it was before we began.
+    print(f"load average before the bench: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    with tempfile.TemporaryDirectory(prefix="tensorline-bench-") as tmp:
+        folder = Path(tmp)
+        (folder / "models").mkdir()
+        data_dir = folder / "broker"
+        bootstrap = broker.start(data_dir, broker.free_port()).bootstrap
+        workers = Workers(folder / "pipeline.toml", folder)
+        try:
+            run(folder, bootstrap, workers)
+        finally:
+            workers.stop_all()
+            broker.stop(data_dir)
+
+
+def run(folder: Path, bootstrap: str, workers: Workers) -> None:
+    build_models(folder / "models")
+    workers.pipeline_file.write_text(PIPELINE.format(
+        bootstrap=bootstrap, models=folder / "models", max_batch=MAX_BATCH, max_delay_ms=MAX_DELAY_MS,
+        classes=json.dumps(list(CLASSES))))
+    cfg = config.load(workers.pipeline_file)
+    clients.create_topics(cfg)
+    admin = clients.admin(cfg)
+
+    stream = images(N_THROUGHPUT, IMAGE, seed=1)
+    produce(cfg, "preprocessed", stream)
+
+    # Baselines while no worker competes for the two cores (the ceiling again after the Kafka run).
+    backbone, head = Model(cfg.model("features", None)), Model(cfg.model("detection", None))
+    ceilings = [ceiling_rps(backbone, head, stream)]
+    per_message = per_message_rps(cfg, backbone, head)
+
+    # Throughput. Detection starts first and joins its group, so no worker start-up (TensorFlow
+    # import, model load) overlaps the measured window. The window opens when the features worker
+    # starts its first batch (tl.features.received_ms of the earliest output: the workers have
+    # joined, the stream waits in the topic) and closes when the last output is visible to a
+    # read_committed consumer (its transaction committed).
+    outputs = Outputs(cfg)
+    workers.start("detection")
+    detection_group = group_id(cfg, "detection", None)
+    wait_for(lambda: group_joined(admin, detection_group), WORKER_START_S, "detection to join", workers)
+    workers.start("features")
+    outputs.until(N_THROUGHPUT, workers)
+    saturated = list(outputs.records.values())
+    first_ms = min(ms(r, "tl.features.received_ms") for r in saturated)
+    kafka_rps = N_THROUGHPUT / (outputs.last_seen - first_ms / 1000)
+
+    # Latency at PACE_LOAD of that throughput, one record at a time from a producer.
+    produce(cfg, "preprocessed", images(N_PACED, IMAGE, seed=2), prefix="p", rate=PACE_LOAD * kafka_rps)
+    outputs.until(N_THROUGHPUT + N_PACED, workers)
+    paced = [r for k, r in outputs.records.items() if k.startswith(b"p")]
+    duplicates = outputs.duplicates
+    outputs.close()
+    stats = {stage: workers.stop(stage) for stage in ("features", "detection")}
+    ceilings.append(ceiling_rps(backbone, head, stream))
+
+    # Memory: one features worker on small images; RSS once 1,000 and once 10,000 are committed.
+    mem_stream = images(MEM_TOTAL, MEM_IMAGE, seed=3)
+    produce(cfg, "mem_in", mem_stream[:MEM_FIRST])
+    pid = workers.start("mem").pid
+    mem_group = group_id(cfg, "mem", None)
+    wait_for(lambda: committed(admin, mem_group) >= MEM_FIRST, WORKER_START_S, "1,000 records", workers)
+    rss_1k = rss_mb(pid)
+    produce(cfg, "mem_in", mem_stream[MEM_FIRST:], first=MEM_FIRST)
+    wait_for(lambda: committed(admin, mem_group) >= MEM_TOTAL, STREAM_TIMEOUT_S, "10,000 records", workers)
+    rss_10k = rss_mb(pid)
+    workers.stop("mem")
+    admin.close()
+
+    report(ceilings, per_message, kafka_rps, latencies(saturated), latencies(paced), stats, duplicates,
+           rss_1k, rss_10k)
+
+
+def report(ceilings: list[float], per_message: float, kafka_rps: float, saturated: dict, paced: dict, stats: dict,
+           duplicates: int, rss_1k: float, rss_10k: float) -> None:
+    ceiling = max(ceilings)
+    print(f"stream: {N_THROUGHPUT} records of {IMAGE} float32, max_batch={MAX_BATCH}, "
+          f"max_delay_ms={MAX_DELAY_MS}, exactly_once; duplicates seen: {duplicates}")
+    print(f"{'throughput':<34}{'rec/s':>10}{'kafka x':>10}")
+    for name, rps in (("kafka stages (features+detection)", kafka_rps),
+                      ("ceiling (in-process, batched)", ceiling), ("per-message loop (Kafka-ML)", per_message)):
+        print(f"{name:<34}{rps:>10.1f}{kafka_rps / rps:>10.2f}")
+    print(f"  ceiling before / after the Kafka run: {ceilings[0]:.1f} / {ceilings[1]:.1f} rec/s")
+    for stage in ("features", "detection"):
+        s = stats.get(stage, {})
+        if s.get("batches"):
+            print(f"  {stage}: {s['records_in']} records in {s['batches']} batches "
+                  f"(mean {s['records_in'] / s['batches']:.1f}), {s['batch_seconds']:.1f} s in batches")
+    print(f"{'latency ms':<34}{'p50':>10}{'p99':>10}")
+    print(f"  saturated (backlog of {N_THROUGHPUT}):")
+    for name in ("features", "detection"):
+        print(f"    {name:<30}{pct(saturated[name], 50):>10.0f}{pct(saturated[name], 99):>10.0f}")
+    print(f"  paced ({N_PACED} records at {PACE_LOAD:.0%} of kafka rec/s):")
+    for name in ("features", "detection", "e2e"):
+        print(f"    {name:<30}{pct(paced[name], 50):>10.0f}{pct(paced[name], 99):>10.0f}")
+    growth = (rss_10k - rss_1k) / rss_1k
+    print(f"memory: worker RSS {rss_1k:.0f} MiB after {MEM_FIRST} records, {rss_10k:.0f} MiB after {MEM_TOTAL} "
+          f"({growth:+.1%})")
+    print(f"bench stages: vs_ceiling={kafka_rps / ceiling:.2f} vs_per_message={kafka_rps / per_message:.2f} "
+          f"kafka_rps={kafka_rps:.1f} ceiling_rps={ceiling:.1f} per_message_rps={per_message:.1f} "
+          f"features_p50_ms={pct(paced['features'], 50):.0f} features_p99_ms={pct(paced['features'], 99):.0f} "
+          f"detection_p50_ms={pct(paced['detection'], 50):.0f} detection_p99_ms={pct(paced['detection'], 99):.0f} "
+          f"e2e_p50_ms={pct(paced['e2e'], 50):.0f} e2e_p99_ms={pct(paced['e2e'], 99):.0f} rss_growth={growth:.3f}")
+
+
+if __name__ == "__main__":
+    main()
