@@ -13,11 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
-from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
-
 from tensorline import logs
 from tensorline.config import PipelineConfig
 from tensorline.ops import clients, metrics
+from tensorline.stages.assignor import CapacityAssignor
 from tensorline.stages.base import PER_MODEL_KINDS, load_stage, pin_device
 from tensorline.stages.kafka import KafkaSink, KafkaSource
 from tensorline.stages.runtime import Stats, Worker
@@ -78,8 +77,10 @@ def run(pipeline: PipelineConfig, stage: str, *, model: str | None = None, devic
         log.warning("TensorFlow was imported before the device could be pinned; using its default devices")
     cfg = pipeline.stages[stage]
     stage_obj = load_stage(pipeline, stage, model)
-    consumer = clients.consumer(pipeline, group, client_id=f"{group}.{member}",
-                                partition_assignment_strategy=[CooperativeStickyAssignor])
+    # Partitions in proportion to capacity: declared per device in the pipeline file, else measured.
+    assignor = CapacityAssignor(cfg.capacity.get(device), log=log)
+    consumer = clients.consumer(pipeline, group, client_id=f"{group}.{member}.{device}",
+                                partition_assignment_strategy=[assignor])
     source = KafkaSource(consumer, [pipeline.topic(cfg.input).name], end_offsets=end_offsets, drain=drain)
     exactly_once = pipeline.delivery == "exactly_once"
     producer = clients.producer(pipeline, transactional_id=f"{group}.{member}" if exactly_once else None)
@@ -89,6 +90,7 @@ def run(pipeline: PipelineConfig, stage: str, *, model: str | None = None, devic
     worker = Worker(stage_obj, source, sink, output_topic=pipeline.topic(cfg.output).name,
                     dlq_topic=pipeline.topic(pipeline.dlq).name, max_batch=cfg.max_batch,
                     max_delay_ms=cfg.max_delay_ms, log=log)
+    assignor.measure = lambda: (worker.stats.records_in, worker.stats.batch_seconds)
     if stop is not None:
         worker.stop_event = stop
     elif threading.current_thread() is threading.main_thread():

@@ -93,6 +93,8 @@ class StageConfig:
     workers: int = 1
     devices: tuple[str, ...] = ("cpu",)
     params: Mapping[str, Any] = field(default_factory=dict)
+    # Declared capacity per device (e.g. {"gpu:0": 4.0, "cpu": 1.0}); empty: measured records/s.
+    capacity: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -246,7 +248,17 @@ def _stage(r: _Reader, name: str, topics: Mapping[str, TopicConfig]) -> StageCon
                            "a non-negative integer"),
         workers=r.positive("workers", 1), devices=devices,
         params=dict(r.sub("params").table),
+        capacity=_capacity(r.sub("capacity")),
     )
+
+
+def _capacity(r: _Reader) -> dict[str, float]:
+    out = {}
+    for device in r.table:
+        if not re.fullmatch(r"cpu|gpu:\d+", device):
+            raise ConfigError(r.path, r.key(device), "a device like 'cpu' or 'gpu:0'", device)
+        out[device] = r.get(device, float, check=lambda v: v > 0, expected="a positive number")
+    return out
 
 
 def _fusion(r: _Reader, topics: Mapping[str, TopicConfig]) -> FusionConfig:

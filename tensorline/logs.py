@@ -23,6 +23,16 @@ def _redact(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]
     return clean(event)
 
 
+class _Stderr:
+    """Whatever sys.stderr is at write time (tests and daemons swap it; a bound stream may close)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(*, json: bool | None = None, level: str = "info") -> None:
     """Configure structlog for the process; ``json=None`` picks JSON unless stderr is a TTY."""
     if json is None:
@@ -39,7 +49,7 @@ def configure(*, json: bool | None = None, level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),
         cache_logger_on_first_use=False,
     )
     # kafka-python logs through the standard library; keep its warnings, drop its chatter.

@@ -1,5 +1,6 @@
-"""CapacityAssignor on the real broker: two consumers of capacities 2 and 1 share 6 partitions 4:2,
-and the one left after the other closes owns all 6."""
+"""CapacityAssignor on the real broker: a consumer of capacity 2 joins one of capacity 1 that owns
+all 6 partitions; they settle at 4:2 through a COOPERATIVE move, and after the slow one closes the
+fast one owns all 6."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class Member(threading.Thread):
             while not self.stop.is_set():
                 self.consumer.poll(timeout_ms=100)
                 self.assignment = frozenset(tp.partition for tp in self.consumer.assignment())
-        except BaseException as e:  # surfaced by the test
+        except BaseException as e:  # surfaced by settled()
             self.error = e
         finally:
             self.consumer.close()
@@ -50,8 +51,8 @@ def settled(members: list[Member], expected: list[int], timeout: float) -> list[
     deadline = time.monotonic() + timeout
     last, since = None, time.monotonic()
     while time.monotonic() < deadline:
-        now = [m.assignment for m in members]
         assert not any(m.error for m in members), [m.error for m in members]
+        now = [m.assignment for m in members]
         if now != last:
             last, since = now, time.monotonic()
         elif [len(a) for a in now] == expected and time.monotonic() - since >= STABLE_S:
@@ -68,9 +69,10 @@ def test_capacities_two_and_one_share_six_partitions_then_the_survivor_takes_all
     fast, slow = Member(cfg, group, topic, 2.0), Member(cfg, group, topic, 1.0)
     members = [fast, slow]
     try:
-        for m in members:
-            m.start()
-        owned = settled(members, [4, 2], timeout=20)
+        slow.start()  # alone first: it owns all 6, so the fast one's share must be revoked from it
+        settled([slow], [6], timeout=15)
+        fast.start()
+        owned = settled(members, [4, 2], timeout=15)
         assert owned[0] | owned[1] == set(range(6))
         slow.stop.set()
         slow.join(10)
@@ -79,4 +81,5 @@ def test_capacities_two_and_one_share_six_partitions_then_the_survivor_takes_all
         for m in members:
             m.stop.set()
         for m in members:
-            m.join(10)
+            if m.is_alive():
+                m.join(10)
