@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,41 +19,12 @@ import numpy as np
 
 from tensorline import config, logs
 from tensorline.ops import broker, clients, lag, report, topics
-from tensorline.stages.base import PER_MODEL_KINDS
+from tensorline.ops.supervisor import Supervisor, pipeline_specs
 from tensorline.stages.runtime import INGEST_MS, header
 
 DEMO_DIR = Path(".tensorline/demo")
 # Enough for a cold start of six TensorFlow workers and the test set on 2 cores, with margin.
 RESULT_TIMEOUT_S = 900.0
-STOP_TIMEOUT_S = 30.0
-
-
-def _workers(cfg: config.PipelineConfig, path: str, env: dict[str, str], log_dir: Path) -> list[subprocess.Popen]:
-    """One worker process per stage, and per model for per-model stages."""
-    procs = []
-    for name, stage in cfg.stages.items():
-        models = [m.name for m in stage.models] if stage.kind in PER_MODEL_KINDS else [None]
-        for model in models:
-            label = f"{name}.{model}" if model else name
-            cmd = [sys.executable, "-m", "tensorline.cli", "run", name, "-c", path]
-            if model:
-                cmd += ["--model", model]
-            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                          stderr=open(log_dir / f"{label}.log", "w"), start_new_session=True))
-    return procs
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def _latency(cfg: config.PipelineConfig) -> tuple[dict[str, float], float]:
@@ -93,7 +62,7 @@ def main(path: str, *, json_out: bool = False, limit: int | None = None) -> int:
     if not cfg.bootstrap and not broker.local_bootstrap():
         print("starting the local Kafka broker ...", file=sys.stderr)
         started_broker = broker.start()
-    procs: list[subprocess.Popen] = []
+    workers: Supervisor | None = None
     try:
         from tensorline.ops import train
         from tensorline.producers import publish
@@ -107,11 +76,13 @@ def main(path: str, *, json_out: bool = False, limit: int | None = None) -> int:
         log_dir = DEMO_DIR / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, config.BOOTSTRAP_ENV: bootstrap}
-        procs = _workers(cfg, path, env, log_dir)
-        print(f"started {len(procs)} workers (logs in {log_dir}); sending {len(files)} DICOM files", file=sys.stderr)
+        workers = Supervisor(path, pipeline_specs(cfg), log_dir=log_dir, env=env)
+        workers.start()
+        print(f"started {len(workers.specs)} workers (logs in {log_dir}); sending {len(files)} DICOM files",
+              file=sys.stderr)
         summary = publish.produce(cfg, [str(f) for f in files])
-        _wait_for_results(cfg, summary.sent, procs, log_dir)
-        _stop(procs)
+        _wait_for_results(cfg, summary.sent, workers, log_dir)
+        workers.stop()
         rep = report.build(cfg)
         latency, rps = _latency(cfg)
         lags = {g.stage: g.total for g in lag.measure(cfg)}
@@ -126,14 +97,16 @@ def main(path: str, *, json_out: bool = False, limit: int | None = None) -> int:
         print("\ninterrupted: stopping the workers", file=sys.stderr)
         return 130
     finally:
-        _stop(procs)
+        if workers is not None:
+            workers.stop()
         if started_broker is not None:
             broker.stop()
         log.debug("demo finished")
 
 
-def _wait_for_results(cfg: config.PipelineConfig, expected: int, procs: list[subprocess.Popen], log_dir: Path) -> None:
-    """Until every record sent has its fused result; shows progress, fails fast on a dead worker."""
+def _wait_for_results(cfg: config.PipelineConfig, expected: int, workers: Supervisor, log_dir: Path) -> None:
+    """Until every record sent has its fused result; shows progress; restarts crashed workers and
+    fails when one is in a crash loop."""
     deadline = time.monotonic() + RESULT_TIMEOUT_S
     tty = sys.stderr.isatty()
     while True:
@@ -145,9 +118,9 @@ def _wait_for_results(cfg: config.PipelineConfig, expected: int, procs: list[sub
             if tty:
                 print(file=sys.stderr)
             return
-        dead = [p for p in procs if p.poll() is not None]
-        if dead:
-            raise RuntimeError(f"a worker exited with code {dead[0].returncode}; see the logs in {log_dir}")
+        workers.check()
+        if workers.given_up:
+            raise RuntimeError(f"worker {workers.given_up[0].label} is in a crash loop; see {log_dir}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {done} of {expected} results after {RESULT_TIMEOUT_S:.0f} s; see {log_dir}")
         time.sleep(2.0)

@@ -54,8 +54,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _pipeline(args)
     if args.stage not in cfg.stages:
         raise config.ConfigError(cfg.path, f"stages.{args.stage}", f"one of the stages {', '.join(cfg.stages)}")
-    worker.run(cfg, args.stage, model=args.model, device=args.device, metrics_port=args.metrics_port)
-    return 0
+    if args.workers is None and args.devices is None:
+        worker.run(cfg, args.stage, model=args.model, device=args.device, metrics_port=args.metrics_port)
+        return 0
+    from tensorline.ops import supervisor
+
+    devices = tuple(args.devices.split(",")) if args.devices else None
+    specs = supervisor.specs(cfg, args.stage, model=args.model, workers=args.workers, devices=devices)
+    return supervisor.Supervisor(args.config, specs).run_forever()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from tensorline.ops import supervisor
+
+    cfg = _pipeline(args)
+    return supervisor.Supervisor(args.config, supervisor.pipeline_specs(cfg)).run_forever()
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
@@ -141,9 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("stage", help="a stage of the pipeline file")
     r.add_argument("--model", help="the stage's model to serve (stages with several models)")
     r.add_argument("--device", default="cpu", help="cpu or gpu:N (default: %(default)s)")
+    r.add_argument("--workers", type=int, help="supervise N worker processes (default: one, in this process)")
+    r.add_argument("--devices", help="comma-separated devices for the workers, round-robin (e.g. gpu:0,gpu:1)")
     r.add_argument("--metrics-port", type=int, default=0,
                    help="Prometheus /metrics port on 127.0.0.1 (default 0: a free port, written to the state dir)")
     r.set_defaults(func=cmd_run)
+
+    up = with_config(sub.add_parser("up", help="start every stage's workers as the pipeline file gives them"))
+    up.set_defaults(func=cmd_up)
 
     pr = with_config(sub.add_parser("produce", help="publish DICOM, NIfTI, PNG/JPEG, .npy/.npz files to the raw topic"))
     pr.add_argument("sources", nargs="+", help="files or folders")
