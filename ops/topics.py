@@ -1,14 +1,16 @@
-"""Reading a topic to its end, and its offsets: what reports, the DLQ view and tests share."""
+"""The pipeline's topics: reading one to its end (reports, the DLQ view, tests), describing them
+with the warnings an operator needs, and resetting them (the demo)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from tensorline.config import PipelineConfig
+from tensorline.config import CHANGELOG, PipelineConfig
 from tensorline.ops import clients
 
 # A full topic read on a local broker takes well under this; a remote cluster may need more.
@@ -62,3 +64,61 @@ def reset(cfg: PipelineConfig, *, timeout_s: float = 30.0) -> None:
             time.sleep(0.2)
     finally:
         admin.close()
+
+
+@dataclass(frozen=True)
+class TopicState:
+    """A pipeline topic as the pipeline file wants it and as the cluster has it (None: missing)."""
+
+    key: str
+    name: str
+    partitions: int
+    actual_partitions: int | None
+    retention_ms: str | None
+    cleanup_policy: str | None
+    max_message_bytes: str | None
+
+
+def describe(cfg: PipelineConfig) -> tuple[list[TopicState], list[str]]:
+    """The pipeline's topics on the cluster, and warnings an operator should act on."""
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    admin = clients.admin(cfg)
+    try:
+        existing = set(admin.list_topics())
+        names = [t.name for t in cfg.topics.values() if t.name in existing]
+        meta = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(names)} if names else {}
+        configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names])["topic"] \
+            if names else {}
+    finally:
+        admin.close()
+    states = []
+    for t in cfg.topics.values():
+        c = configs.get(t.name, {})
+        value = lambda k: c[k]["value"] if k in c else None  # noqa: E731
+        states.append(TopicState(t.key, t.name, t.partitions, meta.get(t.name), value("retention.ms"),
+                                 value("cleanup.policy"), value("max.message.bytes")))
+    return states, warnings(cfg, {s.key: s.actual_partitions for s in states})
+
+
+def warnings(cfg: PipelineConfig, actual: dict[str, int | None]) -> list[str]:
+    """Idle workers, co-partitioning mismatches and missing topics (pure, from partition counts)."""
+    out = []
+    for key, n in actual.items():
+        wanted = cfg.topics[key].partitions
+        if n is None:
+            out.append(f"topic {cfg.topics[key].name} does not exist (tensorline topics create)")
+        elif n != wanted:
+            out.append(f"topic {cfg.topics[key].name} has {n} partitions, the pipeline file says {wanted}")
+    for name, stage in cfg.stages.items():
+        n = actual.get(stage.input) or cfg.topics[stage.input].partitions
+        per_group = stage.workers
+        if per_group > n:
+            out.append(f"stage {name}: {per_group} workers per group but {cfg.topics[stage.input].name} has {n} "
+                       f"partitions: {per_group - n} worker(s) will sit idle")
+    if cfg.fusion is not None:
+        a, b = actual.get(cfg.fusion.input), actual.get(CHANGELOG)
+        if a is not None and b is not None and a != b:
+            out.append(f"{cfg.topics[cfg.fusion.input].name} ({a} partitions) and {cfg.topics[CHANGELOG].name} "
+                       f"({b}) must be co-partitioned: the fusion changelog keeps each join in its input's partition")
+    return out

@@ -58,7 +58,7 @@ def run(pipeline: PipelineConfig, stage: str, *, model: str | None = None, devic
     `end_offsets` or a set `drain` event, once its input is read and committed to the end: see
     `KafkaSource`; replays run this way).
 
-    Prometheus metrics are served on 127.0.0.1:`metrics_port` (0: a free port, None: not served);
+    Prometheus metrics are served on `metrics_host`:`metrics_port` (0: a free port, None: not served);
     the address is written into the worker's slot file under the state dir, where the dashboard
     and a Prometheus file-based discovery can find it.
     """
@@ -69,7 +69,7 @@ def run(pipeline: PipelineConfig, stage: str, *, model: str | None = None, devic
     log = logs.get(stage=stage, model=model, group=group, member=member, device=device)
     endpoint = None
     if metrics_port is not None:
-        endpoint = f"127.0.0.1:{metrics.serve(metrics_port)}"
+        endpoint = f"{metrics_host}:{metrics.serve(metrics_port, metrics_host)}"
         slot.write(json.dumps({"group": group, "member": member, "device": device, "metrics": endpoint,
                                "pid": os.getpid()}))
         slot.flush()

@@ -40,11 +40,17 @@ def cmd_broker(args: argparse.Namespace) -> int:
 def cmd_topics(args: argparse.Namespace) -> int:
     from tensorline.ops import clients
 
+    from tensorline.ops import topics
+
     cfg = _pipeline(args)
-    created = clients.create_topics(cfg)
-    for topic in cfg.topics.values():
-        mark = "created" if topic.name in created else "exists"
-        print(f"{topic.name:40s} partitions={topic.partitions:<3d} retention_ms={topic.retention_ms} {mark}")
+    created = clients.create_topics(cfg) if args.action == "create" else []
+    states, warnings = topics.describe(cfg)
+    for t in states:
+        mark = "created" if t.name in created else ("missing" if t.actual_partitions is None else "exists")
+        print(f"{t.name:40s} partitions={t.actual_partitions or '-'}/{t.partitions} retention.ms={t.retention_ms} "
+              f"cleanup.policy={t.cleanup_policy} max.message.bytes={t.max_message_bytes} {mark}")
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     return 0
 
 
@@ -55,7 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.stage not in cfg.stages:
         raise config.ConfigError(cfg.path, f"stages.{args.stage}", f"one of the stages {', '.join(cfg.stages)}")
     if args.workers is None and args.devices is None:
-        worker.run(cfg, args.stage, model=args.model, device=args.device, metrics_port=args.metrics_port)
+        worker.run(cfg, args.stage, model=args.model, device=args.device, metrics_port=args.metrics_port,
+                   metrics_host=args.metrics_host)
         return 0
     from tensorline.ops import supervisor
 
@@ -146,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the status as JSON")
     b.set_defaults(func=cmd_broker)
 
-    t = with_config(sub.add_parser("topics", help="create the pipeline's topics (idempotent)"))
-    t.add_argument("action", choices=["create"])
+    t = with_config(sub.add_parser("topics", help="create (idempotent) or describe the pipeline's topics"))
+    t.add_argument("action", choices=["create", "describe"])
     t.set_defaults(func=cmd_topics)
 
     r = with_config(sub.add_parser("run", help="run one worker of a stage until stopped"))
@@ -157,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, help="supervise N worker processes (default: one, in this process)")
     r.add_argument("--devices", help="comma-separated devices for the workers, round-robin (e.g. gpu:0,gpu:1)")
     r.add_argument("--metrics-port", type=int, default=0,
-                   help="Prometheus /metrics port on 127.0.0.1 (default 0: a free port, written to the state dir)")
+                   help="Prometheus /metrics port (default 0: a free port, written to the state dir)")
+    r.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address /metrics binds to (default: %(default)s; 0.0.0.0 in containers)")
     r.set_defaults(func=cmd_run)
 
     up = with_config(sub.add_parser("up", help="start every stage's workers as the pipeline file gives them"))
