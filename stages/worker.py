@@ -52,8 +52,8 @@ def claim_slot(group: str) -> tuple[int, IO]:
 
 def run(pipeline: PipelineConfig, stage: str, *, model: str | None = None, device: str = "cpu",
         until_idle_s: float | None = None, stop: threading.Event | None = None,
-        metrics_port: int | None = 0, end_offsets: Mapping[tuple[str, int], int] | None = None,
-        drain: threading.Event | None = None) -> Stats:
+        metrics_port: int | None = 0, metrics_host: str = "127.0.0.1",
+        end_offsets: Mapping[tuple[str, int], int] | None = None, drain: threading.Event | None = None) -> Stats:
     """Run one worker until SIGTERM/SIGINT (or `stop`, or idle for `until_idle_s`, or, bounded by
     `end_offsets` or a set `drain` event, once its input is read and committed to the end: see
     `KafkaSource`; replays run this way).

@@ -114,6 +114,45 @@ def cmd_lag(args: argparse.Namespace) -> int:
         time.sleep(args.watch)
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    import json
+
+    from tensorline.ops import replay
+
+    cfg = _pipeline(args)
+    start = (args.from_datetime or (replay.parse_offsets(args.from_offset) if args.from_offset else replay.EARLIEST))
+    if args.to_datetime and not (args.into_version or args.dry_run):
+        raise config.ConfigError(cfg.path, "--to-datetime", "--into-version or --dry-run with it (a reset has no end)")
+    if args.dry_run:
+        plans = replay.plan(cfg, args.stage, args.model, start, args.to_datetime)
+        print(json.dumps([p.to_dict() for p in plans]) if args.json else replay.format_plan(plans))
+    elif args.into_version:
+        result = replay.into_version(cfg, args.stage, args.into_version, start, args.to_datetime)
+        print(json.dumps(result, default=str) if args.json else replay.format_version(result))
+    else:
+        plans = replay.reset(cfg, args.stage, args.model, start)
+        print(json.dumps([p.to_dict() for p in plans]) if args.json else replay.format_plan(plans))
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    import json
+
+    from tensorline.ops import dlq
+
+    cfg = _pipeline(args)
+    if args.action == "list":
+        rows = dlq.counts(cfg)
+        print(json.dumps(rows) if args.json else dlq.format_counts(rows))
+    elif args.action == "show":
+        rows = dlq.show(cfg, reason=args.reason, stage=args.stage, limit=args.limit)
+        print(json.dumps(rows) if args.json else dlq.format_letters(rows))
+    else:
+        result = dlq.redrive(cfg, reason=args.reason, stage=args.stage)
+        print(json.dumps(result) if args.json else dlq.format_redrive(result))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     import json
 
@@ -187,6 +226,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="flag a partition whose committed offset has not moved for this long while behind "
                          "(default: %(default)s s)")
     lg.set_defaults(func=cmd_lag)
+
+    from tensorline.ops.replay import parse_datetime
+
+    rl = with_config(sub.add_parser("replay", help="reprocess a stage from a time or offsets (reset, or into a version)"))
+    rl.add_argument("stage")
+    rl.add_argument("--model", help="one model's group of a per-model stage (default: all of them)")
+    where = rl.add_mutually_exclusive_group(required=True)
+    where.add_argument("--from-datetime", type=parse_datetime, help="ISO 8601 time (local unless it says its zone)")
+    where.add_argument("--from-offset", nargs="+", metavar="P:O", help="partition:offset pairs")
+    where.add_argument("--to-earliest", action="store_true", help="from the earliest retained record")
+    rl.add_argument("--to-datetime", type=parse_datetime, help="end of the replay (with --into-version or --dry-run)")
+    rl.add_argument("--dry-run", action="store_true", help="print per partition what would be reprocessed")
+    rl.add_argument("--into-version", metavar="vN",
+                    help="replay into versioned topics (e.g. detections.v2 -> results.v2), live ones untouched")
+    rl.add_argument("--json", action="store_true")
+    rl.set_defaults(func=cmd_replay)
+
+    dq = with_config(sub.add_parser("dlq", help="inspect the dead-letter topic and send fixed records back"))
+    dq.add_argument("action", choices=["list", "show", "redrive"])
+    dq.add_argument("--reason", help="only this reason (error class or bad-file reason)")
+    dq.add_argument("--stage", help="only dead letters of this stage")
+    dq.add_argument("--limit", type=int, help="show at most N")
+    dq.add_argument("--json", action="store_true")
+    dq.set_defaults(func=cmd_dlq)
 
     rp = with_config(sub.add_parser("report", help="precision, recall, F1 per class for each model and the fused result"))
     rp.add_argument("--json", action="store_true", help="print one JSON object")

@@ -1,0 +1,394 @@
+"""Training of the demo's models: the features backbone, each detection model, and the stacker.
+
+The tensors come from the real preprocess stage run on the demo set's patches, so the models
+see exactly what the pipeline will feed them. The models differ by input and by training view:
+besides the plain training patches there is a re-windowed copy (the same patches preprocessed
+under random narrower DICOM windows, which clip parts of a patch as the held-out CT windows
+do); the backbone and the CNN train on complementary half-and-half mixes of the two, the MLP on
+the embeddings of the plain patches, the logistic model on those of the re-windowed ones. Every
+model gets a card with its held-out scores, and each fusion strategy is scored offline through
+the fusion stage's own `combine`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tensorline.config import ModelConfig, PipelineConfig
+from tensorline.fusion.join import OpenJoin
+from tensorline.fusion.stacking import Stacker, fit_stacker
+from tensorline.fusion.stage import combine
+from tensorline.ops.report import classification_report
+from tensorline.producers import demo_data
+from tensorline.schemas import Detection, ModelRef, Record
+
+# The strategies scored offline; "threshold" is left out: it needs hand-picked parameters.
+FUSION_STRATEGIES = ("soft_vote", "weighted_average", "majority_vote", "max_confidence", "stacking")
+STRATEGIES_NEEDING_A_FILE = frozenset({"stacking"})
+LESIONS = "lesions are synthetic Gaussian blobs implanted in real DICOM images"
+EMBEDDING_DIM = 64
+# Validation accuracy is flat after a few epochs (seed 7); the training loss keeps falling, so
+# more epochs only fit the five training images better. The dense heads are cheap.
+EPOCHS = {"backbone": 10, "cnn": 10, "mlp": 20, "logreg": 20}
+BATCH = 64
+# Records per preprocess call: the stage's own micro-batch size would also do, this is faster.
+PREPROCESS_CHUNK = 256
+# Re-drawn windows: width 10-60 % of the patch's 5th-95th percentile range, centre inside it.
+WINDOW_WIDTH = (0.1, 0.6)
+WINDOW_PERCENTILES = (5, 95)
+# Folds for scoring the stacker on the split it is fitted on (strategy choice only).
+STACKER_FOLDS = 5
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """One split as the pipeline sees it: preprocessed images (N, size, size, 1) and class indices."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    sources: np.ndarray
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How one configured model is built and trained; `view` names its training images."""
+
+    build: Callable[[PipelineConfig, np.ndarray], Any]
+    input: str
+    view: str
+    description: str
+
+
+def _dense_head(units: int | None) -> Callable[[PipelineConfig, np.ndarray], Any]:
+    def build(cfg: PipelineConfig, x_train: np.ndarray) -> Any:
+        import keras
+        from keras import layers
+
+        inputs = keras.Input((EMBEDDING_DIM,), name="embedding")
+        # Standardised with the training embeddings' mean and variance, saved in the model.
+        x = layers.Normalization(mean=x_train.mean(0), variance=x_train.var(0) + 1e-6, name="standardize")(inputs)
+        if units:
+            x = layers.Dense(units, activation="relu")(x)
+            x = layers.Dropout(0.2)(x)
+        outputs = layers.Dense(len(cfg.classes), activation="softmax",
+                               kernel_regularizer=keras.regularizers.l2(1e-3), name="scores")(x)
+        return keras.Model(inputs, outputs, name="mlp" if units else "logreg")
+    return build
+
+
+def _conv_stack(x: Any) -> Any:
+    """Four small conv layers and a global max: a blob anywhere in the patch lights one position."""
+    from keras import layers
+
+    x = layers.Conv2D(16, 5, strides=2, padding="same", activation="relu")(x)
+    x = layers.Conv2D(32, 3, padding="same", activation="relu")(x)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Conv2D(32, 3, padding="same", activation="relu")(x)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Conv2D(64, 3, padding="same", activation="relu")(x)
+    return layers.GlobalMaxPooling2D()(x)
+
+
+def _cnn(cfg: PipelineConfig, x_train: np.ndarray) -> Any:
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((_size(cfg), _size(cfg), 1), name="image")
+    x = layers.Dropout(0.3)(_conv_stack(inputs))
+    return keras.Model(inputs, layers.Dense(len(cfg.classes), activation="softmax", name="scores")(x), name="cnn")
+
+
+def _backbone(cfg: PipelineConfig, x_train: np.ndarray) -> tuple[Any, Any]:
+    """The backbone (image -> embedding) and the classifier it is trained inside (head dropped)."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((_size(cfg), _size(cfg), 1), name="image")
+    embedding = layers.Dense(EMBEDDING_DIM, activation="relu", name="embedding")(_conv_stack(inputs))
+    head = layers.Dense(len(cfg.classes), activation="softmax", name="scores")(layers.Dropout(0.3)(embedding))
+    return keras.Model(inputs, embedding, name="backbone"), keras.Model(inputs, head, name="backbone_training")
+
+
+BACKBONE = Arch(_backbone, "image", "mix_a", "conv stack (4 layers, global max) -> Dense 64 ReLU; trained "
+                "under a softmax head on view mix_a, the head then dropped")
+DETECTORS: Mapping[str, Arch] = {
+    "cnn": Arch(_cnn, "image", "mix_b", "conv stack (4 layers, global max) -> dropout -> softmax, "
+                "trained on view mix_b (the complement of the backbone's)"),
+    "mlp": Arch(_dense_head(32), "embedding", "plain", "standardize -> Dense 32 ReLU -> dropout -> softmax, "
+                "on the embeddings of the plain training patches"),
+    "logreg": Arch(_dense_head(None), "embedding", "rewindowed", "standardize -> softmax (L2 1e-3), "
+                   "on the embeddings of the re-windowed training patches"),
+}
+
+
+def _size(cfg: PipelineConfig) -> int:
+    return int(cfg.stages["preprocess"].params.get("size", 64))
+
+
+# -- data ----------------------------------------------------------------------------------------
+def preprocess(cfg: PipelineConfig, split: demo_data.Split, name: str,
+               attrs: Sequence[Mapping[str, str]] | None = None) -> Tensors:
+    """The split through the pipeline's own preprocess stage (with `attrs` replacing the patches' own)."""
+    from tensorline.stages.preprocess import Preprocess
+
+    stage = Preprocess(cfg, cfg.stages["preprocess"], None)
+    attrs = split.attrs if attrs is None else attrs
+    records = [Record(record_id=f"{name}-{i}", source=str(src), ingest_ts_ms=0,
+                      tensors={"image": image.astype(a.get("dtype", image.dtype))}, stage="raw",
+                      attributes=dict(a), label=str(label))
+               for i, (image, src, a, label) in enumerate(zip(split.images, split.source_ids, attrs, split.labels))]
+    images = [r.tensors["image"] for i in range(0, len(records), PREPROCESS_CHUNK)
+              for r in stage.process(records[i:i + PREPROCESS_CHUNK])]
+    labels = np.array([cfg.classes.index(str(label)) for label in split.labels], np.int64)
+    return Tensors(np.stack(images).astype(np.float32), labels, split.source_ids)
+
+
+def rewindowed_attrs(split: demo_data.Split, rng: np.random.Generator) -> list[dict[str, str]]:
+    """Each patch's attributes with a random window, narrower than its range: the augmentation."""
+    out = []
+    for image, attrs in zip(split.images, split.attrs):
+        slope = float(attrs.get("rescale_slope", 1.0))
+        intercept = float(attrs.get("rescale_intercept", 0.0))
+        lo, hi = np.percentile(image * slope + intercept, WINDOW_PERCENTILES)
+        width = max(float(hi - lo) * rng.uniform(*WINDOW_WIDTH), 1e-3)
+        out.append({**attrs, "window_center": repr(float(rng.uniform(lo, hi))), "window_width": repr(width)})
+    return out
+
+
+def _subset(split: demo_data.Split, limit: int | None, rng: np.random.Generator) -> demo_data.Split:
+    if limit is None or limit >= len(split.labels):
+        return split
+    keep = np.sort(rng.choice(len(split.labels), limit, replace=False))
+    return demo_data.Split(split.images[keep], split.labels[keep], split.source_ids[keep],
+                           [split.attrs[i] for i in keep], split.lesions[keep])
+
+
+# -- training ------------------------------------------------------------------------------------
+def _fit(model: Any, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) -> None:
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3 if x.ndim == 4 else 3e-3),
+                  loss="sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0, shuffle=True)
+
+
+def _predict(model: Any, x: np.ndarray) -> np.ndarray:
+    return np.asarray(model.predict(x, batch_size=256, verbose=0), np.float32)
+
+
+def _report(cfg: PipelineConfig, labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    truth = [cfg.classes[i] for i in labels]
+    return classification_report(truth, [cfg.classes[i] for i in scores.argmax(1)], cfg.classes)
+
+
+def _save_model(model: Any, path: Path) -> None:
+    """Save atomically, so `ensure` never takes a half-written file for a trained model."""
+    if path.suffix != ".keras":
+        raise ValueError(f"model path {path}: training writes Keras files, expected a name ending in .keras")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.stem + ".partial.keras")
+    model.save(partial)
+    os.replace(partial, path)
+
+
+def _write_json(path: Path, document: Mapping[str, Any]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(document, indent=1) + "\n")
+    os.replace(partial, path)
+
+
+def card_path(model: ModelConfig) -> Path:
+    return Path(f"{model.path}.card.json")
+
+
+def stacker_path(cfg: PipelineConfig) -> Path:
+    """fusion.params.path when the pipeline names one, else stacker.json beside the detection models."""
+    if cfg.fusion is not None and "path" in cfg.fusion.params:
+        return Path(cfg.fusion.params["path"])
+    return Path(cfg.stages["detection"].models[0].path).parent / "stacker.json"
+
+
+def _card(model: ModelConfig, arch: Arch, inputs: tuple[int, ...], outputs: dict[str, Any],
+          training: dict[str, Any], scores: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": model.name, "version": model.version, "file": model.path,
+        "architecture": arch.description,
+        "inputs": [{"name": model.input, "shape": list(inputs), "dtype": "float32"}],
+        "outputs": outputs, "training": training, "scores": scores,
+    }
+
+
+def train(cfg: PipelineConfig, *, seed: int = 7, epochs: int | None = None,
+          limit: int | None = None) -> dict[str, dict]:
+    """Train and save the backbone, every detection model and the stacker; score all on val and test.
+
+    `epochs` overrides every model's epochs and `limit` caps the patches per split (fast runs for
+    tests). Returns {"models": {name: card}, "fusion": {strategy: {"val": report, "test": report}},
+    "summary": {...}}; the fusion numbers are also written to `fusion.card.json` beside the stacker.
+    """
+    import keras
+
+    started = time.monotonic()
+    backbone_cfg = cfg.model("features", None)
+    detectors = cfg.stages["detection"].models
+    if backbone_cfg is None or not detectors:
+        raise ValueError(f"{cfg.path}: training needs a [stages.features] backbone and [stages.detection] models")
+    unknown = [m.name for m in detectors if m.name not in DETECTORS]
+    if unknown:
+        raise ValueError(f"{cfg.path}: stages.detection.models: no training recipe for {', '.join(unknown)} "
+                         f"(known: {', '.join(DETECTORS)})")
+    for m in detectors:
+        if m.input != DETECTORS[m.name].input:
+            raise ValueError(f"{cfg.path}: stages.detection.models.{m.name}.input: expected "
+                             f"{DETECTORS[m.name].input!r}, got {m.input!r}")
+
+    rng = np.random.default_rng(seed)
+    splits = {k: _subset(s, limit, rng) for k, s in demo_data.build(seed).items()}
+    data = {k: preprocess(cfg, s, k) for k, s in splits.items()}
+    rewindowed = preprocess(cfg, splits["train"], "train", rewindowed_attrs(splits["train"], rng)).images
+    plain, y = data["train"].images, data["train"].labels
+    half = (rng.random(len(y)) < 0.5)[:, None, None, None]
+    views = {"plain": plain, "rewindowed": rewindowed,
+             "mix_a": np.where(half, rewindowed, plain), "mix_b": np.where(half, plain, rewindowed)}
+    n_epochs = {k: epochs or v for k, v in EPOCHS.items()}
+    image_shape = data["train"].images.shape[1:]
+    base_training = {"seed": seed, "splits": {k: len(t.labels) for k, t in data.items()},
+                     "source_images": {k: sorted(set(map(str, t.sources))) for k, t in data.items()},
+                     "data": LESIONS}
+
+    # The backbone, inside the classifier it is trained as.
+    keras.utils.set_random_seed(seed)
+    backbone, classifier = BACKBONE.build(cfg, views[BACKBONE.view])
+    _fit(classifier, views[BACKBONE.view], y, n_epochs["backbone"], seed)
+    _save_model(backbone, Path(backbone_cfg.path))
+    head_scores = {k: _report(cfg, data[k].labels, _predict(classifier, data[k].images)) for k in ("val", "test")}
+    cards = {backbone_cfg.name: _card(
+        backbone_cfg, BACKBONE, image_shape, {"name": "embedding", "shape": [EMBEDDING_DIM], "dtype": "float32"},
+        {**base_training, "epochs": n_epochs["backbone"], "view": BACKBONE.view},
+        {"note": "of the training head, dropped from the saved backbone", **head_scores})}
+
+    embeddings = {k: _predict(backbone, views[k]) for k in ("plain", "rewindowed")}
+    inputs = {"image": {k: data[k].images for k in ("val", "test")},
+              "embedding": {k: _predict(backbone, data[k].images) for k in ("val", "test")}}
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    for offset, m in enumerate(detectors, start=1):
+        arch = DETECTORS[m.name]
+        keras.utils.set_random_seed(seed + offset)
+        x = views[arch.view] if arch.input == "image" else embeddings[arch.view]
+        model = arch.build(cfg, x)
+        _fit(model, x, y, n_epochs[m.name], seed + offset)
+        _save_model(model, Path(m.path))
+        scores[m.name] = {k: _predict(model, inputs[arch.input][k]) for k in ("val", "test")}
+        shape = image_shape if arch.input == "image" else (EMBEDDING_DIM,)
+        cards[m.name] = _card(
+            m, arch, shape, {"name": "scores", "classes": list(cfg.classes), "dtype": "float32"},
+            {**base_training, "epochs": n_epochs[m.name], "view": arch.view},
+            {k: _report(cfg, data[k].labels, scores[m.name][k]) for k in ("val", "test")})
+        _write_json(card_path(m), cards[m.name])
+    _write_json(card_path(backbone_cfg), cards[backbone_cfg.name])
+
+    names = tuple(m.name for m in detectors)
+    versions = {m.name: m.version for m in detectors}
+    stacked = {k: np.stack([scores[n][k] for n in names], 1).astype(np.float64) for k in ("val", "test")}
+    stacker = fit_stacker(stacked["val"], data["val"].labels, model_names=names, classes=cfg.classes)
+    path = stacker_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stacker.save(path)
+
+    weights = {n: round(max(cards[n]["scores"]["val"]["f1_macro"] - 1 / len(cfg.classes), 1e-3), 4) for n in names}
+    fusion = evaluate_fusion(cfg, names, versions, stacked, {k: data[k].labels for k in ("val", "test")},
+                             stacker, weights, seed)
+    summary = {"configured": cfg.fusion.strategy if cfg.fusion else None,
+               "best_on_val": max(FUSION_STRATEGIES, key=lambda s: fusion[s]["val"]["f1_macro"]),
+               "best_single_on_val": max(names, key=lambda n: cards[n]["scores"]["val"]["f1_macro"]),
+               "weights": weights, "stacker": str(path), "seconds": round(time.monotonic() - started, 1)}
+    _write_json(path.with_name("fusion.card.json"),
+                {**summary, "data": LESIONS, "stacker_val_scores": f"{STACKER_FOLDS}-fold cross-fitted on val",
+                 "strategies": fusion})
+    print(format_table(cards, names, fusion, summary))
+    return {"models": cards, "fusion": fusion, "summary": summary}
+
+
+# -- fusion, offline -----------------------------------------------------------------------------
+def evaluate_fusion(cfg: PipelineConfig, names: tuple[str, ...], versions: Mapping[str, str],
+                    stacked: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray], stacker: Stacker,
+                    weights: Mapping[str, float], seed: int) -> dict[str, dict[str, Any]]:
+    """Each strategy on val and test through `fusion.stage.combine`, as the fusion stage runs it.
+
+    The stacker's val scores are cross-fitted (each fold scored by a stacker fitted on the
+    others), so choosing a strategy on val does not favour the one fitted there.
+    """
+    folds = np.random.default_rng(seed).permutation(len(labels["val"])) % STACKER_FOLDS
+    fold_stackers = [fit_stacker(stacked["val"][folds != f], labels["val"][folds != f],
+                                 model_names=names, classes=cfg.classes) for f in range(STACKER_FOLDS)]
+    joins = {split: [_join(cfg, f"{split}-{i}", names, versions, row) for i, row in enumerate(stacked[split])]
+             for split in ("val", "test")}
+    out: dict[str, dict[str, Any]] = {}
+    for strategy in FUSION_STRATEGIES:
+        params = {"weights": dict(weights)} if strategy == "weighted_average" else {}
+        out[strategy] = {}
+        for split in ("val", "test"):
+            decisions = [combine(join, names, cfg.classes, strategy, params,
+                                 fold_stackers[folds[i]] if split == "val" else stacker).decision
+                         for i, join in enumerate(joins[split])]
+            truth = [cfg.classes[k] for k in labels[split]]
+            out[strategy][split] = classification_report(truth, decisions, cfg.classes)
+    return out
+
+
+def _join(cfg: PipelineConfig, record_id: str, names: Sequence[str], versions: Mapping[str, str],
+          row: np.ndarray) -> OpenJoin:
+    """A complete join holding one record's detections, as the detection stage sends them (float32)."""
+    join = OpenJoin(record_id, 0, 0)
+    for name, s in zip(names, row):
+        join.detections[name] = Detection(record_id=record_id, source="demo", ingest_ts_ms=0,
+                                          model=ModelRef(name, versions[name]), classes=cfg.classes,
+                                          scores=tuple(float(v) for v in np.float32(s)))
+    return join
+
+
+def format_table(cards: Mapping[str, dict], names: Sequence[str], fusion: Mapping[str, dict],
+                 summary: Mapping[str, Any]) -> str:
+    """Accuracy and macro-F1 on val and test, per detection model and per fusion strategy."""
+    lines = [f"{'':<25}{'val acc':>9}{'val F1':>9}{'test acc':>10}{'test F1':>9}"]
+    rows = [(n, cards[n]["scores"]) for n in names] + [(f"fused: {s}", v) for s, v in fusion.items()]
+    for label, s in rows:
+        mark = "".join(f"  <- {what}" for what, s_ in (("best on val", summary["best_on_val"]),
+                                                        ("configured", summary["configured"]))
+                       if label == f"fused: {s_}")
+        lines.append(f"{label:<25}{s['val']['accuracy']:>9.3f}{s['val']['f1_macro']:>9.3f}"
+                     f"{s['test']['accuracy']:>10.3f}{s['test']['f1_macro']:>9.3f}{mark}")
+    lines.append(f"stacker: {summary['stacker']}   weighted_average weights: {summary['weights']}   "
+                 f"{summary['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def required_files(cfg: PipelineConfig) -> list[Path]:
+    """What the pipeline needs trained: the backbone, each detection model, and the stacker if used."""
+    files = [Path(m.path) for stage in ("features", "detection") if stage in cfg.stages
+             for m in cfg.stages[stage].models]
+    if cfg.fusion is not None and cfg.fusion.strategy in STRATEGIES_NEEDING_A_FILE:
+        files.append(stacker_path(cfg))
+    return files
+
+
+def ensure(cfg: PipelineConfig, *, seed: int = 7, epochs: int | None = None, limit: int | None = None) -> None:
+    """Train (see `train`) only when a file the pipeline needs is missing."""
+    missing = [p for p in required_files(cfg) if not p.exists()]
+    if not missing:
+        return
+    folders = sorted({str(p.parent) for p in required_files(cfg)})
+    print(f"training the demo models ({missing[0]} is missing) into {', '.join(folders)} ...", file=sys.stderr)
+    train(cfg, seed=seed, epochs=epochs, limit=limit)
+
+

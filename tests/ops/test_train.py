@@ -1,0 +1,133 @@
+"""Training the demo models: a one-epoch run on a few patches writes every model, card and the
+stacker where the pipeline file says, the pipeline's own stages load and run them, and `ensure`
+trains only what is missing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tensorline import config
+from tensorline.fusion.stacking import load_stacker
+from tensorline.ops import train
+from tensorline.producers import demo_data
+from tensorline.schemas import Record
+from tensorline.stages.base import Model, load_stage
+
+PIPELINE = Path(__file__).resolve().parents[2] / "pipeline.toml"
+FAST = {"epochs": 1, "limit": 120}  # patches per split: a few seconds, both classes in each split
+
+
+def pipeline_in(folder: Path, strategy: str | None = None) -> config.PipelineConfig:
+    """The repository's pipeline.toml with every model file (and the stacker) under `folder`."""
+    cfg = config.load(PIPELINE)
+    stages = {name: dataclasses.replace(s, models=tuple(dataclasses.replace(m, path=str(folder / Path(m.path).name))
+                                                        for m in s.models))
+              for name, s in cfg.stages.items()}
+    fusion = dataclasses.replace(cfg.fusion, strategy=strategy or cfg.fusion.strategy,
+                                 params={**cfg.fusion.params, "path": str(folder / "stacker.json")})
+    return dataclasses.replace(cfg, stages=stages, fusion=fusion)
+
+
+def model_configs(cfg: config.PipelineConfig) -> list[config.ModelConfig]:
+    return [*cfg.stages["features"].models, *cfg.stages["detection"].models]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[config.PipelineConfig, dict]:
+    cfg = pipeline_in(tmp_path_factory.mktemp("models"))
+    return cfg, train.train(cfg, **FAST)
+
+
+def test_every_model_has_its_file_and_card(trained):
+    cfg, result = trained
+    for m in model_configs(cfg):
+        assert Path(m.path).is_file(), m.path
+        card = json.loads(train.card_path(m).read_text())
+        assert (card["name"], card["version"]) == (m.name, m.version)
+        assert card["inputs"][0]["name"] == m.input and card["inputs"][0]["dtype"] == "float32"
+        assert card["training"]["seed"] == 7 and card["training"]["epochs"] == 1
+        assert card["training"]["splits"] == {"train": 120, "val": 120, "test": 120}
+        assert "synthetic Gaussian blobs" in card["training"]["data"]
+        for split in ("val", "test"):
+            scores = card["scores"][split]
+            assert 0.0 <= scores["accuracy"] <= 1.0 and scores["records"] == 120
+            assert set(scores["per_class"]) == set(cfg.classes)
+        assert card == result["models"][m.name]
+    assert [c["outputs"]["classes"] for n, c in result["models"].items() if n != "backbone"] == [list(cfg.classes)] * 3
+
+
+def test_the_stacker_and_fusion_numbers_are_written(trained):
+    cfg, result = trained
+    stacker = load_stacker(train.stacker_path(cfg), model_names=cfg.fusion.expected_models, classes=cfg.classes)
+    assert stacker.n_samples == 120
+    assert set(result["fusion"]) == set(train.FUSION_STRATEGIES)
+    written = json.loads((train.stacker_path(cfg).parent / "fusion.card.json").read_text())
+    assert written["strategies"] == result["fusion"]
+    assert written["best_on_val"] in train.FUSION_STRATEGIES
+
+
+def test_the_pipeline_stages_load_the_models_with_their_shapes(trained):
+    cfg, _ = trained
+    backbone = Model(cfg.model("features", None))
+    assert (backbone.input_shape, backbone.output_shape) == ((64, 64, 1), (train.EMBEDDING_DIM,))
+    for m in cfg.stages["detection"].models:
+        model = Model(m)
+        expected_input = (64, 64, 1) if m.input == "image" else (train.EMBEDDING_DIM,)
+        assert (model.input_shape, model.output_shape) == (expected_input, (len(cfg.classes),)), m.name
+
+
+def test_one_demo_patch_runs_through_preprocess_features_and_each_detection_model(trained):
+    cfg, _ = trained
+    split = demo_data.build()["test"]
+    raw = Record(record_id="r0", source="demo", ingest_ts_ms=0, tensors={"image": split.images[0]}, stage="raw",
+                 attributes=split.attrs[0], label=str(split.labels[0]))
+    records = load_stage(cfg, "features").process(load_stage(cfg, "preprocess").process([raw]))
+    assert records[0].tensors["embedding"].shape == (train.EMBEDDING_DIM,)
+    for m in cfg.stages["detection"].models:
+        detection = load_stage(cfg, "detection", m.name).process(records)[0]
+        assert detection.classes == cfg.classes and sum(detection.scores) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_ensure_trains_only_what_is_missing_and_the_same_seed_gives_the_same_models(tmp_path, capsys):
+    cfg = pipeline_in(tmp_path, strategy="stacking")
+    assert train.stacker_path(cfg) in train.required_files(cfg)
+    train.ensure(cfg, **FAST)
+    assert str(tmp_path) in capsys.readouterr().err
+    files = train.required_files(cfg)
+    mtimes = {p: p.stat().st_mtime_ns for p in files}
+    cards = {m.name: train.card_path(m).read_text() for m in model_configs(cfg)}
+
+    train.ensure(cfg, **FAST)
+    assert {p: p.stat().st_mtime_ns for p in files} == mtimes
+    assert capsys.readouterr().err == ""
+
+    Path(cfg.model("detection", "mlp").path).unlink()
+    train.ensure(cfg, **FAST)
+    assert "mlp.keras is missing" in capsys.readouterr().err
+    assert {m.name: train.card_path(m).read_text() for m in model_configs(cfg)} == cards
+
+
+def test_rewindowed_attrs_are_narrower_windows_inside_each_patch(tmp_path):
+    split = demo_data.build()["val"]
+    attrs = train.rewindowed_attrs(split, np.random.default_rng(0))
+    for image, before, after in zip(split.images[:50], split.attrs[:50], attrs[:50]):
+        values = image * float(before.get("rescale_slope", 1)) + float(before.get("rescale_intercept", 0))
+        lo, hi = np.percentile(values, train.WINDOW_PERCENTILES)
+        assert lo <= float(after["window_center"]) <= hi
+        assert 0 < float(after["window_width"]) <= train.WINDOW_WIDTH[1] * (hi - lo) + 1e-3
+        assert {k: v for k, v in after.items() if not k.startswith("window_")} == \
+               {k: v for k, v in before.items() if not k.startswith("window_")}
+
+
+def test_a_detection_model_without_a_recipe_is_rejected_before_training(tmp_path):
+    cfg = pipeline_in(tmp_path)
+    svm = config.ModelConfig("svm", str(tmp_path / "svm.keras"), input="embedding")
+    stages = {**cfg.stages, "detection": dataclasses.replace(cfg.stages["detection"], models=(svm,))}
+    with pytest.raises(ValueError, match="no training recipe for svm"):
+        train.train(dataclasses.replace(cfg, stages=stages))
+    assert not any(tmp_path.iterdir())
