@@ -17,36 +17,31 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from tensorline import config
-from tensorline.ops import broker, clients
-from tensorline.schemas import Detection, ModelRef, Record, decode_record, encode_detection, encode_record
+from tensorline.ops import clients
+from tensorline.schemas import Detection, ModelRef, decode_record, encode_detection
 from tensorline.stages.base import Model, pin_device
-from tensorline.stages.runtime import INGEST_MS, header
+from tensorline.stages.runtime import INGEST_MS
 from tensorline.stages.worker import group_id
+
+from _common import (CLASSES, EMBEDDING, IMAGE, MAX_BATCH, MAX_DELAY_MS, STREAM_TIMEOUT_S, WORKER_START_S,
+                     build_backbone, committed, group_joined, images, local_broker, machine_load, ms, pct,
+                     produce, wait_for)
 
 N_THROUGHPUT = 3000  # records through both stages: ~10 s of steady state on a 2-core machine
 N_PER_MESSAGE = 600  # the per-message loop runs at a steady rate; fewer records keep the bench short
 N_PACED = 300  # records sent one at a time for latency, at PACE_LOAD of the measured throughput
 PACE_LOAD = 0.5  # half load: latency of a pipeline keeping up, not of a backlog
 MEM_FIRST, MEM_TOTAL = 1_000, 10_000  # RSS of the memory-phase worker after each of these counts
-IMAGE = (64, 64, 1)
 MEM_IMAGE = (16, 16, 1)  # the memory phase measures the runtime, not the model: small images, fast
-EMBEDDING = 64
-CLASSES = ("normal", "nodule")
-MAX_BATCH = 32  # the pipeline default: 32 images fill a CPU model call well
-MAX_DELAY_MS = 50  # the pipeline default
 # Passes over the stream in-process, before and again after the Kafka run; the fastest is the
 # ceiling, so a busy spell on a shared machine lowers vs_ceiling rather than raising it.
 CEILING_REPEAT = 2
-WORKER_START_S = 120.0  # TensorFlow import + model load + group join, generous on a cold machine
-STREAM_TIMEOUT_S = 300.0
 
 PIPELINE = """\
 [pipeline]
@@ -98,47 +93,14 @@ def build_models(folder: Path) -> None:
     import keras
 
     layers = keras.layers
-    keras.utils.set_random_seed(0)
-    backbone = keras.Sequential([keras.Input(IMAGE)])
-    for i, width in enumerate((32, 32, 64, 64)):
-        backbone.add(layers.Conv2D(width, 3, padding="same", activation="relu"))
-        if i % 2:
-            backbone.add(layers.MaxPooling2D())
-    backbone.add(layers.GlobalAveragePooling2D())
-    backbone.add(layers.Dense(EMBEDDING))
+    features = build_backbone()  # seeds Keras: the head and the small backbone are fixed too
     head = keras.Sequential([keras.Input((EMBEDDING,)), layers.Dense(64, activation="relu"),
                              layers.Dense(len(CLASSES), activation="softmax")])
     small = keras.Sequential([keras.Input(MEM_IMAGE), layers.Conv2D(8, 3, activation="relu"),
                               layers.GlobalAveragePooling2D(), layers.Dense(16)])
-    backbone.save(folder / "backbone.keras")
+    features.save(folder / "backbone.keras")
     head.save(folder / "head.keras")
     small.save(folder / "small.keras")
-
-
-def images(n: int, shape: tuple[int, ...], seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
-
-
-def record(i: int, image: np.ndarray, prefix: str = "r") -> tuple[bytes, bytes, int]:
-    """(key, value, ingest ms) of one preprocessed record."""
-    ingest = int(time.time() * 1000)
-    r = Record(record_id=f"{prefix}{i}", source="bench", ingest_ts_ms=ingest, tensors={"image": image},
-               stage="preprocess", label=CLASSES[i % 2])
-    return f"study-{i % 64}".encode(), bytes(encode_record(r)), ingest
-
-
-def produce(cfg: config.PipelineConfig, topic: str, batch: np.ndarray, *, prefix: str = "r",
-            first: int = 0, rate: float | None = None) -> None:
-    """Send one record per image; paced at `rate` records/s when given, else as fast as possible."""
-    producer = clients.producer(cfg)
-    started = time.monotonic()
-    for i, image in enumerate(batch):
-        if rate:
-            time.sleep(max(0.0, started + i / rate - time.monotonic()))
-        key, value, ingest = record(first + i, image, prefix)
-        producer.send(cfg.topic(topic).name, key=key, value=value, headers=[(INGEST_MS, str(ingest).encode())])
-    producer.flush()
-    producer.close()
 
 
 # -- baselines, in this process --------------------------------------------------------------
@@ -220,25 +182,6 @@ class Workers:
             self.stop(stage)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str, workers: Workers) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        workers.check()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)
-
-
-def group_joined(admin, group: str) -> bool:
-    info = admin.describe_groups([group]).get(group, {})
-    return info.get("group_state") == "Stable" and bool(info.get("members"))
-
-
-def committed(admin, group: str) -> int:
-    """Records a group has committed on its (non-transactional) input topic."""
-    return sum(o.offset for o in admin.list_group_offsets(group).get(group, {}).values() if o.offset > 0)
-
-
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -277,13 +220,6 @@ class Outputs:
         self.consumer.close()
 
 
-def ms(r, name: str) -> int:
-    value = header(list(r.headers), name)
-    if value is None:
-        raise KeyError(f"output {r.key!r} has no header {name}")
-    return int(value)
-
-
 def latencies(records: list) -> dict[str, np.ndarray]:
     """Per record, milliseconds received->produced in each stage and ingest->detection produced."""
     return {
@@ -293,26 +229,18 @@ def latencies(records: list) -> dict[str, np.ndarray]:
     }
 
 
-def pct(values: np.ndarray, q: float) -> float:
-    return float(np.percentile(values, q, method="inverted_cdf"))
-
-
 # -- the run ---------------------------------------------------------------------------------
 def main() -> None:
     pin_device("cpu")
     # Other work on the machine skews the phases unequally: say how busy it was before we began.
-    print(f"load average before the bench: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    with tempfile.TemporaryDirectory(prefix="tensorline-bench-") as tmp:
-        folder = Path(tmp)
+    print(f"before the bench: {machine_load()}")
+    with local_broker() as (folder, status):
         (folder / "models").mkdir()
-        data_dir = folder / "broker"
-        bootstrap = broker.start(data_dir, broker.free_port()).bootstrap
         workers = Workers(folder / "pipeline.toml", folder)
         try:
-            run(folder, bootstrap, workers)
+            run(folder, status.bootstrap, workers)
         finally:
             workers.stop_all()
-            broker.stop(data_dir)
 
 
 def run(folder: Path, bootstrap: str, workers: Workers) -> None:
@@ -340,7 +268,7 @@ def run(folder: Path, bootstrap: str, workers: Workers) -> None:
     outputs = Outputs(cfg)
     workers.start("detection")
     detection_group = group_id(cfg, "detection", None)
-    wait_for(lambda: group_joined(admin, detection_group), WORKER_START_S, "detection to join", workers)
+    wait_for(lambda: group_joined(admin, detection_group), WORKER_START_S, "detection to join", workers.check)
     workers.start("features")
     outputs.until(N_THROUGHPUT, workers)
     saturated = list(outputs.records.values())
@@ -361,10 +289,10 @@ def run(folder: Path, bootstrap: str, workers: Workers) -> None:
     produce(cfg, "mem_in", mem_stream[:MEM_FIRST])
     pid = workers.start("mem").pid
     mem_group = group_id(cfg, "mem", None)
-    wait_for(lambda: committed(admin, mem_group) >= MEM_FIRST, WORKER_START_S, "1,000 records", workers)
+    wait_for(lambda: committed(admin, mem_group) >= MEM_FIRST, WORKER_START_S, "1,000 records", workers.check)
     rss_1k = rss_mb(pid)
     produce(cfg, "mem_in", mem_stream[MEM_FIRST:], first=MEM_FIRST)
-    wait_for(lambda: committed(admin, mem_group) >= MEM_TOTAL, STREAM_TIMEOUT_S, "10,000 records", workers)
+    wait_for(lambda: committed(admin, mem_group) >= MEM_TOTAL, STREAM_TIMEOUT_S, "10,000 records", workers.check)
     rss_10k = rss_mb(pid)
     workers.stop("mem")
     admin.close()

@@ -249,7 +249,7 @@ def start(data_dir: Path | None = None, port: int = DEFAULT_PORT, *,
     props = _write_config(data_dir, port, max_message_bytes)
     log4j = f"-Dlog4j2.configurationFile={data_dir / 'log4j2.properties'}"
     if not (data_dir / "kraft" / "meta.properties").exists():
-        fmt = java_command("kafka.tools.StorageTool", "format", "-t", str(_cluster_id(data_dir)),
+        fmt = java_command("kafka.tools.StorageTool", "format", f"--cluster-id={_cluster_id(data_dir)}",
                            "-c", str(props), "--ignore-formatted", jvm=["-Xmx256m", log4j])
         done = subprocess.run(fmt, capture_output=True, text=True)
         if done.returncode != 0:
@@ -279,7 +279,10 @@ def _cluster_id(data_dir: Path) -> str:
     """A stable KRaft cluster id (base64 of a UUID, as kafka-storage random-uuid makes)."""
     path = data_dir / "cluster.id"
     if not path.exists():
-        path.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))
+        cluster_id = "-"
+        while cluster_id.startswith("-"):  # as Kafka's Uuid.randomUuid: never a leading dash
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        path.write_text(cluster_id)
     return path.read_text().strip()
 
 

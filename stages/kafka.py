@@ -68,7 +68,7 @@ class KafkaSource:
         self.drain = drain
         self.bounded = end_offsets is not None or drain is not None
         self._handed: dict[TopicPartition, int] = {}     # bounded: next offset after the records handed out
-        self._committed: dict[TopicPartition, int] = {}  # bounded: offsets the sink has committed
+        self._committed: dict[TopicPartition, int] = {}  # offsets the sink has committed
         self._pending: list[Message] = []
         consumer.subscribe(self.topics, listener=_Listener(self))
 
@@ -117,9 +117,25 @@ class KafkaSource:
                    and self.consumer.position(tp) >= end for tp, end in ends.items())
 
     def committed(self, offsets: Mapping[tuple[str, int], int]) -> None:
-        """The sink committed these offsets (what a bounded source waits for before its end)."""
-        if self.bounded:
-            self._committed.update({TopicPartition(t, p): o for (t, p), o in offsets.items()})
+        """The sink committed these offsets (what a bounded source waits for before its end, and
+        what `idle_positions` compares against)."""
+        self._committed.update({TopicPartition(t, p): o for (t, p), o in offsets.items()})
+
+    def idle_positions(self) -> dict[tuple[str, int], int]:
+        """Positions past what was committed, with nothing handed out in between: the transaction
+        markers after the last batch. Committing them makes an idle group's lag 0."""
+        if self._pending:
+            return {}
+        ends = self.end_offsets or {}
+        out = {}
+        for tp in self.consumer.assignment():
+            done = self._committed.get(tp)
+            if done is None:
+                continue
+            position = self.consumer.position(tp)
+            if position is not None and position > done and (tp not in ends or position <= ends[tp]):
+                out[(tp.topic, tp.partition)] = position
+        return out
 
     def forget(self, partitions) -> None:
         """Partitions gone in a rebalance: whoever gets them reads from the committed offsets."""

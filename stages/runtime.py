@@ -116,6 +116,9 @@ class Source(Protocol):
     def positions(self, batch: Sequence[Message]) -> dict[tuple[str, int], int]:
         """The offsets to commit after `batch`: per partition, the next offset to read."""
 
+    def idle_positions(self) -> dict[tuple[str, int], int]:
+        """When idle: positions beyond the last commit that hold no record (transaction markers)."""
+
     def rewind(self, batch: Sequence[Message]) -> None:
         """Seek back to the batch's first offsets so an aborted batch is read again."""
 
@@ -258,7 +261,10 @@ class Worker:
                 ticked = self._in_flight is None and self._tick()
                 if started or previous is not None or ticked:
                     idle_since = time.monotonic()
-                elif until_idle_s is not None and time.monotonic() - idle_since > until_idle_s:
+                    continue
+                if self._in_flight is None:
+                    self._settle()
+                if until_idle_s is not None and time.monotonic() - idle_since > until_idle_s:
                     break
             last = self._in_flight
             if last is not None:  # stopping: the batch in flight is finished, not dropped
@@ -382,6 +388,12 @@ class Worker:
                 Output(self.output_topic, self.stage.key(e, message), self.stage.encode(e),
                        trace_headers(self.stage.name, message.headers, received_ms))
                 for e in (element if isinstance(element, list) else [element])]
+
+    def _settle(self) -> None:
+        """Idle: commit the positions past trailing transaction markers, so lag reads 0 at rest."""
+        offsets = self.source.idle_positions()
+        if offsets and not self._commit([], offsets):
+            self.log.warning("could not commit idle positions; they are committed with the next batch")
 
     def _tick(self) -> bool:
         """Outputs a stage owes without new input (fusion deadlines), in their own transaction.

@@ -64,6 +64,9 @@ class MemorySource:
             out[(m.topic, m.partition)] = max(out.get((m.topic, m.partition), 0), m.offset + 1)
         return out
 
+    def idle_positions(self) -> dict[tuple[str, int], int]:
+        return {}
+
     def rewind(self, batch: Sequence[Message]) -> None:
         self.next = min(self.messages.index(m) for m in batch)
 

@@ -54,6 +54,8 @@ def configure(*, json: bool | None = None, level: str = "info") -> None:
     )
     # kafka-python logs through the standard library; keep its warnings, drop its chatter.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    # Its event loop warns whenever a task runs over 100 ms, which a busy 2-core host always does.
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
 
 
 def get(name: str = "tensorline", **context: Any) -> structlog.stdlib.BoundLogger:

@@ -85,3 +85,10 @@ def test_port_in_use_is_a_clear_error(tmp_path, own_broker):
     _, st = own_broker
     with pytest.raises(broker.BrokerError, match="in use"):
         broker.start(tmp_path, int(st.bootstrap.rsplit(":", 1)[1]))
+
+
+def test_cluster_ids_never_start_with_a_dash(tmp_path, monkeypatch):
+    ids = iter([b"\xf8" + bytes(15), bytes(16)])  # urlsafe base64 of 0xf8... starts with "-"
+    monkeypatch.setattr(broker.uuid, "uuid4", lambda: type("U", (), {"bytes": next(ids)})())
+    assert not broker._cluster_id(tmp_path).startswith("-")
+    assert (tmp_path / "cluster.id").read_text() == "AAAAAAAAAAAAAAAAAAAAAA"

@@ -1,0 +1,122 @@
+"""What the worker-process benchmarks share: a broker in a temp dir, the Keras backbone, the image
+stream, waiting on groups, and reading trace headers. Imported as `_common` by scripts in bench/."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from tensorline import config
+from tensorline.ops import broker, clients
+from tensorline.schemas import Record, encode_record
+from tensorline.stages.runtime import INGEST_MS, header
+
+IMAGE = (64, 64, 1)
+EMBEDDING = 64
+CLASSES = ("normal", "nodule")
+MAX_BATCH = 32  # the pipeline default: 32 images fill a CPU model call well
+MAX_DELAY_MS = 50  # the pipeline default
+WORKER_START_S = 120.0  # TensorFlow import + model load + group join, generous on a cold machine
+STREAM_TIMEOUT_S = 300.0
+
+
+@contextmanager
+def local_broker() -> Iterator[tuple[Path, broker.BrokerStatus]]:
+    """A temp folder and the project's own broker running under it, stopped on the way out."""
+    with tempfile.TemporaryDirectory(prefix="tensorline-bench-") as tmp:
+        folder = Path(tmp)
+        data_dir = folder / "broker"
+        status = broker.start(data_dir, broker.free_port())
+        try:
+            yield folder, status
+        finally:
+            broker.stop(data_dir)
+
+
+def machine_load() -> str:
+    """Other sessions share the machine and skew phases unequally: say how busy it was."""
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (5 min: {five:.1f}) on {os.cpu_count()} cores"
+
+
+def build_backbone(image: tuple[int, ...] = IMAGE, embedding: int = EMBEDDING):
+    """Four 3x3 convolutions then an embedding: the model call is a real part of a record's cost.
+    Fixed seed; the caller saves it."""
+    import keras
+
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input(image)])
+    for i, width in enumerate((32, 32, 64, 64)):
+        model.add(layers.Conv2D(width, 3, padding="same", activation="relu"))
+        if i % 2:
+            model.add(layers.MaxPooling2D())
+    model.add(layers.GlobalAveragePooling2D())
+    model.add(layers.Dense(embedding))
+    return model
+
+
+def images(n: int, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
+
+
+def record(i: int, image: np.ndarray, prefix: str = "r", key: bytes | None = None) -> tuple[bytes, bytes, int]:
+    """(key, value, ingest ms) of one preprocessed record; keyed by study (64 of them) unless `key`."""
+    ingest = int(time.time() * 1000)
+    r = Record(record_id=f"{prefix}{i}", source="bench", ingest_ts_ms=ingest, tensors={"image": image},
+               stage="preprocess", label=CLASSES[i % 2])
+    return key or f"study-{i % 64}".encode(), bytes(encode_record(r)), ingest
+
+
+def produce(cfg: config.PipelineConfig, topic: str, batch: np.ndarray, *, prefix: str = "r",
+            first: int = 0, rate: float | None = None, unique_keys: bool = False) -> None:
+    """Send one record per image; paced at `rate` records/s when given, else as fast as possible.
+    With `unique_keys` each record is keyed by its record id (outputs then tell records apart)."""
+    producer = clients.producer(cfg)
+    started = time.monotonic()
+    for i, image in enumerate(batch):
+        if rate:
+            time.sleep(max(0.0, started + i / rate - time.monotonic()))
+        rid = f"{prefix}{first + i}"
+        key, value, ingest = record(first + i, image, prefix, rid.encode() if unique_keys else None)
+        producer.send(cfg.topic(topic).name, key=key, value=value, headers=[(INGEST_MS, str(ingest).encode())])
+    producer.flush()
+    producer.close()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, check: Callable[[], None]) -> None:
+    """Poll `predicate` every 0.2 s; `check` raises when a worker died meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def group_joined(admin, group: str) -> bool:
+    info = admin.describe_groups([group]).get(group, {})
+    return info.get("group_state") == "Stable" and bool(info.get("members"))
+
+
+def committed(admin, group: str) -> int:
+    """Records a group has committed on its (non-transactional) input topic."""
+    return sum(o.offset for o in admin.list_group_offsets(group).get(group, {}).values() if o.offset > 0)
+
+
+def ms(r, name: str) -> int:
+    """A trace header of an output record, as an int (milliseconds)."""
+    value = header(list(r.headers), name)
+    if value is None:
+        raise KeyError(f"output {r.key!r} has no header {name}")
+    return int(value)
+
+
+def pct(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q, method="inverted_cdf"))

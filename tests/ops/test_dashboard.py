@@ -1,0 +1,316 @@
+"""The dashboard: state JSON from canned lag data, throughput math, a down broker, and on the real
+broker the page as headless Chromium renders it, checked against `tensorline lag --json`."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import replace
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tensorline import config
+from tensorline.ops import clients, dashboard
+from tensorline.ops.lag import GroupLag, PartitionLag
+from tensorline.schemas import Record, encode_record
+from tensorline.stages import worker
+from tensorline.stages.runtime import INGEST_MS
+
+CHROMIUM = Path("/usr/bin/chromium")
+CFG = config.parse({"pipeline": {"name": "dash"}, "topics": {"in": {}, "mid": {}, "out": {}},
+                    "stages": {"a": {"input": "in", "output": "mid", "kind": "tensorline.stages.testing:Scale"},
+                               "b": {"input": "mid", "output": "out", "kind": "tensorline.stages.testing:Scale"}}})
+
+
+def lags(committed_a: int, committed_b: int) -> list[GroupLag]:
+    return [GroupLag("a", "dash.a", "dash.in", (PartitionLag(0, committed_a, 100, 3.5), PartitionLag(1, None, 20, 9.0))),
+            GroupLag("b", "dash.b", "dash.mid", (PartitionLag(0, committed_b, committed_b),))]
+
+
+class CannedProbe:
+    def __init__(self):
+        self.closed = 0
+
+    def sample(self, groups):
+        assert [g for _, g, _ in groups] == ["dash.a", "dash.b"]
+        return {"groups": {"dash.a": {"group_state": "Stable", "workers": [
+                    {"member": "h-0", "device": "gpu:0", "client_id": "dash.a.h-0.gpu:0", "host": "127.0.0.1",
+                     "partitions": [0, 1], "metrics": "127.0.0.1:9100", "pid": 42}]}},
+                "latency": [{"stage": "b", "topic": "dash.out", "samples": 3, "p50_ms": 20.0, "p95_ms": 29.0, "p99_ms": 29.8}],
+                "dlq": {"topic": "dash.dlq", "total": 2, "complete": True,
+                        "counts": [{"stage": "a", "reason": "ValueError", "count": 2}]}}
+
+    def close(self):
+        self.closed += 1
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_throughput_is_the_change_of_committed_offsets_over_the_window():
+    assert dashboard.throughput([(0.0, 100)]) is None
+    assert dashboard.throughput([(0.0, 100), (2.0, 140), (4.0, 200)]) == 25.0  # (200 - 100) / 4 s
+    assert dashboard.throughput([(0.0, 100), (2.0, 140), (4.0, 200)], window_s=3.0) == 30.0  # from t=2
+    assert dashboard.throughput([(0.0, 100), (20.0, 140)], window_s=10.0) == 2.0  # the sample before, however old
+    assert dashboard.throughput([(0.0, 100), (2.0, 40)]) == 0.0  # offsets reset: no negative rate
+
+
+def test_state_from_canned_lag_data():
+    clock, probe = Clock(), CannedProbe()
+    feed = iter([lags(10, 5), lags(30, 9)])
+    sampler = dashboard.Sampler(CFG, interval_s=2.0, measure=lambda: next(feed), probe=probe, clock=clock)
+    assert sampler.state()["ok"] is None and sampler.state()["stages"] == []
+    first = sampler.sample()
+    assert [s["throughput"] for s in first["stages"]] == [None, None]  # one sample: no rate yet
+    clock.now += 2.0
+    state = json.loads(json.dumps(sampler.sample()))  # plain JSON all the way down
+    assert state["ok"] is True and state["error"] is None and state["down_since"] is None
+    assert state["pipeline"] == "dash" and state["measured_at"] == state["checked_at"] == 1002.0
+    a, b = state["stages"]
+    assert a == {"stage": "a", "group": "dash.a", "topic": "dash.in", "lag": 90, "time_lag_s": 9.0, "stuck": False,
+                 "partitions": [{"partition": 0, "committed": 30, "log_end": 100, "lag": 70, "time_lag_s": 3.5, "stuck": False},
+                                {"partition": 1, "committed": None, "log_end": 20, "lag": 20, "time_lag_s": 9.0, "stuck": False}],
+                 "throughput": 10.0, "group_state": "Stable", "workers": [
+                     {"member": "h-0", "device": "gpu:0", "client_id": "dash.a.h-0.gpu:0", "host": "127.0.0.1",
+                      "partitions": [0, 1], "metrics": "127.0.0.1:9100", "pid": 42}]}
+    assert b["lag"] == 0 and b["throughput"] == 2.0 and b["workers"] == [] and b["group_state"] is None
+    assert state["history"] == {"t": [1000.0, 1002.0], "lag": {"a": [110, 90], "b": [0, 0]}}
+    assert state["latency"][0]["p99_ms"] == 29.8 and state["dlq"]["counts"] == [{"stage": "a", "reason": "ValueError", "count": 2}]
+
+
+def test_history_is_bounded():
+    clock = Clock()
+    sampler = dashboard.Sampler(CFG, interval_s=2.0, history_s=10.0, measure=lambda: lags(1, 1), probe=CannedProbe(), clock=clock)
+    for _ in range(20):
+        sampler.sample()
+        clock.now += 2.0
+    assert len(sampler.state()["history"]["t"]) == 5 and sampler.state()["history"]["t"][-1] == 1038.0
+
+
+def test_a_failing_sample_keeps_the_last_numbers_and_recovers_by_itself():
+    clock, probe = Clock(), CannedProbe()
+    results = [lags(10, 5), ConnectionError("refused"), ConnectionError("refused"), lags(12, 5)]
+
+    def measure():
+        r = results.pop(0)
+        if isinstance(r, Exception):
+            raise r
+        return r
+
+    sampler = dashboard.Sampler(CFG, measure=measure, probe=probe, clock=clock)
+    sampler.sample()
+    for _ in range(2):
+        clock.now += 2.0
+        down = sampler.sample()
+    assert down["ok"] is False and down["error"] == "ConnectionError: refused"
+    assert down["down_since"] == 1002.0 and down["checked_at"] == 1004.0 and down["measured_at"] == 1000.0
+    assert down["stages"][0]["lag"] == 110 and probe.closed == 2  # last numbers kept; clients rebuilt
+    clock.now += 2.0
+    up = sampler.sample()
+    assert up["ok"] is True and up["down_since"] is None and up["error"] is None and up["stages"][0]["lag"] == 108
+
+
+def test_client_ids_headers_and_sinks():
+    assert dashboard.member_of("demo.detection.cnn", "demo.detection.cnn.gpu-host.example-1.gpu:0") == \
+        ("gpu-host.example-1", "gpu:0")
+    assert dashboard.member_of("demo.features", "kafka-python-3.0.12") == ("kafka-python-3.0.12", None)
+    assert dashboard.dlq_key([("tl.dlq.stage", b"producer"), ("tl.dlq.error", b"BadFile"),
+                              ("tl.dlq.reason", b"unreadable-dicom")]) == ("producer", "unreadable-dicom")
+    assert dashboard.dlq_key([("tl.dlq.stage", b"features"), ("tl.dlq.error", b"BadTensor")]) == ("features", "BadTensor")
+    assert dashboard.latency_ms([(INGEST_MS, b"1000"), ("tl.fusion.produced_ms", b"1250")], "fusion") == 250.0
+    assert dashboard.latency_ms([(INGEST_MS, b"1000")], "fusion") is None
+    assert dashboard.percentiles([10, 20, 30]) == {"p50_ms": 20.0, "p95_ms": 29.0, "p99_ms": 29.8}
+    demo = config.load(Path(__file__).parents[2] / "pipeline.toml")
+    assert dashboard.sinks(demo) == [("fusion", f"{demo.name}.results")]
+    assert dashboard.sinks(CFG) == [("b", "dash.out")]
+
+
+def test_slot_files_give_metrics_endpoints(tmp_path):
+    (tmp_path / "workers").mkdir()
+    (tmp_path / "workers" / "g.0.lock").write_text(json.dumps(
+        {"group": "g", "member": "h-0", "device": "cpu", "metrics": "127.0.0.1:9", "pid": 7}))
+    (tmp_path / "workers" / "g.1.lock").write_text("")  # claimed, metrics not served
+    assert dashboard.slot_files(tmp_path) == {("g", "h-0"): {"group": "g", "member": "h-0", "device": "cpu",
+                                                             "metrics": "127.0.0.1:9", "pid": 7}}
+
+
+def get(url: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.status, r.read()
+
+
+@pytest.fixture
+def down_dashboard():
+    cfg = replace(CFG, bootstrap="127.0.0.1:1")  # a closed port: nothing listens
+    # A long interval: after the first (failed) sample the sampler waits, so stop() is immediate.
+    dash = dashboard.Dashboard(cfg, interval_s=60.0).start()
+    try:
+        deadline = time.monotonic() + 30
+        while dash.sampler.state()["ok"] is not False:
+            assert time.monotonic() < deadline, "no failed sample within 30 s"
+            time.sleep(0.2)
+        yield dash
+    finally:
+        dash.stop()
+
+
+def test_down_broker_is_reported_and_the_page_still_answers(down_dashboard):
+    status, body = get(down_dashboard.url + "api/state")
+    state = json.loads(body)
+    assert status == 200 and state["ok"] is False and state["error"] and state["down_since"] is not None
+    status, page = get(down_dashboard.url)
+    assert status == 200 and b"broker unreachable since" in page
+    with pytest.raises(urllib.error.HTTPError, match="404"):
+        get(down_dashboard.url + "nothing-here")
+
+
+class DataCells(HTMLParser):
+    """Text of every element with a data-field attribute, keyed by its data-* attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.cells: dict[tuple, str] = {}
+        self._open: list[tuple | None] = []
+
+    def handle_starttag(self, tag, attrs):
+        data = tuple(sorted((k[5:], v) for k, v in attrs if k.startswith("data-")))
+        if tag in ("br", "meta", "polyline"):
+            return
+        self._open.append(data if any(k == "field" for k, _ in data) else None)
+        if self._open[-1] is not None:
+            self.cells[data] = ""
+
+    def handle_endtag(self, tag):
+        if tag in ("br", "meta", "polyline"):
+            return
+        if self._open:
+            self._open.pop()
+
+    def handle_data(self, text):
+        for key in self._open:
+            if key is not None:
+                self.cells[key] += text
+
+    def get(self, **attrs: object) -> str:
+        return self.cells[tuple(sorted((k.replace("_", "-") if k != "field" else k, str(v)) for k, v in attrs.items()))]
+
+
+def render(url: str, tmp_path: Path) -> DataCells:
+    """The page's DOM after its scripts ran, as headless Chromium dumps it."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium)")
+    out = subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                          "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                          "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=8000",
+                          "--dump-dom", url], capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cells = DataCells()
+    cells.feed(out.stdout)
+    return cells
+
+
+def test_page_shows_the_unreachable_banner(down_dashboard, tmp_path):
+    cells = render(down_dashboard.url, tmp_path)
+    banner = cells.get(field="banner")
+    assert banner.startswith("broker unreachable since ") and "KafkaTimeoutError" in banner, banner
+
+
+# -- real broker, headless Chromium -----------------------------------------------------------------
+
+def write_pipeline(path: Path, name: str, bootstrap: str) -> config.PipelineConfig:
+    path.write_text(f"""
+[pipeline]
+name = "{name}"
+bootstrap = "{bootstrap}"
+[topics]
+in = {{ partitions = 3 }}
+out = {{ partitions = 3 }}
+dlq = {{ partitions = 1 }}
+[stages.scale]
+kind = "tensorline.stages.testing:Scale"
+input = "in"
+output = "out"
+max_batch = 8
+max_delay_ms = 20
+""")
+    cfg = config.load(path)
+    clients.create_topics(cfg)
+    return cfg
+
+
+def produce(cfg: config.PipelineConfig, ids: range, poison: set[int] = frozenset()) -> None:
+    producer = clients.producer(cfg)
+    for i in ids:
+        now = int(time.time() * 1000)
+        record = Record(record_id=f"r{i}", source="test", ingest_ts_ms=now, tensors={"x": np.ones(4, np.float32)},
+                        stage="producer", attributes={"poison": "1"} if i in poison else {})
+        producer.send(cfg.topic("in").name, key=f"k{i}".encode(), value=bytes(encode_record(record)),
+                      headers=[(INGEST_MS, str(now).encode())])
+    producer.flush()
+    producer.close()
+
+
+@pytest.mark.broker
+def test_page_shows_the_lag_tensorline_lag_reports(tmp_path, namespace, kafka_bootstrap, monkeypatch):
+    monkeypatch.setenv("TENSORLINE_STATE_DIR", str(tmp_path / "state"))
+    path = tmp_path / "pipeline.toml"
+    cfg = write_pipeline(path, namespace, kafka_bootstrap)
+    produce(cfg, range(30), poison={7})
+    worker.run(cfg, "scale", until_idle_s=2.0, stop=threading.Event(), metrics_port=None)
+    produce(cfg, range(30, 42))  # not processed: the lag, stable now that the worker stopped
+    # A live member that reads but never commits: the workers column without moving any offset.
+    group = cfg.group_id("scale")
+    member = f"{socket.gethostname()}-0"
+    (tmp_path / "state" / "workers").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "state" / "workers" / f"{group}.0.lock").write_text(json.dumps(
+        {"group": group, "member": member, "device": "cpu", "metrics": "127.0.0.1:9", "pid": 1}))
+    member_consumer = clients.consumer(cfg, group, cfg.topic("in").name, client_id=f"{group}.{member}.cpu")
+    try:
+        deadline = time.monotonic() + 30
+        while not member_consumer.assignment():
+            assert time.monotonic() < deadline, "the member never got partitions"
+            member_consumer.poll(timeout_ms=200)
+        with dashboard.Dashboard(cfg, interval_s=1.0) as dash:
+            deadline = time.monotonic() + 30
+            while True:
+                state = dash.sampler.state()
+                if state["ok"] and state["stages"][0]["workers"] and len(state["history"]["t"]) >= 2:
+                    break
+                assert time.monotonic() < deadline, f"no complete sample: {state}"
+                time.sleep(0.3)
+            cli = subprocess.run([sys.executable, "-m", "tensorline.cli", "lag", "-c", str(path), "--json"],
+                                 capture_output=True, text=True, timeout=60, check=True)
+            cells = render(dash.url, tmp_path)
+    finally:
+        member_consumer.close()
+    [expected] = json.loads(cli.stdout)["stages"]
+    assert expected["lag"] == 12
+    assert cells.get(field="banner") == ""
+    assert int(cells.get(stage="scale", field="lag")) == expected["lag"]
+    assert cells.get(stage="scale", field="stuck") == "no"
+    assert cells.get(stage="scale", field="throughput") == "0.0"  # nothing consumes now
+    assert float(cells.get(stage="scale", field="time_lag_s")) >= 0
+    for p in expected["partitions"]:
+        for f in ("committed", "log_end", "lag"):
+            assert cells.get(stage="scale", partition=p["partition"], field=f) == str(p[f]), (p, f)
+        assert cells.get(stage="scale", partition=p["partition"], field="worker") == f"{member} (cpu)"
+    assert cells.get(stage="scale", member=member, field="device") == "cpu"
+    assert cells.get(stage="scale", member=member, field="partitions") == "0,1,2"
+    assert cells.get(stage="scale", member=member, field="metrics") == "127.0.0.1:9"
+    assert cells.get(latency_stage="scale", field="samples") == "29"  # every output, poison excluded
+    assert float(cells.get(latency_stage="scale", field="p50_ms")) >= 0
+    assert cells.get(dlq_stage="scale", reason="ValueError", field="count") == "1"
+    assert cells.get(field="dlq_total") == "1"
