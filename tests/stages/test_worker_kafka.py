@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +76,18 @@ def spawn(path: Path, log: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)
 
 
+def records_in(path: Path, cfg: config.PipelineConfig, slot: int) -> float:
+    """What the worker in `slot` has committed so far, from its own /metrics."""
+    lock = path.parent / "state" / "workers" / f"{cfg.group_id('scale')}.{slot}.lock"
+    try:
+        endpoint = json.loads(lock.read_text())["metrics"]
+        body = urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=2).read().decode()
+    except (OSError, ValueError, KeyError):
+        return 0.0
+    found = re.search(r'tensorline_records_in_total\{model="",stage="scale"\} ([0-9.e+]+)', body)
+    return float(found.group(1)) if found else 0.0
+
+
 @pytest.fixture
 def pipeline_file(tmp_path, namespace, kafka_bootstrap):
     return tmp_path / "pipeline.toml"
@@ -112,28 +127,29 @@ def test_sigkill_mid_stream_and_restart_gives_each_record_exactly_once(pipeline_
         second.wait(30)
 
 
-def test_second_worker_joining_takes_partitions_without_loss_or_duplicates(pipeline_file, namespace, kafka_bootstrap):
+def test_scaling_up_then_down_mid_stream_loses_and_duplicates_nothing(pipeline_file, namespace, kafka_bootstrap):
     cfg = write_pipeline(pipeline_file, namespace, kafka_bootstrap, partitions=4, sleep_s=0.15)
-    produce(cfg, 240)
+    produce(cfg, 360)
     logs = [pipeline_file.parent / "a.log", pipeline_file.parent / "b.log"]
     a = spawn(pipeline_file, logs[0])
     wait_for(lambda: len(ids(cfg)) >= 30, 60, "the first worker's output")
-    b = spawn(pipeline_file, logs[1])
+    b = spawn(pipeline_file, logs[1])  # scale up: b takes partitions from a
+    wait_for(lambda: records_in(pipeline_file, cfg, slot=1) >= 20, 90, "the second worker's share")
+    b.send_signal(signal.SIGTERM)  # scale down mid-stream: b's partitions go back to a
     try:
-        wait_for(lambda: len(ids(cfg)) >= 240, 120, "all 240 records")
+        assert b.wait(30) == 0, logs[1].read_text()[-3000:]
+        wait_for(lambda: len(ids(cfg)) >= 360, 120, "all 360 records")
         time.sleep(1.0)
         out = ids(cfg)
-        assert len(out) == 240 and len(set(out)) == 240
+        assert len(out) == 360 and len(set(out)) == 360
     finally:
-        for p in (a, b):
-            p.send_signal(signal.SIGTERM)
-        codes = [p.wait(30) for p in (a, b)]
-    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
-    import json
+        a.send_signal(signal.SIGTERM)
+        code = a.wait(30)
+    assert code == 0, logs[0].read_text()[-3000:]
     stopped = [json.loads(line) for log in logs for line in log.read_text().splitlines()
                if '"worker stopped"' in line]
     assert len(stopped) == 2 and all(s["records_in"] > 0 for s in stopped)  # both did work
-    assert sum(s["records_in"] for s in stopped) == 240
+    assert sum(s["records_in"] for s in stopped) == 360
 
 
 def test_sigterm_exits_cleanly_within_bound(pipeline_file, namespace, kafka_bootstrap):
