@@ -89,3 +89,16 @@ def test_missing_model_file_names_the_path(models, tmp_path):
     cfg = pipeline(tmp_path)
     with pytest.raises(FileNotFoundError, match="backbone.keras"):
         load_stage(cfg, "features")
+
+
+def test_a_saved_model_folder_serves_like_a_keras_file(models, tmp_path):
+    import keras
+
+    from tensorline.config import ModelConfig
+    from tensorline.stages.base import Model
+
+    keras.saving.load_model(models / "head.keras").export(tmp_path / "head_savedmodel")
+    x = np.random.default_rng(3).standard_normal((4, 8)).astype(np.float32)
+    from_file = Model(ModelConfig("head", str(models / "head.keras"), input="embedding"))
+    from_folder = Model(ModelConfig("head", str(tmp_path / "head_savedmodel"), input="embedding"))
+    np.testing.assert_allclose(from_folder(x), from_file(x), rtol=1e-5, atol=1e-6)
