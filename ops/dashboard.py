@@ -12,6 +12,7 @@ numbers with `"ok": false` and the error; the next good sample clears it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import threading
@@ -46,7 +47,11 @@ TAIL_READ_BUDGET_S = 3.0
 # so the page says so within a few seconds; requests on a live connection get 15 s.
 CLIENT_SETTINGS = {"bootstrap_timeout_ms": 5000, "request_timeout_ms": 15000}
 
-log = logs.get(stage="dashboard")
+
+
+def _log():
+    """Bound at call time: a logger bound at import would miss the CLI's `logs.configure`."""
+    return logs.get(stage="dashboard")
 
 
 # -- pure parts ---------------------------------------------------------------------------------
@@ -304,7 +309,7 @@ class Sampler:
             with self._lock:
                 previous = self._state
                 if previous["ok"] is not False:
-                    log.warning("broker unreachable", error=error)
+                    _log().warning("broker unreachable", error=error)
                 self._state = {**previous, "ok": False, "error": error, "checked_at": now,
                                "down_since": previous["down_since"] or now}
                 return self._state
@@ -323,7 +328,7 @@ class Sampler:
                  "latency": extra["latency"], "dlq": extra["dlq"]}
         with self._lock:
             if self._state["ok"] is False:
-                log.info("broker reachable again", down_since=self._state["down_since"])
+                _log().info("broker reachable again", down_since=self._state["down_since"])
             self._state = state
         return state
 
@@ -341,7 +346,7 @@ class Sampler:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=60)
+            self._thread.join(timeout=30)  # a sample in flight ends within the clients' timeouts
         self.probe.close()
 
 
@@ -369,7 +374,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
-        log.debug("http", client=self.client_address[0], request=format % args)
+        _log().debug("http", client=self.client_address[0], request=format % args)
 
 
 class Dashboard:
@@ -410,8 +415,14 @@ class Dashboard:
 def serve(cfg: PipelineConfig, host: str = "127.0.0.1", port: int = 8050,
           interval_s: float = DEFAULT_INTERVAL_S) -> None:
     """Serve the dashboard until Ctrl-C (port 0: a free port; the URL is logged)."""
+    # kafka-python logs every failed reconnect, every 2 s while the broker is down; the dashboard
+    # says so itself (on the page, and one warning per outage).
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
     dashboard = Dashboard(cfg, host=host, port=port, interval_s=interval_s).start()
+    log = _log()
     log.info("dashboard serving", url=dashboard.url, pipeline=cfg.name)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("dashboard reachable beyond this host; it has no authentication", host=host)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -153,6 +153,13 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from tensorline.ops import dashboard
+
+    dashboard.serve(_pipeline(args), host=args.host, port=args.port)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     import json
 
@@ -250,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     dq.add_argument("--limit", type=int, help="show at most N")
     dq.add_argument("--json", action="store_true")
     dq.set_defaults(func=cmd_dlq)
+
+    db = with_config(sub.add_parser("dashboard", help="a live ops page: lag, throughput, latency, DLQ, workers"))
+    db.add_argument("--port", type=int, default=8050, help="port (default: %(default)s; 0 picks a free one)")
+    db.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default: %(default)s; anything else exposes it, unauthenticated)")
+    db.set_defaults(func=cmd_dashboard)
 
     rp = with_config(sub.add_parser("report", help="precision, recall, F1 per class for each model and the fused result"))
     rp.add_argument("--json", action="store_true", help="print one JSON object")

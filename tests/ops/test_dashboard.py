@@ -4,6 +4,9 @@ broker the page as headless Chromium renders it, checked against `tensorline lag
 from __future__ import annotations
 
 import json
+import os
+import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -152,7 +155,7 @@ def get(url: str) -> tuple[int, bytes]:
         return r.status, r.read()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def down_dashboard():
     cfg = replace(CFG, bootstrap="127.0.0.1:1")  # a closed port: nothing listens
     # A long interval: after the first (failed) sample the sampler waits, so stop() is immediate.
@@ -175,6 +178,27 @@ def test_down_broker_is_reported_and_the_page_still_answers(down_dashboard):
     assert status == 200 and b"broker unreachable since" in page
     with pytest.raises(urllib.error.HTTPError, match="404"):
         get(down_dashboard.url + "nothing-here")
+
+
+def test_serve_logs_its_url_and_stops_on_ctrl_c():
+    script = ("from tensorline import config, logs; from tensorline.ops import dashboard; logs.configure(json=True); "
+              "dashboard.serve(config.parse({'pipeline': {'name': 'dash', 'bootstrap': '127.0.0.1:1'}}), port=0)")
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TENSORLINE_BOOTSTRAP": ""})
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    try:
+        line = ""
+        while '"dashboard serving"' not in line:
+            line = lines.get(timeout=30)
+        url = json.loads(line)["url"]
+        assert url.startswith("http://127.0.0.1:"), url
+        assert get(url)[0] == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 class DataCells(HTMLParser):
