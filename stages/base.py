@@ -127,6 +127,23 @@ class Model:
         return np.asarray(self._call(batch))
 
 
+class ModelStage(RecordStage):
+    """A stage serving one model on one tensor of each record (features, detection)."""
+
+    def __init__(self, pipeline: PipelineConfig, stage: StageConfig, model: ModelConfig | None):
+        super().__init__(pipeline, stage, model)
+        if model is None:
+            raise ValueError(f"{pipeline.path}: stages.{stage.name}.models: the {stage.kind} stage needs a model")
+        self.model = Model(model)
+
+    def check(self, item: Record) -> None:
+        self.model.check(item.record_id, tensor(item, self.model.config.input, (1, 2, 3, 4)))
+
+    def batch(self, items: list[Record]) -> np.ndarray:
+        """The model's input tensor of every record, stacked as float32 (one copy)."""
+        return np.stack([r.tensors[self.model.config.input] for r in items]).astype(np.float32, copy=False)
+
+
 def load_stage(pipeline: PipelineConfig, stage: str, model: str | None = None):
     """The stage object for `stage` (and its model `model`), from its kind in the pipeline file."""
     cfg = pipeline.stages[stage]

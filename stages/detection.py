@@ -11,28 +11,21 @@ import numpy as np
 from tensorline.config import ModelConfig, PipelineConfig, StageConfig
 from tensorline.schemas import Detection as DetectionMessage
 from tensorline.schemas import Record
-from tensorline.stages.base import Model, RecordStage, tensor
+from tensorline.stages.base import ModelStage
 from tensorline.stages.runtime import Message
 
 
-class Detection(RecordStage):
+class Detection(ModelStage):
     def __init__(self, pipeline: PipelineConfig, stage: StageConfig, model: ModelConfig | None):
         super().__init__(pipeline, stage, model)
-        if model is None:
-            raise ValueError(f"{pipeline.path}: stages.{stage.name}.models: the detection stage needs a model")
-        self.model = Model(model)
         self.classes = pipeline.classes
         out = self.model.output_shape
         if out is not None and out[-1] != len(self.classes):
             raise ValueError(f"{pipeline.path}: model {model.name} ({model.path}) gives {out[-1]} scores, "
                              f"pipeline.classes names {len(self.classes)}")
 
-    def check(self, item: Record) -> None:
-        self.model.check(item.record_id, tensor(item, self.model.config.input, (1, 2, 3, 4)))
-
     def process(self, items: list[Record]) -> list[DetectionMessage]:
-        batch = np.stack([r.tensors[self.model.config.input] for r in items]).astype(np.float32, copy=False)
-        scores = self.model(batch).reshape(len(items), -1)
+        scores = self.model(self.batch(items)).reshape(len(items), -1)
         if scores.shape[1] != len(self.classes):
             raise ValueError(f"model {self.model.config.name} gives {scores.shape[1]} scores, "
                              f"pipeline.classes names {len(self.classes)}")

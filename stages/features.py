@@ -9,23 +9,12 @@ from dataclasses import replace
 
 import numpy as np
 
-from tensorline.config import ModelConfig, PipelineConfig, StageConfig
 from tensorline.schemas import Record
-from tensorline.stages.base import Model, RecordStage, tensor
+from tensorline.stages.base import ModelStage
 
 
-class Features(RecordStage):
-    def __init__(self, pipeline: PipelineConfig, stage: StageConfig, model: ModelConfig | None):
-        super().__init__(pipeline, stage, model)
-        if model is None:
-            raise ValueError(f"{pipeline.path}: stages.{stage.name}.models: the features stage needs a backbone model")
-        self.model = Model(model)
-
-    def check(self, item: Record) -> None:
-        self.model.check(item.record_id, tensor(item, self.model.config.input, (1, 2, 3, 4)))
-
+class Features(ModelStage):
     def process(self, items: list[Record]) -> list[Record]:
-        batch = np.stack([r.tensors[self.model.config.input] for r in items]).astype(np.float32, copy=False)
-        embeddings = self.model(batch).astype(np.float32, copy=False)
+        embeddings = self.model(self.batch(items)).astype(np.float32, copy=False)
         return [replace(r, tensors={**r.tensors, "embedding": e}, stage=self.name, model=self.model_ref)
                 for r, e in zip(items, embeddings)]
