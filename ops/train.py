@@ -1,13 +1,16 @@
 """Training of the demo's models: the features backbone, each detection model, and the stacker.
 
 The tensors come from the real preprocess stage run on the demo set's patches, so the models
-see exactly what the pipeline will feed them. The models differ by input and by training view:
-besides the plain training patches there is a re-windowed copy (the same patches preprocessed
-under random narrower DICOM windows, which clip parts of a patch as the held-out CT windows
-do); the backbone and the CNN train on complementary half-and-half mixes of the two, the MLP on
-the embeddings of the plain patches, the logistic model on those of the re-windowed ones. Every
-model gets a card with its held-out scores, and each fusion strategy is scored offline through
-the fusion stage's own `combine`.
+see exactly what the pipeline will feed them. The models differ by input: each image model (the
+backbone, the CNN) reads the preprocess view its config names ("image" the DICOM window,
+"image_full" the whole range, "image_equalized" the equalised histogram), the MLP and the
+logistic model read the backbone's embedding. The window view alone also gets an augmentation:
+a re-windowed copy of the training patches (preprocessed under random narrower windows, which
+clip parts of a patch as the held-out CT windows do); the backbone and the CNN train on
+complementary half-and-half mixes of plain and re-windowed patches, the MLP on the embeddings
+of the plain ones, the logistic model on those of the backbone's mix. Every model gets a card
+with its held-out scores, and each fusion strategy is scored offline through the fusion stage's
+own `combine`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from tensorline.fusion.stage import combine
 from tensorline.ops.report import classification_report
 from tensorline.producers import demo_data
 from tensorline.schemas import Detection, ModelRef, Record
+from tensorline.stages.preprocess import VIEWS, Preprocess
 
 # The strategies scored offline; "threshold" is left out: it needs hand-picked parameters.
 FUSION_STRATEGIES = ("soft_vote", "weighted_average", "majority_vote", "max_confidence", "stacking")
@@ -51,16 +55,19 @@ STACKER_FOLDS = 5
 
 @dataclass(frozen=True)
 class Tensors:
-    """One split as the pipeline sees it: preprocessed images (N, size, size, 1) and class indices."""
+    """One split as the pipeline sees it: each preprocessed view (N, size, size, 1) by tensor name,
+    and class indices."""
 
-    images: np.ndarray
+    images: Mapping[str, np.ndarray]
     labels: np.ndarray
     sources: np.ndarray
 
 
 @dataclass(frozen=True)
 class Arch:
-    """How one configured model is built and trained; `view` names its training images."""
+    """How one configured model is built and trained: on an image tensor (`input` "image": any
+    preprocess view) or on the embedding; `view` names its training images ("mix_a", "mix_b" or
+    "plain"; only the window view has mixes, the others train on their plain patches)."""
 
     build: Callable[[PipelineConfig, np.ndarray], Any]
     input: str
@@ -119,15 +126,14 @@ def _backbone(cfg: PipelineConfig, x_train: np.ndarray) -> tuple[Any, Any]:
 
 
 BACKBONE = Arch(_backbone, "image", "mix_a", "conv stack (4 layers, global max) -> Dense 64 ReLU; trained "
-                "under a softmax head on view mix_a, the head then dropped")
+                "under a softmax head, the head then dropped")
 DETECTORS: Mapping[str, Arch] = {
-    "cnn": Arch(_cnn, "image", "mix_b", "conv stack (4 layers, global max) -> dropout -> softmax, "
-                "trained on view mix_b (the complement of the backbone's)"),
-    "mlp": Arch(_dense_head(32), "embedding", "plain", "standardize -> Dense 32 ReLU -> dropout -> softmax, "
-                "on the embeddings of the plain training patches"),
-    "logreg": Arch(_dense_head(None), "embedding", "rewindowed", "standardize -> softmax (L2 1e-3), "
-                   "on the embeddings of the re-windowed training patches"),
+    "cnn": Arch(_cnn, "image", "mix_b", "conv stack (4 layers, global max) -> dropout -> softmax"),
+    "mlp": Arch(_dense_head(32), "embedding", "plain", "standardize -> Dense 32 ReLU -> dropout -> softmax"),
+    "logreg": Arch(_dense_head(None), "embedding", "mix_a", "standardize -> softmax (L2 1e-3)"),
 }
+# The window view's tensor, the one view with a re-windowed augmentation.
+WINDOW_TENSOR = VIEWS["window"]
 
 
 def _size(cfg: PipelineConfig) -> int:
@@ -138,18 +144,17 @@ def _size(cfg: PipelineConfig) -> int:
 def preprocess(cfg: PipelineConfig, split: demo_data.Split, name: str,
                attrs: Sequence[Mapping[str, str]] | None = None) -> Tensors:
     """The split through the pipeline's own preprocess stage (with `attrs` replacing the patches' own)."""
-    from tensorline.stages.preprocess import Preprocess
-
     stage = Preprocess(cfg, cfg.stages["preprocess"], None)
     attrs = split.attrs if attrs is None else attrs
     records = [Record(record_id=f"{name}-{i}", source=str(src), ingest_ts_ms=0,
                       tensors={"image": image.astype(a.get("dtype", image.dtype))}, stage="raw",
                       attributes=dict(a), label=str(label))
                for i, (image, src, a, label) in enumerate(zip(split.images, split.source_ids, attrs, split.labels))]
-    images = [r.tensors["image"] for i in range(0, len(records), PREPROCESS_CHUNK)
-              for r in stage.process(records[i:i + PREPROCESS_CHUNK])]
+    outputs = [r.tensors for i in range(0, len(records), PREPROCESS_CHUNK)
+               for r in stage.process(records[i:i + PREPROCESS_CHUNK])]
     labels = np.array([cfg.classes.index(str(label)) for label in split.labels], np.int64)
-    return Tensors(np.stack(images).astype(np.float32), labels, split.source_ids)
+    images = {name: np.stack([t[name] for t in outputs]).astype(np.float32) for name in outputs[0]}
+    return Tensors(images, labels, split.source_ids)
 
 
 def rewindowed_attrs(split: demo_data.Split, rng: np.random.Generator) -> list[dict[str, str]]:
@@ -162,6 +167,11 @@ def rewindowed_attrs(split: demo_data.Split, rng: np.random.Generator) -> list[d
         width = max(float(hi - lo) * rng.uniform(*WINDOW_WIDTH), 1e-3)
         out.append({**attrs, "window_center": repr(float(rng.uniform(lo, hi))), "window_width": repr(width)})
     return out
+
+
+def _view(views: Mapping[str, Any], name: str) -> str:
+    """`name` if the tensor has that training view, else "plain" (only the window view has mixes)."""
+    return name if name in views else "plain"
 
 
 def _subset(split: demo_data.Split, limit: int | None, rng: np.random.Generator) -> demo_data.Split:
@@ -247,52 +257,64 @@ def train(cfg: PipelineConfig, *, seed: int = 7, epochs: int | None = None,
     if unknown:
         raise ValueError(f"{cfg.path}: stages.detection.models: no training recipe for {', '.join(unknown)} "
                          f"(known: {', '.join(DETECTORS)})")
-    for m in detectors:
-        if m.input != DETECTORS[m.name].input:
-            raise ValueError(f"{cfg.path}: stages.detection.models.{m.name}.input: expected "
-                             f"{DETECTORS[m.name].input!r}, got {m.input!r}")
+    emitted = {VIEWS[v] for v in Preprocess(cfg, cfg.stages["preprocess"], None).views}
+    checked = [("features", backbone_cfg, BACKBONE), *(("detection", m, DETECTORS[m.name]) for m in detectors)]
+    for where, m, arch in checked:
+        expected = sorted(emitted) if arch.input == "image" else ["embedding"]
+        if m.input not in expected:
+            raise ValueError(f"{cfg.path}: stages.{where}.models.{m.name}.input: expected "
+                             f"{' or '.join(map(repr, expected))}, got {m.input!r}")
 
     rng = np.random.default_rng(seed)
     splits = {k: _subset(s, limit, rng) for k, s in demo_data.build(seed).items()}
     data = {k: preprocess(cfg, s, k) for k, s in splits.items()}
-    rewindowed = preprocess(cfg, splits["train"], "train", rewindowed_attrs(splits["train"], rng)).images
-    plain, y = data["train"].images, data["train"].labels
-    half = (rng.random(len(y)) < 0.5)[:, None, None, None]
-    views = {"plain": plain, "rewindowed": rewindowed,
-             "mix_a": np.where(half, rewindowed, plain), "mix_b": np.where(half, plain, rewindowed)}
+    y = data["train"].labels
+    views = {name: {"plain": x} for name, x in data["train"].images.items()}
+    if WINDOW_TENSOR in views:  # the window view's augmentation: half its patches re-windowed
+        rewindowed = preprocess(cfg, splits["train"], "train",
+                                rewindowed_attrs(splits["train"], rng)).images[WINDOW_TENSOR]
+        plain = views[WINDOW_TENSOR]["plain"]
+        half = (rng.random(len(y)) < 0.5)[:, None, None, None]
+        views[WINDOW_TENSOR] = {"plain": plain, "mix_a": np.where(half, rewindowed, plain),
+                                "mix_b": np.where(half, plain, rewindowed)}
     n_epochs = {k: epochs or v for k, v in EPOCHS.items()}
-    image_shape = data["train"].images.shape[1:]
+    image_shape = data["train"].images[backbone_cfg.input].shape[1:]
     base_training = {"seed": seed, "splits": {k: len(t.labels) for k, t in data.items()},
                      "source_images": {k: sorted(set(map(str, t.sources))) for k, t in data.items()},
                      "data": LESIONS}
 
     # The backbone, inside the classifier it is trained as.
     keras.utils.set_random_seed(seed)
-    backbone, classifier = BACKBONE.build(cfg, views[BACKBONE.view])
-    _fit(classifier, views[BACKBONE.view], y, n_epochs["backbone"], seed)
+    backbone_views = views[backbone_cfg.input]
+    backbone_view = _view(backbone_views, BACKBONE.view)
+    backbone, classifier = BACKBONE.build(cfg, backbone_views[backbone_view])
+    _fit(classifier, backbone_views[backbone_view], y, n_epochs["backbone"], seed)
     _save_model(backbone, Path(backbone_cfg.path))
-    head_scores = {k: _report(cfg, data[k].labels, _predict(classifier, data[k].images)) for k in ("val", "test")}
+    head_scores = {k: _report(cfg, data[k].labels, _predict(classifier, data[k].images[backbone_cfg.input]))
+                   for k in ("val", "test")}
     cards = {backbone_cfg.name: _card(
         backbone_cfg, BACKBONE, image_shape, {"name": "embedding", "shape": [EMBEDDING_DIM], "dtype": "float32"},
-        {**base_training, "epochs": n_epochs["backbone"], "view": BACKBONE.view},
+        {**base_training, "epochs": n_epochs["backbone"], "view": backbone_view},
         {"note": "of the training head, dropped from the saved backbone", **head_scores})}
 
-    embeddings = {k: _predict(backbone, views[k]) for k in ("plain", "rewindowed")}
-    inputs = {"image": {k: data[k].images for k in ("val", "test")},
-              "embedding": {k: _predict(backbone, data[k].images) for k in ("val", "test")}}
+    embeddings = {k: _predict(backbone, x) for k, x in backbone_views.items()}
+    inputs = {**{name: {k: data[k].images[name] for k in ("val", "test")} for name in views},
+              "embedding": {k: _predict(backbone, data[k].images[backbone_cfg.input]) for k in ("val", "test")}}
     scores: dict[str, dict[str, np.ndarray]] = {}
     for offset, m in enumerate(detectors, start=1):
         arch = DETECTORS[m.name]
         keras.utils.set_random_seed(seed + offset)
-        x = views[arch.view] if arch.input == "image" else embeddings[arch.view]
+        source = views[m.input] if arch.input == "image" else embeddings
+        view = _view(source, arch.view)
+        x = source[view]
         model = arch.build(cfg, x)
         _fit(model, x, y, n_epochs[m.name], seed + offset)
         _save_model(model, Path(m.path))
-        scores[m.name] = {k: _predict(model, inputs[arch.input][k]) for k in ("val", "test")}
+        scores[m.name] = {k: _predict(model, inputs[m.input][k]) for k in ("val", "test")}
         shape = image_shape if arch.input == "image" else (EMBEDDING_DIM,)
         cards[m.name] = _card(
             m, arch, shape, {"name": "scores", "classes": list(cfg.classes), "dtype": "float32"},
-            {**base_training, "epochs": n_epochs[m.name], "view": arch.view},
+            {**base_training, "epochs": n_epochs[m.name], "view": view},
             {k: _report(cfg, data[k].labels, scores[m.name][k]) for k in ("val", "test")})
         _write_json(card_path(m), cards[m.name])
     _write_json(card_path(backbone_cfg), cards[backbone_cfg.name])

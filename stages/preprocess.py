@@ -1,9 +1,19 @@
 """preprocess: medical-image preprocessing as TensorFlow ops on a batch.
 
 Per record, from its attributes (DICOM tags the producer copied): rescale slope/intercept to
-modality units, windowing (center/width; the pipeline's params may fix them), MONOCHROME1
-inversion; then resize to the model's input size and normalise. Records of one shape are
-stacked and transformed as one batch.
+modality units, then one tensor per configured view (params.views, default ["window"]):
+
+- "window" -> tensor "image": the DICOM window (center/width; the params may fix them), values
+  outside it clipped, as a radiologist's display shows the image;
+- "full" -> "image_full": the image's whole range mapped to [0, 1], nothing clipped (a narrow
+  window can clip a lesion away; this view keeps it);
+- "equalized" -> "image_equalized": histogram equalisation, each pixel the fraction of its
+  image's pixels at or below it; unchanged by any window or monotonic rescale, and a faint
+  lesion next to bone or air keeps its contrast.
+
+Each view is MONOCHROME1-inverted (bright is high), resized to the model's input size and
+normalised. Different detection models can read different views, so their errors differ.
+Records of one shape are stacked and transformed as one batch.
 """
 
 from __future__ import annotations
@@ -19,6 +29,8 @@ from tensorline.stages.base import RecordStage, tensor
 from tensorline.stages.runtime import DeadLetter
 
 NORMALIZE = ("zscore", "minmax", "none")
+# Each view's tensor name; "window" keeps the name every model reads by default.
+VIEWS = {"window": "image", "full": "image_full", "equalized": "image_equalized"}
 
 
 def _float_attr(record: Record, name: str, default: float | None) -> float | None:
@@ -35,7 +47,7 @@ def _float_attr(record: Record, name: str, default: float | None) -> float | Non
 
 
 class Preprocess(RecordStage):
-    """Raw stored pixel values in, (size, size, 1) float32 images out."""
+    """Raw stored pixel values in; out, one (size, size, 1) float32 tensor per configured view."""
 
     def __init__(self, pipeline: PipelineConfig, stage: StageConfig, model: ModelConfig | None):
         super().__init__(pipeline, stage, model)
@@ -45,6 +57,12 @@ class Preprocess(RecordStage):
             raise ValueError(f"{pipeline.path}: stages.{stage.name}.params.normalize: expected one of "
                              f"{', '.join(NORMALIZE)}, got {self.normalize!r}")
         self.window = (self.params.get("window_center"), self.params.get("window_width"))
+        views = self.params.get("views", ["window"])
+        if (isinstance(views, str) or not views or len(set(views)) != len(views)
+                or any(v not in VIEWS for v in views)):
+            raise ValueError(f"{pipeline.path}: stages.{stage.name}.params.views: expected a list of distinct "
+                             f"views among {', '.join(VIEWS)}, got {views!r}")
+        self.views = tuple(views)
 
     def _window(self, record: Record, image: np.ndarray, slope: float, intercept: float) -> tuple[float, float]:
         center = self.window[0] if self.window[0] is not None else _float_attr(record, "window_center", None)
@@ -65,7 +83,9 @@ class Preprocess(RecordStage):
         if image.dtype.kind == "f" and not np.isfinite(image).all():
             raise DeadLetter(f"record {item.record_id}: image has NaN or Inf values")
         slope = _float_attr(item, "rescale_slope", 1.0)
-        self._window(item, image, slope, _float_attr(item, "rescale_intercept", 0.0))
+        intercept = _float_attr(item, "rescale_intercept", 0.0)
+        if "window" in self.views:
+            self._window(item, image, slope, intercept)
 
     def process(self, items: list[Record]) -> list[Record]:
         import tensorflow as tf
@@ -73,7 +93,7 @@ class Preprocess(RecordStage):
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, r in enumerate(items):
             groups[r.tensors["image"].shape[:2]].append(i)
-        out: list[np.ndarray | None] = [None] * len(items)
+        out: list[dict[str, np.ndarray]] = [{} for _ in items]
         for indices in groups.values():
             records = [items[i] for i in indices]
             params = np.array([self._params(r) for r in records], np.float32)  # (n, 5)
@@ -81,22 +101,48 @@ class Preprocess(RecordStage):
             x = tf.convert_to_tensor(np.stack([r.tensors["image"].reshape(r.tensors["image"].shape[:2])
                                                for r in records]).astype(np.float32))[..., None]
             x = x * col(0) + col(1)                                   # stored values -> modality units
-            lo = col(2) - col(3) / 2
-            x = tf.clip_by_value((x - lo) / col(3), 0.0, 1.0)         # windowing
-            x = tf.where(col(4) > 0, 1.0 - x, x)                       # MONOCHROME1: bright is low
-            x = tf.image.resize(x, (self.size, self.size), antialias=True)
-            if self.normalize == "zscore":
-                x = tf.image.per_image_standardization(x)
-            elif self.normalize == "minmax":
-                lo_, hi_ = tf.reduce_min(x, (1, 2, 3), keepdims=True), tf.reduce_max(x, (1, 2, 3), keepdims=True)
-                x = (x - lo_) / tf.maximum(hi_ - lo_, 1e-6)
-            for i, arr in zip(indices, x.numpy()):
-                out[i] = arr
-        return [replace(r, tensors={"image": img}, stage=self.name, model=None) for r, img in zip(items, out)]
+            inverted = col(4) > 0                                      # MONOCHROME1: bright is low
+            for view in self.views:
+                if view == "window":
+                    lo = col(2) - col(3) / 2
+                    v = tf.clip_by_value((x - lo) / col(3), 0.0, 1.0)
+                    v = tf.where(inverted, 1.0 - v, v)
+                elif view == "full":
+                    lo, hi = tf.reduce_min(x, (1, 2, 3), keepdims=True), tf.reduce_max(x, (1, 2, 3), keepdims=True)
+                    v = (x - lo) / tf.maximum(hi - lo, 1e-6)
+                    v = tf.where(inverted, 1.0 - v, v)
+                else:
+                    v = _equalize(tf.where(inverted, -x, x))
+                for i, arr in zip(indices, self._finish(v).numpy()):
+                    out[i][VIEWS[view]] = arr
+        return [replace(r, tensors=t, stage=self.name, model=None) for r, t in zip(items, out)]
+
+    def _finish(self, x):
+        """Resize to the model's input size and normalise (per image)."""
+        import tensorflow as tf
+
+        x = tf.image.resize(x, (self.size, self.size), antialias=True)
+        if self.normalize == "zscore":
+            x = tf.image.per_image_standardization(x)
+        elif self.normalize == "minmax":
+            lo_, hi_ = tf.reduce_min(x, (1, 2, 3), keepdims=True), tf.reduce_max(x, (1, 2, 3), keepdims=True)
+            x = (x - lo_) / tf.maximum(hi_ - lo_, 1e-6)
+        return x
 
     def _params(self, record: Record) -> tuple[float, float, float, float, float]:
         slope = _float_attr(record, "rescale_slope", 1.0)
         intercept = _float_attr(record, "rescale_intercept", 0.0)
-        center, width = self._window(record, record.tensors["image"], slope, intercept)
+        center, width = (self._window(record, record.tensors["image"], slope, intercept)
+                         if "window" in self.views else (0.0, 1.0))
         inverted = 1.0 if record.attributes.get("photometric", "").upper() == "MONOCHROME1" else 0.0
         return slope, intercept, center, width, inverted
+
+
+def _equalize(x):
+    """Histogram equalisation of a batch (n, h, w, 1): each value -> the fraction of its image's
+    values at or below it, in (0, 1]; equal values map to equal outputs."""
+    import tensorflow as tf
+
+    flat = tf.reshape(x, (tf.shape(x)[0], -1))
+    below = tf.searchsorted(tf.sort(flat, axis=1), flat, side="right")
+    return tf.reshape(tf.cast(below, tf.float32) / tf.cast(tf.shape(flat)[1], tf.float32), tf.shape(x))

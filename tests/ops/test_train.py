@@ -77,17 +77,20 @@ def test_the_pipeline_stages_load_the_models_with_their_shapes(trained):
     assert (backbone.input_shape, backbone.output_shape) == ((64, 64, 1), (train.EMBEDDING_DIM,))
     for m in cfg.stages["detection"].models:
         model = Model(m)
-        expected_input = (64, 64, 1) if m.input == "image" else (train.EMBEDDING_DIM,)
+        expected_input = (train.EMBEDDING_DIM,) if m.input == "embedding" else (64, 64, 1)
         assert (model.input_shape, model.output_shape) == (expected_input, (len(cfg.classes),)), m.name
 
 
 def test_one_demo_patch_runs_through_preprocess_features_and_each_detection_model(trained):
-    cfg, _ = trained
+    cfg, result = trained
     split = demo_data.build()["test"]
     raw = Record(record_id="r0", source="demo", ingest_ts_ms=0, tensors={"image": split.images[0]}, stage="raw",
                  attributes=split.attrs[0], label=str(split.labels[0]))
     records = load_stage(cfg, "features").process(load_stage(cfg, "preprocess").process([raw]))
     assert records[0].tensors["embedding"].shape == (train.EMBEDDING_DIM,)
+    # The models read different views of the image: the repository's pipeline configures two.
+    assert {"image_full", "image_equalized"} <= set(records[0].tensors)
+    assert len({m.input for m in model_configs(cfg)} - {"embedding"}) == 2
     for m in cfg.stages["detection"].models:
         detection = load_stage(cfg, "detection", m.name).process(records)[0]
         assert detection.classes == cfg.classes and sum(detection.scores) == pytest.approx(1.0, abs=1e-5)
@@ -122,6 +125,17 @@ def test_rewindowed_attrs_are_narrower_windows_inside_each_patch(tmp_path):
         assert 0 < float(after["window_width"]) <= train.WINDOW_WIDTH[1] * (hi - lo) + 1e-3
         assert {k: v for k, v in after.items() if not k.startswith("window_")} == \
                {k: v for k, v in before.items() if not k.startswith("window_")}
+
+
+@pytest.mark.parametrize("stage, name, tensor", [("detection", "cnn", "image"), ("detection", "mlp", "image_full"),
+                                                  ("features", "backbone", "embedding")])
+def test_a_model_input_the_pipeline_does_not_give_it_is_rejected_before_training(tmp_path, stage, name, tensor):
+    cfg = pipeline_in(tmp_path)  # the preprocess views are "full" and "equalized": no "image"
+    models = tuple(dataclasses.replace(m, input=tensor) if m.name == name else m for m in cfg.stages[stage].models)
+    stages = {**cfg.stages, stage: dataclasses.replace(cfg.stages[stage], models=models)}
+    with pytest.raises(ValueError, match=f"stages.{stage}.models.{name}.input"):
+        train.train(dataclasses.replace(cfg, stages=stages))
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_detection_model_without_a_recipe_is_rejected_before_training(tmp_path):

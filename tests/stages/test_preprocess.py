@@ -1,4 +1,4 @@
-"""preprocess: rescale, window, MONOCHROME1, resize, normalise — against numpy by hand."""
+"""preprocess: rescale, window, MONOCHROME1, resize, normalise, and the views — against numpy by hand."""
 
 from __future__ import annotations
 
@@ -68,6 +68,68 @@ def test_fixed_window_from_params_overrides_attributes():
 def test_bad_records_are_dead_letters_with_a_reason(image, attrs, match):
     with pytest.raises(DeadLetter, match=match):
         stage().check(rec(image, **attrs))
+
+
+def test_by_default_only_the_window_view_is_emitted_as_image():
+    [out] = stage(size=2).process([rec(np.arange(4, dtype=np.uint16).reshape(2, 2))])
+    assert set(out.tensors) == {"image"}
+
+
+def test_each_view_is_its_own_tensor():
+    image = np.arange(16, dtype=np.int16).reshape(4, 4)
+    [out] = stage(size=4, views=["window", "full", "equalized"]).process(
+        [rec(image, window_center="5", window_width="4")])
+    assert set(out.tensors) == {"image", "image_full", "image_equalized"}
+    assert all(t.shape == (4, 4, 1) and t.dtype == np.float32 for t in out.tensors.values())
+
+
+def test_full_view_is_the_whole_range_never_clipped_by_the_window():
+    image = np.array([[0, 50], [100, 400]], np.uint16)
+    r = rec(image, rescale_slope="2", rescale_intercept="-100", window_center="-50", window_width="10")
+    [out] = stage(size=2, normalize="none", views=["window", "full"]).process([r])
+    np.testing.assert_allclose(out.tensors["image_full"][..., 0], image / 400, atol=1e-6)
+    assert set(np.unique(out.tensors["image"])) == {0.0, 1.0}  # the narrow window clips all of it
+
+
+def test_full_view_inverts_monochrome1():
+    image = np.array([[0, 30, 100]], np.uint16)
+    plain, inverted = stage(size=1, normalize="none", views=["full"]).process(
+        [rec(image), rec(image, photometric="MONOCHROME1")])
+    assert "image" not in plain.tensors
+    np.testing.assert_allclose(plain.tensors["image_full"] + inverted.tensors["image_full"], 1.0, atol=1e-6)
+
+
+def test_equalized_view_is_each_pixels_rank_fraction_with_ties_equal():
+    image = np.array([[5, 1000], [5, -3]], np.int16)
+    [out] = stage(size=2, normalize="none", views=["equalized"]).process([rec(image)])
+    # Fraction of the image's pixels at or below each one: -3 -> 1/4, both 5s -> 3/4, 1000 -> 1.
+    np.testing.assert_allclose(out.tensors["image_equalized"][..., 0], [[0.75, 1.0], [0.75, 0.25]], atol=1e-6)
+
+
+def test_equalized_view_ignores_rescale_and_window_and_inverts_monochrome1():
+    rng = np.random.default_rng(3)
+    image = rng.permutation(64).reshape(8, 8).astype(np.uint16)
+    s = stage(size=8, normalize="none", views=["equalized"])
+    plain, rescaled, inverted = s.process([
+        rec(image), rec(image, rescale_slope="3", rescale_intercept="-1024", window_center="0", window_width="1"),
+        rec(image, photometric="MONOCHROME1")])
+    np.testing.assert_allclose(plain.tensors["image_equalized"], rescaled.tensors["image_equalized"], atol=1e-6)
+    ranks = (image.argsort(axis=None).argsort().reshape(8, 8) + 1) / 64
+    np.testing.assert_allclose(plain.tensors["image_equalized"][..., 0], ranks, atol=1e-6)
+    np.testing.assert_allclose(inverted.tensors["image_equalized"][..., 0], 1 - ranks + 1 / 64, atol=1e-6)
+
+
+def test_views_without_the_window_do_not_check_it():
+    r = rec(np.zeros((4, 4), np.uint8), window_center="1", window_width="0")
+    stage(views=["full", "equalized"]).check(r)
+    with pytest.raises(DeadLetter, match="not positive"):
+        stage(views=["window", "full"]).check(r)
+
+
+@pytest.mark.parametrize("views", [[], ["window", "window"], ["clahe"], "full"])
+def test_bad_views_are_a_config_error(views):
+    with pytest.raises(ValueError, match="params.views"):
+        stage(views=views)
 
 
 def test_unknown_normalisation_is_a_config_error():
