@@ -25,13 +25,14 @@ import numpy as np
 from tensorline import config
 from tensorline.ops import clients
 from tensorline.schemas import Detection, ModelRef, decode_record, encode_detection
-from tensorline.stages.base import Model, pin_device
-from tensorline.stages.runtime import INGEST_MS
+from tensorline.stages.base import Model, load_stage, pin_device
+from tensorline.stages.runtime import INGEST_MS, Message, Worker
+from tensorline.stages.testing import MemorySink, MemorySource
 from tensorline.stages.worker import group_id
 
 from _common import (CLASSES, EMBEDDING, IMAGE, MAX_BATCH, MAX_DELAY_MS, STREAM_TIMEOUT_S, WORKER_START_S,
                      build_backbone, committed, group_joined, images, local_broker, machine_load, ms, pct,
-                     produce, wait_for)
+                     produce, record, wait_for)
 
 N_THROUGHPUT = 3000  # records through both stages: ~10 s of steady state on a 2-core machine
 N_PER_MESSAGE = 600  # the per-message loop runs at a steady rate; fewer records keep the bench short
@@ -116,6 +117,25 @@ def ceiling_rps(backbone: Model, head: Model, stream: np.ndarray) -> float:
             head(backbone(b))
         best = min(best, time.perf_counter() - started)
     return len(stream) / best
+
+
+def in_memory_rps(cfg: config.PipelineConfig, stream: np.ndarray) -> float:
+    """Records/s of the same two stages on the runtime with an in-memory source and sink: the
+    runtime's own cost (decode, batching, encode, trace headers) without broker or clients."""
+    messages = []
+    for i, image in enumerate(stream):
+        key, value, _ = record(i, image)
+        messages.append(Message("in", 0, i, key, value, [], 0))
+    elapsed = 0.0
+    for stage in ("features", "detection"):
+        sink = MemorySink()
+        worker = Worker(load_stage(cfg, stage), MemorySource(messages), sink, output_topic="out", dlq_topic="dlq",
+                        max_batch=MAX_BATCH, max_delay_ms=MAX_DELAY_MS)
+        started = time.perf_counter()
+        worker.run(until_idle_s=0)
+        elapsed += time.perf_counter() - started
+        messages = [Message("out", 0, i, o.key, o.value, o.headers, 0) for i, o in enumerate(sink.committed)]
+    return len(stream) / elapsed
 
 
 def per_message_rps(cfg: config.PipelineConfig, backbone: Model, head: Model) -> float:
@@ -258,6 +278,7 @@ def run(folder: Path, bootstrap: str, workers: Workers) -> None:
     # Baselines while no worker competes for the two cores (the ceiling again after the Kafka run).
     backbone, head = Model(cfg.model("features", None)), Model(cfg.model("detection", None))
     ceilings = [ceiling_rps(backbone, head, stream)]
+    in_memory = in_memory_rps(cfg, stream)
     per_message = per_message_rps(cfg, backbone, head)
 
     # Throughput. Detection starts first and joins its group, so no worker start-up (TensorFlow
@@ -297,18 +318,19 @@ def run(folder: Path, bootstrap: str, workers: Workers) -> None:
     workers.stop("mem")
     admin.close()
 
-    report(ceilings, per_message, kafka_rps, latencies(saturated), latencies(paced), stats, duplicates,
+    report(ceilings, in_memory, per_message, kafka_rps, latencies(saturated), latencies(paced), stats, duplicates,
            rss_1k, rss_10k)
 
 
-def report(ceilings: list[float], per_message: float, kafka_rps: float, saturated: dict, paced: dict, stats: dict,
+def report(ceilings: list[float], in_memory: float, per_message: float, kafka_rps: float, saturated: dict, paced: dict, stats: dict,
            duplicates: int, rss_1k: float, rss_10k: float) -> None:
     ceiling = max(ceilings)
     print(f"stream: {N_THROUGHPUT} records of {IMAGE} float32, max_batch={MAX_BATCH}, "
           f"max_delay_ms={MAX_DELAY_MS}, exactly_once; duplicates seen: {duplicates}")
     print(f"{'throughput':<34}{'rec/s':>10}{'kafka x':>10}")
     for name, rps in (("kafka stages (features+detection)", kafka_rps),
-                      ("ceiling (in-process, batched)", ceiling), ("per-message loop (Kafka-ML)", per_message)):
+                      ("ceiling (in-process, batched)", ceiling), ("runtime in memory (no broker)", in_memory),
+                      ("per-message loop (Kafka-ML)", per_message)):
         print(f"{name:<34}{rps:>10.1f}{kafka_rps / rps:>10.2f}")
     print(f"  ceiling before / after the Kafka run: {ceilings[0]:.1f} / {ceilings[1]:.1f} rec/s")
     for stage in ("features", "detection"):
@@ -327,6 +349,7 @@ def report(ceilings: list[float], per_message: float, kafka_rps: float, saturate
     print(f"memory: worker RSS {rss_1k:.0f} MiB after {MEM_FIRST} records, {rss_10k:.0f} MiB after {MEM_TOTAL} "
           f"({growth:+.1%})")
     print(f"bench stages: vs_ceiling={kafka_rps / ceiling:.2f} vs_per_message={kafka_rps / per_message:.2f} "
+          f"in_memory_vs_ceiling={in_memory / ceiling:.2f} "
           f"kafka_rps={kafka_rps:.1f} ceiling_rps={ceiling:.1f} per_message_rps={per_message:.1f} "
           f"features_p50_ms={pct(paced['features'], 50):.0f} features_p99_ms={pct(paced['features'], 99):.0f} "
           f"detection_p50_ms={pct(paced['detection'], 50):.0f} detection_p99_ms={pct(paced['detection'], 99):.0f} "

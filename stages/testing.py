@@ -50,6 +50,8 @@ class MemorySource:
     def poll(self, timeout_s: float, max_records: int) -> list[Message]:
         got = self.messages[self.next:self.next + max_records]
         self.next += len(got)
+        if not got and self.next > 0:
+            time.sleep(min(timeout_s, 0.005))  # as a consumer waits, instead of spinning on the GIL
         return got
 
     def keepalive(self) -> None:
