@@ -25,6 +25,8 @@ from tensorline.stages.runtime import INGEST_MS, header
 DEMO_DIR = Path(".tensorline/demo")
 # Enough for a cold start of six TensorFlow workers and the test set on 2 cores, with margin.
 RESULT_TIMEOUT_S = 900.0
+# Six TensorFlow workers importing and loading their models at once on 2 cores.
+WORKER_START_S = 180.0
 
 
 def _latency(cfg: config.PipelineConfig) -> tuple[dict[str, float], float]:
@@ -78,8 +80,9 @@ def main(path: str, *, json_out: bool = False, limit: int | None = None) -> int:
         env = {**os.environ, config.BOOTSTRAP_ENV: bootstrap}
         workers = Supervisor(path, pipeline_specs(cfg), log_dir=log_dir, env=env)
         workers.start()
-        print(f"started {len(workers.specs)} workers (logs in {log_dir}); sending {len(files)} DICOM files",
-              file=sys.stderr)
+        print(f"starting {len(workers.specs)} workers (logs in {log_dir}) ...", file=sys.stderr)
+        _wait_for_workers(cfg, workers, log_dir)
+        print(f"every stage's group has joined; sending {len(files)} DICOM files", file=sys.stderr)
         summary = publish.produce(cfg, [str(f) for f in files])
         _wait_for_results(cfg, summary.sent, workers, log_dir)
         workers.stop()
@@ -102,6 +105,31 @@ def main(path: str, *, json_out: bool = False, limit: int | None = None) -> int:
         if started_broker is not None:
             broker.stop()
         log.debug("demo finished")
+
+
+def _wait_for_workers(cfg: config.PipelineConfig, workers: Supervisor, log_dir: Path) -> None:
+    """Until every stage's consumer group is stable with a member (TensorFlow loaded, partitions
+    assigned), so the demo measures the pipeline, not its start-up."""
+    admin = clients.admin(cfg)
+    try:
+        deadline = time.monotonic() + WORKER_START_S
+        groups = [g for _, g, _ in lag.groups(cfg)]
+        while True:
+            try:
+                described = admin.describe_groups(groups)
+            except Exception:  # the coordinator may not know a group yet
+                described = {}
+            if all((described.get(g) or {}).get("group_state") == "Stable" and (described.get(g) or {}).get("members")
+                   for g in groups):
+                return
+            workers.check()
+            if workers.given_up:
+                raise RuntimeError(f"worker {workers.given_up[0].label} is in a crash loop; see {log_dir}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the workers did not join within {WORKER_START_S:.0f} s; see {log_dir}")
+            time.sleep(1.0)
+    finally:
+        admin.close()
 
 
 def _wait_for_results(cfg: config.PipelineConfig, expected: int, workers: Supervisor, log_dir: Path) -> None:

@@ -135,6 +135,10 @@ class ModelStage(RecordStage):
         if model is None:
             raise ValueError(f"{pipeline.path}: stages.{stage.name}.models: the {stage.kind} stage needs a model")
         self.model = Model(model)
+        shape = self.model.input_shape
+        if shape is not None and None not in shape:  # warm up before joining: first calls are slow
+            for n in (1, stage.max_batch):
+                self.model(np.zeros((n, *shape), np.float32))
 
     def check(self, item: Record) -> None:
         self.model.check(item.record_id, tensor(item, self.model.config.input, (1, 2, 3, 4)))
