@@ -107,27 +107,34 @@ def main(path: str, *, json_out: bool = False, limit: int | None = None) -> int:
         log.debug("demo finished")
 
 
+def _until(done, workers: Supervisor, log_dir: Path, timeout_s: float, interval_s: float, late: str) -> None:
+    """Poll `done()` until true, keeping the workers supervised; fail on a crash loop or after
+    `timeout_s` (the message `late` says what was late)."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        workers.check()
+        if workers.given_up:
+            raise RuntimeError(f"worker {workers.given_up[0].label} is in a crash loop; see {log_dir}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{late} after {timeout_s:.0f} s; see {log_dir}")
+        time.sleep(interval_s)
+
+
 def _wait_for_workers(cfg: config.PipelineConfig, workers: Supervisor, log_dir: Path) -> None:
     """Until every stage's consumer group is stable with a member (TensorFlow loaded, partitions
     assigned), so the demo measures the pipeline, not its start-up."""
     admin = clients.admin(cfg)
+    groups = [g for _, g, _ in lag.groups(cfg)]
+
+    def joined() -> bool:
+        try:
+            described = admin.describe_groups(groups)
+        except Exception:  # the coordinator may not know a group yet
+            return False
+        return all((described.get(g) or {}).get("group_state") == "Stable" and (described.get(g) or {}).get("members")
+                   for g in groups)
     try:
-        deadline = time.monotonic() + WORKER_START_S
-        groups = [g for _, g, _ in lag.groups(cfg)]
-        while True:
-            try:
-                described = admin.describe_groups(groups)
-            except Exception:  # the coordinator may not know a group yet
-                described = {}
-            if all((described.get(g) or {}).get("group_state") == "Stable" and (described.get(g) or {}).get("members")
-                   for g in groups):
-                return
-            workers.check()
-            if workers.given_up:
-                raise RuntimeError(f"worker {workers.given_up[0].label} is in a crash loop; see {log_dir}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the workers did not join within {WORKER_START_S:.0f} s; see {log_dir}")
-            time.sleep(1.0)
+        _until(joined, workers, log_dir, WORKER_START_S, 1.0, "the workers had not joined")
     finally:
         admin.close()
 
@@ -135,20 +142,16 @@ def _wait_for_workers(cfg: config.PipelineConfig, workers: Supervisor, log_dir: 
 def _wait_for_results(cfg: config.PipelineConfig, expected: int, workers: Supervisor, log_dir: Path) -> None:
     """Until every record sent has its fused result; shows progress; restarts crashed workers and
     fails when one is in a crash loop."""
-    deadline = time.monotonic() + RESULT_TIMEOUT_S
     tty = sys.stderr.isatty()
-    while True:
+
+    def all_in() -> bool:
         done = sum(1 for _ in topics.read_all(cfg, cfg.topic(cfg.fusion.output).name))
         lags = "  ".join(f"{g.stage}={g.total}" for g in lag.measure(cfg))
         line = f"results {done}/{expected}   lag: {lags}"
         print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
-        if done >= expected:
-            if tty:
-                print(file=sys.stderr)
-            return
-        workers.check()
-        if workers.given_up:
-            raise RuntimeError(f"worker {workers.given_up[0].label} is in a crash loop; see {log_dir}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only {done} of {expected} results after {RESULT_TIMEOUT_S:.0f} s; see {log_dir}")
-        time.sleep(2.0)
+        return done >= expected
+    try:
+        _until(all_in, workers, log_dir, RESULT_TIMEOUT_S, 2.0, f"not every one of {expected} results was in")
+    finally:
+        if tty:
+            print(file=sys.stderr)

@@ -6,7 +6,6 @@ of the detections topic, ready for fusion. The class names come from pipeline.cl
 
 from __future__ import annotations
 
-import numpy as np
 
 from tensorline.config import ModelConfig, PipelineConfig, StageConfig
 from tensorline.schemas import Detection as DetectionMessage

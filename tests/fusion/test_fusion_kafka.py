@@ -8,11 +8,9 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from tensorline import config
 from tensorline.ops import clients, topics
 from tensorline.schemas import Detection, ModelRef, decode_result, encode_detection
 from tensorline.stages import worker
@@ -21,11 +19,9 @@ pytestmark = pytest.mark.broker
 MODELS = ("cnn", "mlp", "logreg")
 
 
-def write_pipeline(path: Path, name: str, bootstrap: str, fusion: str) -> config.PipelineConfig:
-    path.write_text(f"""
-[pipeline]
-name = "{name}"
-bootstrap = "{bootstrap}"
+def fusion_body(fusion: str) -> str:
+    """Detections joined into results, with these [fusion] settings added."""
+    return f"""
 [topics]
 detections = {{ partitions = 3 }}
 results = {{ partitions = 3 }}
@@ -36,10 +32,7 @@ output = "results"
 expected_models = ["cnn", "mlp", "logreg"]
 max_batch = 16
 {fusion}
-""")
-    cfg = config.load(path)
-    clients.create_topics(cfg)
-    return cfg
+"""
 
 
 def send(cfg, pairs, producer=None):
@@ -63,10 +56,10 @@ def results(cfg):
     ("quorum", "quorum = 2", 20, 20),
     ("deadline", "deadline_ms = 500", 20, 10),
 ])
-def test_emit_modes_with_one_model_stopped_halfway(tmp_path, namespace, kafka_bootstrap, monkeypatch,
+def test_emit_modes_with_one_model_stopped_halfway(tmp_path, write_pipeline, monkeypatch,
                                                    mode, extra, n_results, n_partial):
     monkeypatch.setenv("TENSORLINE_STATE_DIR", str(tmp_path / "state"))
-    cfg = write_pipeline(tmp_path / "p.toml", namespace, kafka_bootstrap, f'emit = "{mode}"\n{extra}')
+    cfg = write_pipeline(tmp_path / "p.toml", fusion_body(f'emit = "{mode}"\n{extra}'))
     # records 0-9: every model; records 10-19: the logreg worker is down.
     send(cfg, [(f"r{i}", m) for i in range(20) for m in MODELS if i < 10 or m != "logreg"])
     worker.run(cfg, "fusion", until_idle_s=2.5, stop=threading.Event())
@@ -78,9 +71,9 @@ def test_emit_modes_with_one_model_stopped_halfway(tmp_path, namespace, kafka_bo
         assert all(r.missing == ("logreg",) and r.contributors == ("cnn", "mlp") for r in partial)
 
 
-def test_late_outputs_are_counted_not_emitted_again(tmp_path, namespace, kafka_bootstrap, monkeypatch):
+def test_late_outputs_are_counted_not_emitted_again(tmp_path, write_pipeline, monkeypatch):
     monkeypatch.setenv("TENSORLINE_STATE_DIR", str(tmp_path / "state"))
-    cfg = write_pipeline(tmp_path / "p.toml", namespace, kafka_bootstrap, 'emit = "quorum"\nquorum = 2')
+    cfg = write_pipeline(tmp_path / "p.toml", fusion_body('emit = "quorum"\nquorum = 2'))
     send(cfg, [("r1", "cnn"), ("r1", "mlp")])
     worker.run(cfg, "fusion", until_idle_s=1.5, stop=threading.Event())
     send(cfg, [("r1", "logreg")])  # late: r1 was emitted at quorum
@@ -89,9 +82,9 @@ def test_late_outputs_are_counted_not_emitted_again(tmp_path, namespace, kafka_b
     assert r.record_id == "r1" and r.missing == ("logreg",)
 
 
-def test_sigkill_with_joins_open_then_restart_gives_each_result_exactly_once(tmp_path, namespace, kafka_bootstrap):
+def test_sigkill_with_joins_open_then_restart_gives_each_result_exactly_once(tmp_path, write_pipeline):
     path = tmp_path / "p.toml"
-    cfg = write_pipeline(path, namespace, kafka_bootstrap, 'emit = "all"\nmax_delay_ms = 5')
+    cfg = write_pipeline(path, fusion_body('emit = "all"\nmax_delay_ms = 5'))
     env = {**os.environ, "TENSORLINE_STATE_DIR": str(tmp_path / "state")}
 
     def spawn(log):

@@ -254,25 +254,18 @@ def test_page_shows_the_unreachable_banner(down_dashboard, tmp_path):
 
 # -- real broker, headless Chromium -----------------------------------------------------------------
 
-def write_pipeline(path: Path, name: str, bootstrap: str) -> config.PipelineConfig:
-    path.write_text(f"""
-[pipeline]
-name = "{name}"
-bootstrap = "{bootstrap}"
+SCALE = """
 [topics]
-in = {{ partitions = 3 }}
-out = {{ partitions = 3 }}
-dlq = {{ partitions = 1 }}
+in = { partitions = 3 }
+out = { partitions = 3 }
+dlq = { partitions = 1 }
 [stages.scale]
 kind = "tensorline.stages.testing:Scale"
 input = "in"
 output = "out"
 max_batch = 8
 max_delay_ms = 20
-""")
-    cfg = config.load(path)
-    clients.create_topics(cfg)
-    return cfg
+"""
 
 
 def produce(cfg: config.PipelineConfig, ids: range, poison: set[int] = frozenset()) -> None:
@@ -288,10 +281,10 @@ def produce(cfg: config.PipelineConfig, ids: range, poison: set[int] = frozenset
 
 
 @pytest.mark.broker
-def test_page_shows_the_lag_tensorline_lag_reports(tmp_path, namespace, kafka_bootstrap, monkeypatch):
+def test_page_shows_the_lag_tensorline_lag_reports(tmp_path, write_pipeline, monkeypatch):
     monkeypatch.setenv("TENSORLINE_STATE_DIR", str(tmp_path / "state"))
     path = tmp_path / "pipeline.toml"
-    cfg = write_pipeline(path, namespace, kafka_bootstrap)
+    cfg = write_pipeline(path, SCALE)
     produce(cfg, range(30), poison={7})
     worker.run(cfg, "scale", until_idle_s=2.0, stop=threading.Event(), metrics_port=None)
     produce(cfg, range(30, 42))  # not processed: the lag, stable now that the worker stopped

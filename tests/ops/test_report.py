@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from tensorline import config
 from tensorline.ops import clients
 from tensorline.ops.report import classification_report, format_table
 from tensorline.schemas import Detection, FusedResult, ModelRef, encode_detection, encode_result
@@ -37,22 +36,17 @@ def test_empty_and_never_predicted_classes_are_zero_not_errors():
 
 
 @pytest.mark.broker
-def test_report_json_from_the_topics(tmp_path, namespace, kafka_bootstrap):
+def test_report_json_from_the_topics(tmp_path, write_pipeline):
     path = tmp_path / "p.toml"
-    path.write_text(f"""
-[pipeline]
-name = "{namespace}"
-bootstrap = "{kafka_bootstrap}"
+    cfg = write_pipeline(path, """
 [topics]
-detections = {{ partitions = 2 }}
-results = {{ partitions = 2 }}
+detections = { partitions = 2 }
+results = { partitions = 2 }
 [fusion]
 input = "detections"
 output = "results"
 expected_models = ["a", "b"]
 """)
-    cfg = config.load(path)
-    clients.create_topics(cfg)
     producer = clients.producer(cfg)
     truth = ["nodule", "normal", "nodule", "normal"]
     for i, label in enumerate(truth):

@@ -24,12 +24,10 @@ from tensorline.stages import worker
 pytestmark = pytest.mark.broker
 
 
-def write_pipeline(path: Path, name: str, bootstrap: str, *, partitions: int = 3, **params: float) -> config.PipelineConfig:
+def scale_body(*, partitions: int = 3, **params: float) -> str:
+    """A Scale stage from `in` to `out`, with its params."""
     extra = "".join(f"{k} = {v}\n" for k, v in params.items())
-    path.write_text(f"""
-[pipeline]
-name = "{name}"
-bootstrap = "{bootstrap}"
+    return f"""
 [topics]
 in = {{ partitions = {partitions} }}
 out = {{ partitions = {partitions} }}
@@ -41,10 +39,7 @@ output = "out"
 max_batch = 8
 max_delay_ms = 20
 [stages.scale.params]
-{extra}""")
-    cfg = config.load(path)
-    clients.create_topics(cfg)
-    return cfg
+{extra}"""
 
 
 def produce(cfg: config.PipelineConfig, n: int, *, poison: set[int] = frozenset()) -> None:
@@ -89,13 +84,13 @@ def records_in(path: Path, cfg: config.PipelineConfig, slot: int) -> float:
 
 
 @pytest.fixture
-def pipeline_file(tmp_path, namespace, kafka_bootstrap):
+def pipeline_file(tmp_path):
     return tmp_path / "pipeline.toml"
 
 
-def test_records_in_equal_records_out_and_poison_goes_to_dlq(pipeline_file, namespace, kafka_bootstrap, monkeypatch):
+def test_records_in_equal_records_out_and_poison_goes_to_dlq(pipeline_file, write_pipeline, monkeypatch):
     monkeypatch.setenv("TENSORLINE_STATE_DIR", str(pipeline_file.parent / "state"))
-    cfg = write_pipeline(pipeline_file, namespace, kafka_bootstrap)
+    cfg = write_pipeline(pipeline_file, scale_body())
     produce(cfg, 50, poison={17})
     stats = worker.run(cfg, "scale", until_idle_s=3.0, stop=threading.Event())
     out = ids(cfg)
@@ -107,8 +102,8 @@ def test_records_in_equal_records_out_and_poison_goes_to_dlq(pipeline_file, name
     assert stats.records_in == 50 and stats.dead_letters == 1
 
 
-def test_sigkill_mid_stream_and_restart_gives_each_record_exactly_once(pipeline_file, namespace, kafka_bootstrap):
-    cfg = write_pipeline(pipeline_file, namespace, kafka_bootstrap, sleep_s=0.2)
+def test_sigkill_mid_stream_and_restart_gives_each_record_exactly_once(pipeline_file, write_pipeline):
+    cfg = write_pipeline(pipeline_file, scale_body(sleep_s=0.2))
     produce(cfg, 200)
     first = spawn(pipeline_file, pipeline_file.parent / "w1.log")
     wait_for(lambda: len(ids(cfg)) >= 40, 60, "some output before the kill")
@@ -127,8 +122,8 @@ def test_sigkill_mid_stream_and_restart_gives_each_record_exactly_once(pipeline_
         second.wait(30)
 
 
-def test_scaling_up_then_down_mid_stream_loses_and_duplicates_nothing(pipeline_file, namespace, kafka_bootstrap):
-    cfg = write_pipeline(pipeline_file, namespace, kafka_bootstrap, partitions=4, sleep_s=0.15)
+def test_scaling_up_then_down_mid_stream_loses_and_duplicates_nothing(pipeline_file, write_pipeline):
+    cfg = write_pipeline(pipeline_file, scale_body(partitions=4, sleep_s=0.15))
     produce(cfg, 360)
     logs = [pipeline_file.parent / "a.log", pipeline_file.parent / "b.log"]
     a = spawn(pipeline_file, logs[0])
@@ -152,8 +147,8 @@ def test_scaling_up_then_down_mid_stream_loses_and_duplicates_nothing(pipeline_f
     assert sum(s["records_in"] for s in stopped) == 360
 
 
-def test_sigterm_exits_cleanly_within_bound(pipeline_file, namespace, kafka_bootstrap):
-    cfg = write_pipeline(pipeline_file, namespace, kafka_bootstrap, sleep_s=0.5)
+def test_sigterm_exits_cleanly_within_bound(pipeline_file, write_pipeline):
+    cfg = write_pipeline(pipeline_file, scale_body(sleep_s=0.5))
     produce(cfg, 100)
     log = pipeline_file.parent / "w.log"
     proc = spawn(pipeline_file, log)
