@@ -42,9 +42,9 @@ max_delay_ms = 20
 {extra}"""
 
 
-def produce(cfg: config.PipelineConfig, n: int, *, poison: set[int] = frozenset()) -> None:
+def produce(cfg: config.PipelineConfig, n: int, *, poison: set[int] = frozenset(), first: int = 0) -> None:
     producer = clients.producer(cfg)
-    for i in range(n):
+    for i in range(first, first + n):
         record = Record(record_id=f"r{i}", source="test", ingest_ts_ms=int(time.time() * 1000),
                         tensors={"x": np.arange(4, dtype=np.float32) + i}, stage="producer",
                         attributes={"poison": "1"} if i in poison else {})
@@ -124,11 +124,14 @@ def test_sigkill_mid_stream_and_restart_gives_each_record_exactly_once(pipeline_
 
 def test_scaling_up_then_down_mid_stream_loses_and_duplicates_nothing(pipeline_file, write_pipeline):
     cfg = write_pipeline(pipeline_file, scale_body(partitions=4, sleep_s=0.15))
-    produce(cfg, 360)
+    produce(cfg, 120)
     logs = [pipeline_file.parent / "a.log", pipeline_file.parent / "b.log"]
     a = spawn(pipeline_file, logs[0])
     wait_for(lambda: len(ids(cfg)) >= 30, 60, "the first worker's output")
     b = spawn(pipeline_file, logs[1])  # scale up: b takes partitions from a
+    # The rest of the stream comes once b owns partitions, so a slow start cannot leave b idle.
+    wait_for(lambda: '"partitions": [[' in logs[1].read_text(), 90, "the second worker's partitions")
+    produce(cfg, 240, first=120)
     wait_for(lambda: records_in(pipeline_file, cfg, slot=1) >= 20, 90, "the second worker's share")
     b.send_signal(signal.SIGTERM)  # scale down mid-stream: b's partitions go back to a
     try:
