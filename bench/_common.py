@@ -45,6 +45,18 @@ def machine_load() -> str:
     return f"load average {one:.1f} (5 min: {five:.1f}) on {os.cpu_count()} cores"
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat: everything but idle and iowait)."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def build_backbone(image: tuple[int, ...] = IMAGE, embedding: int = EMBEDDING):
     """Four 3x3 convolutions then an embedding: the model call is a real part of a record's cost.
     Fixed seed; the caller saves it."""

@@ -37,12 +37,13 @@ from tensorline import config, logs
 from tensorline.ops import clients
 from tensorline.ops.supervisor import Supervisor, specs
 from tensorline.stages.assignor import assign
-from tensorline.stages.base import pin_device
+from tensorline.stages.base import Model, pin_device
 from tensorline.stages.runtime import INGEST_MS
 from tensorline.stages.worker import group_id
 
 from _common import (IMAGE, MAX_BATCH, MAX_DELAY_MS, STREAM_TIMEOUT_S, WORKER_START_S, build_backbone, committed,
-                     images, machine_load, local_broker, ms, produce, record, wait_for)
+                     cpu_seconds, images, machine_busy_seconds, machine_load, local_broker, ms, produce, record,
+                     wait_for)
 
 N_STREAM = 2400  # ~5 s for one worker at ~500 rec/s on 2 cores: a batch boundary is noise
 N_WARMUP = 128  # ~32 per partition: every worker's first model calls (oneDNN set-up) fall outside the window
@@ -156,18 +157,6 @@ def assignment(admin, group: str, members: int) -> dict[str, list[int]] | None:
     return held if all(held.values()) else None
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (its threads included)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores spent busy since boot (/proc/stat: everything but idle and iowait)."""
-    ticks = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
 def cpu_snapshot(sup: Supervisor, broker_pid: int) -> dict[str, float]:
     """CPU seconds so far of each worker, the broker, this process and the whole machine."""
     snap = {w.spec.label: cpu_seconds(w.proc.pid) for w in sup.running}
@@ -183,15 +172,15 @@ def encoded(batch: np.ndarray, prefix: str) -> list[tuple[bytes, bytes]]:
     return [record(i, image, prefix, key=f"{prefix}{i}".encode())[:2] for i, image in enumerate(batch)]
 
 
-def ceiling_rps(model, batch: np.ndarray) -> float:
+def ceiling_rps(model: Model, batch: np.ndarray) -> float:
     """Records/s of the backbone alone in this process on max_batch slices (TensorFlow's own
     threads): what one worker would do with no Kafka, no codec and no broker beside it."""
     slices = [batch[i:i + MAX_BATCH] for i in range(0, len(batch), MAX_BATCH)]
     for b in (slices[0], slices[-1]):  # first calls of each batch shape
-        np.asarray(model(b, training=False))
+        model(b)
     started = time.perf_counter()
     for b in slices:
-        np.asarray(model(b, training=False))
+        model(b)
     return len(batch) / (time.perf_counter() - started)
 
 
@@ -304,10 +293,9 @@ def main() -> None:
     logs.configure(json=True, level="warning")  # the supervisor's start/stop lines are not the report
     print(f"before the bench: {machine_load()}")
     with local_broker() as (folder, status):
-        model = build_backbone()
-        model.save(folder / "backbone.keras")
+        build_backbone().save(folder / "backbone.keras")
         batch = images(N_STREAM, IMAGE, seed=1)
-        ceiling = ceiling_rps(model, batch)
+        ceiling = ceiling_rps(Model(config.ModelConfig("backbone", str(folder / "backbone.keras"))), batch)
         stream = encoded(batch, "r")
         runs = [throughput(folder, status.bootstrap, status.pid, label, n, env, stream)
                 for label, env in (("as-is", {}), ("1-thread", ONE_THREAD)) for n in (1, 2)]

@@ -1,11 +1,15 @@
 """Stages benchmark: features + detection as real worker processes on the project's own broker.
 
 One fixed stream of 64x64x1 float32 images goes through a Keras CNN backbone (features) and a
-detection head on its 64-d embedding (detection), each stage a `tensorline run` process.
+detection head on its 64-d embedding (detection), each stage a `tensorline run` process. The
+head reads the embedding only, so features forwards only that (`params.keep = []`).
 Baselines measured in the same run, on the same records and the same saved models:
 - ceiling: backbone then head called in-process on batches of max_batch (no Kafka, no codec);
 - per-message: the Kafka-ML way, one consumer loop doing decode, backbone and head on a batch of
   one, produce, flush and commit for every record (at-least-once, one round trip per record).
+Throughput is steady state: the first WARMUP records (broker JIT, first model calls) are not
+timed. CPU per record of every process (workers, broker) over the same window, against the
+ceiling's, says how far the two cores allow the Kafka path to go (`cpu_bound_vs_ceiling`).
 Latency comes from the trace headers of the outputs; memory is a worker's RSS after 1,000 and
 after 10,000 records. Goals: vs_ceiling >= 0.9, vs_per_message >= 5, rss_growth <= 0.10.
 """
@@ -18,9 +22,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import resource
 
 from tensorline import config
 from tensorline.ops import clients
@@ -31,10 +37,13 @@ from tensorline.stages.testing import MemorySink, MemorySource
 from tensorline.stages.worker import group_id
 
 from _common import (CLASSES, EMBEDDING, IMAGE, MAX_BATCH, MAX_DELAY_MS, STREAM_TIMEOUT_S, WORKER_START_S,
-                     build_backbone, committed, group_joined, images, local_broker, machine_load, ms, pct,
-                     produce, record, wait_for)
+                     build_backbone, committed, cpu_seconds, group_joined, images, local_broker,
+                     machine_busy_seconds, machine_load, ms, pct, produce, record, wait_for)
 
-N_THROUGHPUT = 3000  # records through both stages: ~10 s of steady state on a 2-core machine
+N_THROUGHPUT = 3000  # records through both stages: ~5 s of steady state on a 2-core machine
+# Records through both stages before the window opens: a fresh broker's JIT compiler alone takes
+# ~0.15 core for its first seconds of traffic, which a long-running broker has long paid.
+WARMUP = 1000
 N_PER_MESSAGE = 600  # the per-message loop runs at a steady rate; fewer records keep the bench short
 N_PACED = 300  # records sent one at a time for latency, at PACE_LOAD of the measured throughput
 PACE_LOAD = 0.5  # half load: latency of a pipeline keeping up, not of a backlog
@@ -63,6 +72,8 @@ input = "preprocessed"
 output = "features"
 max_batch = {max_batch}
 max_delay_ms = {max_delay_ms}
+[stages.features.params]
+keep = []
 [stages.features.models.backbone]
 path = "{models}/backbone.keras"
 
@@ -105,18 +116,26 @@ def build_models(folder: Path) -> None:
 
 
 # -- baselines, in this process --------------------------------------------------------------
-def ceiling_rps(backbone: Model, head: Model, stream: np.ndarray) -> float:
-    """Records/s of backbone then head on max_batch slices of the stream (best of CEILING_REPEAT)."""
+def ceiling_rps(backbone: Model, head: Model, stream: np.ndarray) -> tuple[float, float]:
+    """Records/s of backbone then head on max_batch slices of the stream (best of CEILING_REPEAT),
+    and the CPU seconds per record it took."""
     batches = [stream[i:i + MAX_BATCH] for i in range(0, len(stream), MAX_BATCH)]
     for b in (batches[0], batches[-1]):  # first calls of each batch shape
         head(backbone(b))
-    best = float("inf")
+    best, cpu = float("inf"), 0.0
     for _ in range(CEILING_REPEAT):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), own_cpu_seconds()
         for b in batches:
             head(backbone(b))
-        best = min(best, time.perf_counter() - started)
-    return len(stream) / best
+        elapsed = time.perf_counter() - started
+        if elapsed < best:
+            best, cpu = elapsed, own_cpu_seconds() - cpu_started
+    return len(stream) / best, cpu / len(stream)
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def in_memory_rps(cfg: config.PipelineConfig, stream: np.ndarray) -> float:
@@ -210,9 +229,10 @@ def rss_mb(pid: int) -> float:
 
 
 class Outputs:
-    """A read_committed consumer on the detections topic, noting when each record became visible."""
+    """A read_committed consumer on the detections topic, noting when records became visible and
+    (`cpu`) the CPU seconds of the processes at that moment."""
 
-    def __init__(self, cfg: config.PipelineConfig):
+    def __init__(self, cfg: config.PipelineConfig, cpu: Callable[[], dict[str, float]]):
         from kafka import TopicPartition
 
         self.consumer = clients.consumer(cfg, None)
@@ -222,7 +242,8 @@ class Outputs:
         self.consumer.seek_to_beginning(*tps)
         self.records: dict[bytes, object] = {}
         self.duplicates = 0
-        self.last_seen = 0.0
+        self.cpu = cpu
+        self.progress: list[tuple[int, float, dict[str, float]]] = []  # (outputs seen, when, CPU)
 
     def until(self, n: int, workers: Workers) -> None:
         deadline = time.monotonic() + STREAM_TIMEOUT_S
@@ -230,11 +251,20 @@ class Outputs:
             workers.check()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(self.records)} of {n} outputs after {STREAM_TIMEOUT_S:.0f} s")
-            for batch in self.consumer.poll(timeout_ms=100).values():
+            got = self.consumer.poll(timeout_ms=100).values()
+            for batch in got:
                 for r in batch:
                     self.duplicates += r.key in self.records
                     self.records[r.key] = r
-                    self.last_seen = time.time()
+            if got:
+                self.progress.append((len(self.records), time.time(), self.cpu()))
+
+    def window(self, first: int) -> tuple[float, dict[str, float]]:
+        """Records/s from when `first` outputs were visible to the last one seen, and the CPU
+        cores each process used meanwhile."""
+        n0, t0, cpu0 = next(p for p in self.progress if p[0] >= first)
+        n1, t1, cpu1 = self.progress[-1]
+        return (n1 - n0) / (t1 - t0), {k: (cpu1[k] - cpu0[k]) / (t1 - t0) for k in cpu1}
 
     def close(self) -> None:
         self.consumer.close()
@@ -258,12 +288,12 @@ def main() -> None:
         (folder / "models").mkdir()
         workers = Workers(folder / "pipeline.toml", folder)
         try:
-            run(folder, status.bootstrap, workers)
+            run(folder, status.bootstrap, status.pid, workers)
         finally:
             workers.stop_all()
 
 
-def run(folder: Path, bootstrap: str, workers: Workers) -> None:
+def run(folder: Path, bootstrap: str, broker_pid: int, workers: Workers) -> None:
     build_models(folder / "models")
     workers.pipeline_file.write_text(PIPELINE.format(
         bootstrap=bootstrap, models=folder / "models", max_batch=MAX_BATCH, max_delay_ms=MAX_DELAY_MS,
@@ -273,6 +303,7 @@ def run(folder: Path, bootstrap: str, workers: Workers) -> None:
     admin = clients.admin(cfg)
 
     stream = images(N_THROUGHPUT, IMAGE, seed=1)
+    produce(cfg, "preprocessed", images(WARMUP, IMAGE, seed=4), prefix="w")  # first in every partition
     produce(cfg, "preprocessed", stream)
 
     # Baselines while no worker competes for the two cores (the ceiling again after the Kafka run).
@@ -281,24 +312,22 @@ def run(folder: Path, bootstrap: str, workers: Workers) -> None:
     in_memory = in_memory_rps(cfg, stream)
     per_message = per_message_rps(cfg, backbone, head)
 
-    # Throughput. Detection starts first and joins its group, so no worker start-up (TensorFlow
-    # import, model load) overlaps the measured window. The window opens when the features worker
-    # starts its first batch (tl.features.received_ms of the earliest output: the workers have
-    # joined, the stream waits in the topic) and closes when the last output is visible to a
-    # read_committed consumer (its transaction committed).
-    outputs = Outputs(cfg)
+    # Throughput. Both workers start on a backlog of WARMUP + N_THROUGHPUT records; the window
+    # opens once WARMUP outputs are visible to a read_committed consumer and closes when the last
+    # one is (its transaction committed), so start-up and warm-up stay out of it.
     workers.start("detection")
     detection_group = group_id(cfg, "detection", None)
     wait_for(lambda: group_joined(admin, detection_group), WORKER_START_S, "detection to join", workers.check)
-    workers.start("features")
-    outputs.until(N_THROUGHPUT, workers)
-    saturated = list(outputs.records.values())
-    first_ms = min(ms(r, "tl.features.received_ms") for r in saturated)
-    kafka_rps = N_THROUGHPUT / (outputs.last_seen - first_ms / 1000)
+    pids = {"features": workers.start("features").pid, "detection": workers.procs["detection"].pid,
+            "broker": broker_pid}
+    outputs = Outputs(cfg, lambda: {**{k: cpu_seconds(p) for k, p in pids.items()}, "machine": machine_busy_seconds()})
+    outputs.until(WARMUP + N_THROUGHPUT, workers)
+    kafka_rps, cores = outputs.window(WARMUP)
+    saturated = [r for k, r in outputs.records.items() if k.startswith(b"r")]
 
     # Latency at PACE_LOAD of that throughput, one record at a time from a producer.
     produce(cfg, "preprocessed", images(N_PACED, IMAGE, seed=2), prefix="p", rate=PACE_LOAD * kafka_rps)
-    outputs.until(N_THROUGHPUT + N_PACED, workers)
+    outputs.until(WARMUP + N_THROUGHPUT + N_PACED, workers)
     paced = [r for k, r in outputs.records.items() if k.startswith(b"p")]
     duplicates = outputs.duplicates
     outputs.close()
@@ -318,21 +347,30 @@ def run(folder: Path, bootstrap: str, workers: Workers) -> None:
     workers.stop("mem")
     admin.close()
 
-    report(ceilings, in_memory, per_message, kafka_rps, latencies(saturated), latencies(paced), stats, duplicates,
-           rss_1k, rss_10k)
+    report(ceilings, in_memory, per_message, kafka_rps, cores, latencies(saturated), latencies(paced), stats,
+           duplicates, rss_1k, rss_10k)
 
 
-def report(ceilings: list[float], in_memory: float, per_message: float, kafka_rps: float, saturated: dict, paced: dict, stats: dict,
-           duplicates: int, rss_1k: float, rss_10k: float) -> None:
-    ceiling = max(ceilings)
-    print(f"stream: {N_THROUGHPUT} records of {IMAGE} float32, max_batch={MAX_BATCH}, "
+def report(ceilings: list[tuple[float, float]], in_memory: float, per_message: float, kafka_rps: float,
+           cores: dict[str, float], saturated: dict, paced: dict, stats: dict, duplicates: int, rss_1k: float,
+           rss_10k: float) -> None:
+    ceiling, ceiling_cpu = max(ceilings)
+    print(f"stream: {WARMUP} warm-up + {N_THROUGHPUT} timed records of {IMAGE} float32, max_batch={MAX_BATCH}, "
           f"max_delay_ms={MAX_DELAY_MS}, exactly_once; duplicates seen: {duplicates}")
     print(f"{'throughput':<34}{'rec/s':>10}{'kafka x':>10}")
     for name, rps in (("kafka stages (features+detection)", kafka_rps),
                       ("ceiling (in-process, batched)", ceiling), ("runtime in memory (no broker)", in_memory),
                       ("per-message loop (Kafka-ML)", per_message)):
         print(f"{name:<34}{rps:>10.1f}{kafka_rps / rps:>10.2f}")
-    print(f"  ceiling before / after the Kafka run: {ceilings[0]:.1f} / {ceilings[1]:.1f} rec/s")
+    print(f"  ceiling before / after the Kafka run: {ceilings[0][0]:.1f} / {ceilings[1][0]:.1f} rec/s")
+    # CPU per record: what the Kafka path spends beside the model calls, and the throughput these
+    # costs allow at best, with every core of the machine busy all the time.
+    kafka_cpu = sum(cores[k] for k in ("features", "detection", "broker")) / kafka_rps
+    cpu_bound = os.cpu_count() / kafka_cpu / ceiling
+    print(f"cpu ms per record: ceiling {1000 * ceiling_cpu:.2f} ({ceiling * ceiling_cpu:.2f} cores busy); kafka "
+          + ", ".join(f"{k} {1000 * cores[k] / kafka_rps:.2f}" for k in ("features", "detection", "broker"))
+          + f" = {1000 * kafka_cpu:.2f} ({kafka_cpu * kafka_rps:.2f} cores busy; machine {cores['machine']:.2f} "
+          f"of {os.cpu_count()}); with every core busy at that cost: {cpu_bound:.2f} of the ceiling")
     for stage in ("features", "detection"):
         s = stats.get(stage, {})
         if s.get("batches"):
@@ -349,7 +387,8 @@ def report(ceilings: list[float], in_memory: float, per_message: float, kafka_rp
     print(f"memory: worker RSS {rss_1k:.0f} MiB after {MEM_FIRST} records, {rss_10k:.0f} MiB after {MEM_TOTAL} "
           f"({growth:+.1%})")
     print(f"bench stages: vs_ceiling={kafka_rps / ceiling:.2f} vs_per_message={kafka_rps / per_message:.2f} "
-          f"in_memory_vs_ceiling={in_memory / ceiling:.2f} "
+          f"in_memory_vs_ceiling={in_memory / ceiling:.2f} cpu_bound_vs_ceiling={cpu_bound:.2f} "
+          f"kafka_cpu_vs_ceiling_cpu={kafka_cpu / ceiling_cpu:.2f} "
           f"kafka_rps={kafka_rps:.1f} ceiling_rps={ceiling:.1f} per_message_rps={per_message:.1f} "
           f"features_p50_ms={pct(paced['features'], 50):.0f} features_p99_ms={pct(paced['features'], 99):.0f} "
           f"detection_p50_ms={pct(paced['detection'], 50):.0f} detection_p99_ms={pct(paced['detection'], 99):.0f} "

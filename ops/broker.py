@@ -27,12 +27,17 @@ DEFAULT_DATA_DIR = Path(".tensorline/broker")
 DEFAULT_PORT = 9092
 DATA_DIR_ENV = "TENSORLINE_BROKER_DIR"
 LIBS_ENV = "TENSORLINE_KAFKA_LIBS"
+JVM_OPTS_ENV = "TENSORLINE_BROKER_JVM_OPTS"  # space-separated, replace JVM_OPTS (e.g. a bigger heap)
 # Generous: a first start on a cold 2-core machine (JIT, storage format) takes about 10 s.
 START_TIMEOUT_S = 90.0
 # The broker flushes and closes its logs on SIGTERM; 30 s is plenty for a single node.
 STOP_TIMEOUT_S = 30.0
 PORT_WAIT_S = 5.0
-JVM_OPTS = ["-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-Djava.awt.headless=true"]
+# C1 only (TieredStopAtLevel=1): a fresh broker's C2 compiler took ~0.2 core for the first tens
+# of seconds of every new load on a 2-core machine, as much as the broker's own work; without it
+# the broker spent 0.26 instead of 0.45-0.51 ms CPU per record in bench/stages. A long-running
+# production broker, on its own hosts, is configured by its operators, not by this launcher.
+JVM_OPTS = ["-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true"]
 
 # Single-node settings. Replication factor and min ISR 1 so transactions and group offsets work
 # on one broker; few internal partitions so the first group or transaction does not wait for 50
@@ -254,7 +259,8 @@ def start(data_dir: Path | None = None, port: int = DEFAULT_PORT, *,
         done = subprocess.run(fmt, capture_output=True, text=True)
         if done.returncode != 0:
             raise BrokerError(f"formatting {data_dir / 'kraft'} failed:\n{done.stdout}{done.stderr}")
-    cmd = java_command("kafka.Kafka", str(props), jvm=[*JVM_OPTS, log4j])
+    jvm = os.environ[JVM_OPTS_ENV].split() if os.environ.get(JVM_OPTS_ENV) else JVM_OPTS
+    cmd = java_command("kafka.Kafka", str(props), jvm=[*jvm, log4j])
     with open(data_dir / "broker.out", "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=data_dir)

@@ -108,8 +108,14 @@ class Model:
             self.input_shape: tuple[int | None, ...] | None = None
             self.output_shape: tuple[int | None, ...] | None = None
         else:
+            import tensorflow as tf
+
             model = keras.saving.load_model(path, compile=False)
-            self._call = lambda x: model(x, training=False)
+            # One traced graph per model: a batch is one call into TensorFlow's runtime, which
+            # releases the GIL for the whole forward pass (an eager call runs layer by layer in
+            # Python, ~1.7x slower and stalled by any other Python thread of the worker).
+            spec = tf.TensorSpec((None, *model.input_shape[1:]), model.inputs[0].dtype)
+            self._call = tf.function(lambda x: model(x, training=False), input_signature=[spec])
             self.input_shape = tuple(model.input_shape[1:])
             self.output_shape = tuple(model.output_shape[1:])
         self.config = config

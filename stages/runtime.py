@@ -5,7 +5,9 @@ Loop: poll -> decode -> micro-batch (up to `max_batch` records, or `max_delay_ms
 a stage owns only its transformation (see `Stage`). It takes a `Source` and a `Sink`, so a
 stage runs the same code in memory (tests) and on Kafka (`stages.kafka`).
 
-Exactly-once: outputs, dead letters and the consumed offsets go into one transaction per batch.
+Exactly-once: outputs, dead letters and the consumed offsets go into one transaction. Under
+load a transaction spans the batches finished within `commit_interval_ms` (as Kafka Streams'
+commit.interval.ms); a worker with no next batch to start commits at once.
 Poll-safe: the model runs on a helper thread while the main thread keeps polling with every
 partition paused, so a slow batch never pushes the worker out of its group; a batch slower than
 `slow_batch_s` halves the batch size, fast batches grow it back.
@@ -218,12 +220,13 @@ class Worker:
     """Runs one stage from a Source to a Sink until stopped."""
 
     def __init__(self, stage: Stage, source: Source, sink: Sink, *, output_topic: str, dlq_topic: str,
-                 max_batch: int, max_delay_ms: int, slow_batch_s: float = DEFAULT_SLOW_BATCH_S,
-                 log: Any = None):
+                 max_batch: int, max_delay_ms: int, commit_interval_ms: int = 0,
+                 slow_batch_s: float = DEFAULT_SLOW_BATCH_S, log: Any = None):
         self.stage, self.source, self.sink = stage, source, sink
         self.output_topic, self.dlq_topic = output_topic, dlq_topic
         self.max_batch, self.batch_size = max_batch, max_batch
         self.max_delay_s, self.slow_batch_s = max_delay_ms / 1000, slow_batch_s
+        self.commit_interval_s = commit_interval_ms / 1000
         self.stats = Stats()
         self.stop_event = threading.Event()
         self.log = log or logs.get(stage=stage.name)
@@ -233,6 +236,11 @@ class Worker:
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{stage.name}-model")
         self._buffer: list[Message] = []
         self._in_flight: _Batch | None = None
+        # The open transaction: since when, what it holds (a batch, or None for tick outputs,
+        # with its outputs and dead letters), and the offsets to commit with it.
+        self._open_since: float | None = None
+        self._open: list[tuple[_Batch | None, list[Output], list[Output]]] = []
+        self._open_positions: dict[tuple[str, int], int] = {}
         source.set_rebalance_listener(self._on_revoke, self._on_assign, self._on_lost)
 
     # -- loop ------------------------------------------------------------------------------
@@ -240,8 +248,8 @@ class Worker:
         """Process batches until `stop()` (or, when `until_idle_s` is set, until idle that long).
 
         Pipelined: while batch N's model runs, the main thread collects batch N+1; once N's model
-        is done, N+1's model starts and N is committed meanwhile. At most one batch is in flight
-        when the consumer polls, so a revoke has one batch to finish.
+        is done, N+1's model starts and N is produced (and committed, when due) meanwhile. At most
+        one batch is in flight when the consumer polls, so a revoke has one batch to finish.
         """
         idle_since = time.monotonic()
         try:
@@ -258,6 +266,9 @@ class Worker:
                     self._in_flight = self._start()
                 if previous is not None:
                     self._finish(previous)
+                if self._open_since is not None and (
+                        self._in_flight is None or time.monotonic() - self._open_since >= self.commit_interval_s):
+                    self._commit()
                 ticked = self._in_flight is None and self._tick()
                 if started or previous is not None or ticked:
                     idle_since = time.monotonic()
@@ -272,6 +283,7 @@ class Worker:
                 if self._in_flight is last:
                     self._in_flight = None
                     self._finish(last)
+            self._commit()
         finally:
             self._model_thread.shutdown(wait=True)
         return self.stats
@@ -330,28 +342,75 @@ class Worker:
         self._adapt(elapsed)
 
     def _finish(self, batch: "_Batch") -> None:
-        """Produce the batch's outputs and dead letters and commit them with its offsets.
-
-        On failure the transaction is aborted, a batch started meanwhile is dropped, the stage
-        forgets what it did, and both batches are read again.
-        """
+        """Produce the batch's outputs and dead letters into the open transaction, its offsets
+        to be committed with it."""
         assert batch.model is not None
         results, model_dead = batch.model.result()
         outputs = [o for message, element in results for o in self._outputs(message, element, batch.received_ms)]
-        dead = batch.dead + model_dead
-        if self._commit(outputs + dead, batch.positions):
-            self.stats.records_in += len(batch.messages)
+        self._send(batch, outputs, batch.dead + model_dead, batch.positions)
+
+    def _send(self, batch: "_Batch | None", outputs: list[Output], dead: list[Output],
+              positions: dict[tuple[str, int], int]) -> bool:
+        """Into the open transaction (begun if none): the outputs and dead letters, then the
+        offsets to commit. False (and everything open aborted) on failure."""
+        if self._open_since is None:
+            self.sink.begin()
+            self._open_since = time.monotonic()
+        self._open.append((batch, outputs, dead))
+        try:
+            for out in outputs + dead:
+                self.sink.send(out)
+        except Exception:
+            self.log.exception("send failed; transaction aborted, its batches will be read again",
+                               batches=len(self._open))
+            self._abort()
+            return False
+        self._open_positions.update(positions)
+        return True
+
+    def _commit(self) -> bool:
+        """Commit the open transaction: its outputs and the offsets after its batches. On failure
+        it is aborted and its batches are read again (`_abort`)."""
+        if self._open_since is None:
+            return True
+        try:
+            self.sink.commit(self._open_positions)
+        except Exception:
+            self.log.exception("commit failed; transaction aborted, its batches will be read again",
+                               batches=len(self._open))
+            self._abort()
+            return False
+        self.stage.committed()
+        for batch, outputs, dead in self._open:
             self.stats.records_out += len(outputs)
             self.stats.dead_letters += len(dead)
-            self.stats.batches += 1
-            self._observe(batch, outputs, dead)
-            return
+            if batch is not None:
+                self.stats.records_in += len(batch.messages)
+                self.stats.batches += 1
+                self._observe(batch, outputs, dead)
+        self._close_open()
+        return True
+
+    def _abort(self) -> None:
+        """Abort the open transaction: a batch started meanwhile is dropped, the stage forgets
+        what it did, and every record not committed is read again."""
+        try:
+            self.sink.abort()
+        except Exception:  # a fenced or closed producer: nothing of the transaction is visible anyway
+            self.log.exception("abort failed")
         later, self._in_flight = self._in_flight, None
         if later is not None:
             self._await(later)
         self.stage.aborted()
-        self.source.rewind(batch.messages + (later.messages if later else []) + self._buffer)
+        batches = [b for b, _, _ in self._open if b is not None] + ([later] if later else [])
+        messages = [m for b in batches for m in b.messages] + self._buffer
+        if messages:
+            self.source.rewind(messages)
         self._buffer = []
+        self._close_open()
+
+    def _close_open(self) -> None:
+        self._open_since, self._open, self._open_positions = None, [], {}
 
     def _observe(self, batch: "_Batch", outputs: list[Output], dead: list[Output]) -> None:
         labels = self.labels
@@ -366,21 +425,6 @@ class Worker:
             if ingest is not None:
                 metrics.END_TO_END_SECONDS.labels(*labels).observe((now - int(ingest)) / 1000)
 
-    def _commit(self, outputs: list[Output], offsets: dict[tuple[str, int], int]) -> bool:
-        """One transaction: every output, then the offsets. False (and aborted) on failure."""
-        self.sink.begin()
-        try:
-            for out in outputs:
-                self.sink.send(out)
-            self.sink.commit(offsets)
-        except Exception:
-            self.log.exception("commit failed; transaction aborted, the batch will be read again",
-                               outputs=len(outputs))
-            self.sink.abort()
-            return False
-        self.stage.committed()
-        return True
-
     def _outputs(self, message: Message, element: Any, received_ms: int) -> list[Output]:
         if element is None:
             return []
@@ -392,18 +436,15 @@ class Worker:
     def _settle(self) -> None:
         """Idle: commit the positions past trailing transaction markers, so lag reads 0 at rest."""
         offsets = self.source.idle_positions()
-        if offsets and not self._commit([], offsets):
-            self.log.warning("could not commit idle positions; they are committed with the next batch")
+        if offsets and self._send(None, [], [], offsets):
+            self._commit()
 
     def _tick(self) -> bool:
-        """Outputs a stage owes without new input (fusion deadlines), in their own transaction.
-        Only called with no batch in flight, so it never runs beside `process`."""
+        """Outputs a stage owes without new input (fusion deadlines), committed at once. Only
+        called with no batch in flight, so it never runs beside `process`."""
         outputs = self.stage.tick()
-        if outputs:
-            if self._commit(outputs, {}):
-                self.stats.records_out += len(outputs)
-            else:
-                self.stage.aborted()
+        if outputs and self._send(None, outputs, [], {}):
+            self._commit()
         return bool(outputs)
 
     def _call(self, items: list[tuple[Message, Any]]) -> tuple[list[tuple[Message, Any]], list[Output]]:
@@ -439,18 +480,24 @@ class Worker:
 
     # -- rebalance -------------------------------------------------------------------------
     def _on_revoke(self, partitions: set[tuple[str, int]]) -> None:
-        """Partitions are leaving: commit the in-flight batch first, drop buffered records of theirs."""
+        """Partitions are leaving: finish the in-flight batch and commit the open transaction
+        first, drop buffered records of theirs."""
         if self._in_flight is not None:
             self.log.info("partitions revoked during a batch: finishing it first", partitions=sorted(partitions))
             batch, self._in_flight = self._in_flight, None
             self._finish(batch)
+        self._commit()
         self._drop(partitions)
 
     def _on_lost(self, partitions: set[tuple[str, int]]) -> None:
-        """Evicted (session expired): the batch in flight cannot commit; it will be read again."""
+        """Evicted (session expired): every partition is gone, so the batch in flight and the
+        open transaction cannot commit; the transaction is aborted and the partitions' new owners
+        read its records again."""
         self.log.warning("partitions lost: the group evicted this worker", partitions=sorted(partitions))
         self._in_flight = None
         self._drop(partitions)
+        if self._open_since is not None:
+            self._abort()
 
     def _drop(self, partitions: set[tuple[str, int]]) -> None:
         self._buffer = [m for m in self._buffer if (m.topic, m.partition) not in partitions]

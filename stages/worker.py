@@ -89,7 +89,7 @@ def run(pipeline: PipelineConfig, stage: str, *, model: str | None = None, devic
         log.warning("at-least-once delivery: after a crash, records of the last batch are produced again")
     worker = Worker(stage_obj, source, sink, output_topic=pipeline.topic(cfg.output).name,
                     dlq_topic=pipeline.topic(pipeline.dlq).name, max_batch=cfg.max_batch,
-                    max_delay_ms=cfg.max_delay_ms, log=log)
+                    max_delay_ms=cfg.max_delay_ms, commit_interval_ms=cfg.commit_interval_ms, log=log)
     assignor.measure = lambda: (worker.stats.records_in, worker.stats.batch_seconds)
     if stop is not None:
         worker.stop_event = stop
@@ -103,7 +103,8 @@ def run(pipeline: PipelineConfig, stage: str, *, model: str | None = None, devic
         source.on_end = at_end
     metrics.DEVICE.labels(*worker.labels, device).set(1)
     log.info("worker started", metrics=endpoint, input=pipeline.topic(cfg.input).name, output=pipeline.topic(cfg.output).name,
-             delivery=pipeline.delivery, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms)
+             delivery=pipeline.delivery, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms,
+             commit_interval_ms=cfg.commit_interval_ms)
     try:
         stats = worker.run(until_idle_s=until_idle_s)
     finally:

@@ -26,12 +26,12 @@ def models(tmp_path_factory):
     return folder
 
 
-def pipeline(folder, classes=("normal", "nodule")):
+def pipeline(folder, classes=("normal", "nodule"), **features_params):
     return parse({
         "pipeline": {"name": "m", "classes": list(classes)},
         "topics": {"pre": {}, "feat": {}, "det": {}},
         "stages": {
-            "features": {"input": "pre", "output": "feat",
+            "features": {"input": "pre", "output": "feat", "params": features_params,
                          "models": {"backbone": {"path": str(folder / "backbone.keras")}}},
             "detection": {"input": "feat", "output": "det",
                           "models": {"head": {"path": str(folder / "head.keras"), "input": "embedding", "version": "3"}}},
@@ -102,3 +102,28 @@ def test_a_saved_model_folder_serves_like_a_keras_file(models, tmp_path):
     from_file = Model(ModelConfig("head", str(models / "head.keras"), input="embedding"))
     from_folder = Model(ModelConfig("head", str(tmp_path / "head_savedmodel"), input="embedding"))
     np.testing.assert_allclose(from_folder(x), from_file(x), rtol=1e-5, atol=1e-6)
+
+
+def test_features_keep_forwards_only_the_named_input_tensors(models):
+    image = np.ones((16, 16, 1), np.float32)
+    r = Record(record_id="r0", source="s", ingest_ts_ms=7, tensors={"image": image, "mask": image}, stage="preprocess")
+    message = Message("m.pre", 0, 0, b"k", bytes(encode_record(r)), [], 0)
+    [kept] = run(load_stage(pipeline(models, keep=["mask"]), "features"), [message]).topic("out")
+    assert sorted(decode_record(kept.value).tensors) == ["embedding", "mask"]
+    [alone] = run(load_stage(pipeline(models, keep=[]), "features"), [message]).topic("out")
+    assert sorted(decode_record(alone.value).tensors) == ["embedding"]
+    with pytest.raises(ValueError, match="params.keep: expected a list of tensor names"):
+        load_stage(pipeline(models, keep="image"), "features")
+
+
+def test_the_traced_model_call_equals_keras_eager_call(models):
+    import keras
+
+    from tensorline.config import ModelConfig
+    from tensorline.stages.base import Model
+
+    x = np.random.default_rng(4).standard_normal((5, 16, 16, 1)).astype(np.float32)
+    eager = keras.saving.load_model(models / "backbone.keras")(x, training=False)
+    traced = Model(ModelConfig("backbone", str(models / "backbone.keras")))
+    np.testing.assert_allclose(traced(x), np.asarray(eager), rtol=1e-5, atol=1e-6)
+    assert traced(x[:1]).shape == (1, 8)  # one graph for every batch size

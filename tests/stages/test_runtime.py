@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -137,3 +139,57 @@ def test_pipelined_batches_commit_in_order():
     w.run(until_idle_s=0)
     assert [decode_record(o.value).record_id for o in sink.topic("mem.out")] == [f"r{i}" for i in range(9)]
     assert stage.batch_sizes == [3, 3, 3] and sink.offsets == {("mem.in", 0): 9}
+
+
+class CountingSink(MemorySink):
+    """Counts commits and aborts, and notes when the first commit came."""
+
+    def __init__(self):
+        super().__init__()
+        self.commits, self.aborts, self.first_commit_at = 0, 0, None
+
+    def commit(self, offsets):
+        self.commits += 1
+        self.first_commit_at = self.first_commit_at or time.monotonic()
+        super().commit(offsets)
+
+    def abort(self):
+        self.aborts += 1
+        super().abort()
+
+
+@pytest.mark.parametrize("interval_ms, commits", [(0, 6), (60_000, 1)])
+def test_under_load_one_transaction_spans_the_batches_of_the_commit_interval(interval_ms, commits):
+    w, sink, stage = worker([message(i) for i in range(12)], max_batch=2, sink=CountingSink(),
+                            commit_interval_ms=interval_ms)
+    stats = w.run(until_idle_s=0)
+    assert stage.batch_sizes == [2] * 6 and sink.commits == commits
+    assert [decode_record(o.value).record_id for o in sink.topic("mem.out")] == [f"r{i}" for i in range(12)]
+    assert sink.offsets == {("mem.in", 0): 12} and (stats.records_in, stats.batches) == (12, 6)
+
+
+def test_a_worker_with_no_next_batch_commits_at_once_whatever_the_interval():
+    w, sink, _ = worker([message(i) for i in range(3)], sink=CountingSink(), commit_interval_ms=60_000)
+    started = time.monotonic()
+    w.run(until_idle_s=2.0)
+    assert sink.first_commit_at - started < 1.0  # long before the idle run ends, let alone the interval
+    assert sink.commits == 1 and len(sink.topic("mem.out")) == 3
+
+
+def test_a_failed_commit_reads_every_batch_of_its_transaction_again():
+    w, sink, _ = worker([message(i) for i in range(8)], max_batch=2, sink=FailOnceSink(), commit_interval_ms=60_000)
+    stats = w.run(until_idle_s=0)
+    assert [decode_record(o.value).record_id for o in sink.topic("mem.out")] == [f"r{i}" for i in range(8)]
+    assert sink.offsets == {("mem.in", 0): 8} and stats.records_in == 8
+
+
+def test_lost_partitions_abort_the_open_transaction():
+    w, sink, _ = worker([message(i) for i in range(4)], sink=CountingSink(), commit_interval_ms=60_000)
+    w._collect()
+    batch = w._start()
+    w._await(batch)
+    w._finish(batch)  # produced into the open transaction, not committed yet
+    w._on_lost({("mem.in", 0)})
+    assert sink.aborts == 1 and sink.commits == 0 and sink.committed == []
+    w._commit()
+    assert sink.commits == 0  # nothing left open to commit

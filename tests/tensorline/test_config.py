@@ -37,6 +37,7 @@ def test_defaults_and_derived_names():
     assert cfg.topic("dlq").name == "p1.dlq"  # always present
     stage = cfg.stages["pre"]
     assert stage.max_batch == 16 and stage.max_delay_ms == config.DEFAULT_MAX_DELAY_MS
+    assert stage.commit_interval_ms == config.DEFAULT_COMMIT_INTERVAL_MS
     assert stage.models[0].version == "2" and stage.devices == ("cpu",)
     assert cfg.group_id("pre") == "p1.pre" and cfg.group_id("det", "cnn") == "p1.det.cnn"
     assert cfg.delivery == "exactly_once" and cfg.max_message_bytes == 16 * 1024 * 1024
@@ -45,6 +46,7 @@ def test_defaults_and_derived_names():
 @pytest.mark.parametrize("mutate, key, expected", [
     (lambda t: t["stages"]["pre"].update(max_batch=0), "stages.pre.max_batch", "positive integer"),
     (lambda t: t["stages"]["pre"].update(input="nope"), "stages.pre.input", "topic key"),
+    (lambda t: t["stages"]["pre"].update(commit_interval_ms=-1), "stages.pre.commit_interval_ms", "0: commit every"),
     (lambda t: t["stages"]["pre"].update(devices=["tpu"]), "stages.pre.devices", "gpu:0"),
     (lambda t: t["pipeline"].update(delivery="maybe"), "pipeline.delivery", "exactly_once"),
     (lambda t: t["pipeline"].pop("name"), "pipeline.name", "required"),
