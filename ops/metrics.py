@@ -18,7 +18,7 @@ RECORDS_OUT = Counter("tensorline_records_out_total", "Records produced and comm
 DEAD_LETTERS = Counter("tensorline_dead_letters_total", "Records sent to the DLQ", (*_LABELS, "reason"))
 BATCH_SIZE = Histogram("tensorline_batch_size", "Records per micro-batch", _LABELS,
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
-BATCH_SECONDS = Histogram("tensorline_batch_seconds", "Wall time of a batch, poll to commit", _LABELS, buckets=_FAST)
+BATCH_SECONDS = Histogram("tensorline_batch_seconds", "Wall time of a batch, decode to the model's end (queueing included)", _LABELS, buckets=_FAST)
 MODEL_SECONDS = Histogram("tensorline_model_seconds", "Wall time of the model call of a batch", _LABELS, buckets=_FAST)
 END_TO_END_SECONDS = Histogram("tensorline_end_to_end_seconds", "Ingest to this stage's output, from trace headers",
                                _LABELS, buckets=_SLOW)

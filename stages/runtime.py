@@ -48,6 +48,9 @@ KEEPALIVE_INTERVAL_S = 0.5
 COLLECT_SLICE_S = 0.005
 # With nothing in flight, wait this long for a first record before looking at stop/ticks again.
 FIRST_RECORD_WAIT_S = 0.5
+# Batches handed to the model thread at once: while one runs, the next full batch waits decoded
+# behind it, so the model never idles while the main thread commits or decodes.
+PIPELINE_DEPTH = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +217,7 @@ class _Batch:
     positions: dict[tuple[str, int], int]
     dead: list[Output] = field(default_factory=list)
     model: Future | None = None
+    model_started: float = 0.0  # when the model thread took it up (it may wait behind another)
 
 
 class Worker:
@@ -235,7 +239,7 @@ class Worker:
         self.assigned: set[tuple[str, int]] = set()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{stage.name}-model")
         self._buffer: list[Message] = []
-        self._in_flight: _Batch | None = None
+        self._flight: list[_Batch] = []  # handed to the model thread, oldest first
         # The open transaction: since when, what it holds (a batch, or None for tick outputs,
         # with its outputs and dead letters), and the offsets to commit with it.
         self._open_since: float | None = None
@@ -247,49 +251,40 @@ class Worker:
     def run(self, *, until_idle_s: float | None = None) -> Stats:
         """Process batches until `stop()` (or, when `until_idle_s` is set, until idle that long).
 
-        Pipelined: while batch N's model runs, the main thread collects batch N+1; once N's model
-        is done, N+1's model starts and N is produced (and committed, when due) meanwhile. At most
-        one batch is in flight when the consumer polls, so a revoke has one batch to finish.
+        Pipelined: while batch N's model runs, the main thread collects batch N+1 and, once it is
+        full, hands it to the model thread to run next (up to PIPELINE_DEPTH batches in flight); a
+        model with nothing queued gets whatever was collected. Batches are produced in order as
+        their models finish (and committed, when due) while the next one runs. A revoke finishes
+        every batch in flight first.
         """
         idle_since = time.monotonic()
         try:
             while not self.stop_event.is_set():
                 self._collect()
-                previous = self._in_flight
-                if previous is not None:
-                    self._await(previous)
-                    if self._in_flight is not previous:  # finished by a revoke while we waited
-                        previous = None
-                    self._in_flight = None
-                started = bool(self._buffer)
-                if started:
-                    self._in_flight = self._start()
-                if previous is not None:
-                    self._finish(previous)
+                started = self._feed()
+                finished = self._drain()
                 if self._open_since is not None and (
-                        self._in_flight is None or time.monotonic() - self._open_since >= self.commit_interval_s):
+                        not self._flight or time.monotonic() - self._open_since >= self.commit_interval_s):
                     self._commit()
-                ticked = self._in_flight is None and self._tick()
-                if started or previous is not None or ticked:
+                ticked = not self._flight and self._tick()
+                if started or finished or ticked:
                     idle_since = time.monotonic()
                     continue
-                if self._in_flight is None:
+                if not self._flight:
                     self._settle()
                 if until_idle_s is not None and time.monotonic() - idle_since > until_idle_s:
                     break
-            last = self._in_flight
-            if last is not None:  # stopping: the batch in flight is finished, not dropped
-                self._await(last)
-                if self._in_flight is last:
-                    self._in_flight = None
-                    self._finish(last)
+            while self._flight:  # stopping: the batches in flight are finished, not dropped
+                self._await(self._flight[0])
+                if self._flight and not self._finish(self._flight.pop(0)):
+                    break
             self._commit()
         finally:
             self._model_thread.shutdown(wait=True)
         return self.stats
 
     def stop(self) -> None:
-        """Ask the loop to finish the batch in flight and return (signal-safe)."""
+        """Ask the loop to finish the batches in flight and return (signal-safe)."""
         self.stop_event.set()
 
     def _collect(self) -> None:
@@ -298,9 +293,9 @@ class Worker:
         flight: whatever arrives until its model is done (or the buffer is full)."""
         first_at = None
         while len(self._buffer) < self.batch_size and not self.stop_event.is_set():
-            flight = self._in_flight
-            if flight is not None:
-                if flight.model.done():
+            flight = self._flight
+            if flight:
+                if flight[0].model.done():
                     return
                 timeout = COLLECT_SLICE_S
             elif not self._buffer:
@@ -312,8 +307,34 @@ class Worker:
                     return
             got = self.source.poll(timeout, self.batch_size - len(self._buffer))
             self._buffer.extend(got)
-            if flight is None and not self._buffer:
+            if not flight and not self._buffer:
                 return  # idle: let the loop look at stop, ticks and until_idle
+
+    def _feed(self) -> bool:
+        """Hand the buffer to the model thread: at once when the model has nothing to run; when
+        full, queued behind the running batch (up to PIPELINE_DEPTH in flight)."""
+        if not self._buffer:
+            return False
+        running = sum(not b.model.done() for b in self._flight)
+        if running and (len(self._buffer) < self.batch_size or running >= PIPELINE_DEPTH):
+            return False
+        self._flight.append(self._start())
+        return True
+
+    def _drain(self) -> bool:
+        """Produce, in order, the batches whose model is done; when the buffer is full and the
+        model thread has PIPELINE_DEPTH batches, wait (polling) for the oldest first."""
+        if len(self._buffer) >= self.batch_size and len(self._flight) >= PIPELINE_DEPTH:
+            self._await(self._flight[0])
+        finished = False
+        while self._flight and self._flight[0].model.done():
+            self._await(self._flight[0])  # done: only its metrics
+            if not self._flight:  # a revoke finished it meanwhile
+                break
+            finished = True
+            if not self._finish(self._flight.pop(0)):
+                break
+        return finished
 
     # -- one batch -------------------------------------------------------------------------
     def _start(self) -> "_Batch":
@@ -328,8 +349,12 @@ class Worker:
                 items.append((message, item))
             except Exception as e:  # bad input of any kind goes to the DLQ, never crashes the worker
                 batch.dead.append(self._dead(message, e))
-        batch.model = self._model_thread.submit(self._call, items)
+        batch.model = self._model_thread.submit(self._run_model, batch, items)
         return batch
+
+    def _run_model(self, batch: "_Batch", items: list[tuple[Message, Any]]):
+        batch.model_started = time.monotonic()
+        return self._call(items)
 
     def _await(self, batch: "_Batch") -> None:
         """Wait for the batch's model, polling (partitions paused) so the group keeps us."""
@@ -337,17 +362,17 @@ class Worker:
         while not wait([batch.model], timeout=KEEPALIVE_INTERVAL_S).done:
             self.source.keepalive()
         self.source.resume()
-        elapsed = time.monotonic() - batch.started
-        metrics.BATCH_SECONDS.labels(*self.labels).observe(elapsed)
-        self._adapt(elapsed)
+        now = time.monotonic()
+        metrics.BATCH_SECONDS.labels(*self.labels).observe(now - batch.started)
+        self._adapt(now - batch.model_started)
 
-    def _finish(self, batch: "_Batch") -> None:
+    def _finish(self, batch: "_Batch") -> bool:
         """Produce the batch's outputs and dead letters into the open transaction, its offsets
-        to be committed with it."""
+        to be committed with it. False when that failed (everything uncommitted is read again)."""
         assert batch.model is not None
         results, model_dead = batch.model.result()
         outputs = [o for message, element in results for o in self._outputs(message, element, batch.received_ms)]
-        self._send(batch, outputs, batch.dead + model_dead, batch.positions)
+        return self._send(batch, outputs, batch.dead + model_dead, batch.positions)
 
     def _send(self, batch: "_Batch | None", outputs: list[Output], dead: list[Output],
               positions: dict[tuple[str, int], int]) -> bool:
@@ -392,17 +417,19 @@ class Worker:
         return True
 
     def _abort(self) -> None:
-        """Abort the open transaction: a batch started meanwhile is dropped, the stage forgets
-        what it did, and every record not committed is read again."""
-        try:
-            self.sink.abort()
-        except Exception:  # a fenced or closed producer: nothing of the transaction is visible anyway
-            self.log.exception("abort failed")
-        later, self._in_flight = self._in_flight, None
-        if later is not None:
-            self._await(later)
+        """Abort the open transaction: batches in flight are dropped, the stage forgets what it
+        did, and every record not committed is read again."""
+        if self._open_since is not None:
+            try:
+                self.sink.abort()
+            except Exception:  # a fenced or closed producer: nothing of the transaction is visible anyway
+                self.log.exception("abort failed")
+        later, self._flight = self._flight, []
+        # Blocking, not polling (this may run inside a rebalance callback): the stage must not
+        # be reset under a running model call. Aborts are rare.
+        wait([b.model for b in later if b.model is not None])
         self.stage.aborted()
-        batches = [b for b, _, _ in self._open if b is not None] + ([later] if later else [])
+        batches = [b for b, _, _ in self._open if b is not None] + later
         messages = [m for b in batches for m in b.messages] + self._buffer
         if messages:
             self.source.rewind(messages)
@@ -480,12 +507,14 @@ class Worker:
 
     # -- rebalance -------------------------------------------------------------------------
     def _on_revoke(self, partitions: set[tuple[str, int]]) -> None:
-        """Partitions are leaving: finish the in-flight batch and commit the open transaction
+        """Partitions are leaving: finish the batches in flight and commit the open transaction
         first, drop buffered records of theirs."""
-        if self._in_flight is not None:
-            self.log.info("partitions revoked during a batch: finishing it first", partitions=sorted(partitions))
-            batch, self._in_flight = self._in_flight, None
-            self._finish(batch)
+        if self._flight:
+            self.log.info("partitions revoked during a batch: finishing it first", partitions=sorted(partitions),
+                          batches=len(self._flight))
+        while self._flight:
+            if not self._finish(self._flight.pop(0)):
+                break
         self._commit()
         self._drop(partitions)
 
@@ -494,9 +523,8 @@ class Worker:
         open transaction cannot commit; the transaction is aborted and the partitions' new owners
         read its records again."""
         self.log.warning("partitions lost: the group evicted this worker", partitions=sorted(partitions))
-        self._in_flight = None
         self._drop(partitions)
-        if self._open_since is not None:
+        if self._open_since is not None or self._flight:
             self._abort()
 
     def _drop(self, partitions: set[tuple[str, int]]) -> None:
