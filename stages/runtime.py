@@ -217,7 +217,7 @@ class _Batch:
     positions: dict[tuple[str, int], int]
     dead: list[Output] = field(default_factory=list)
     model: Future | None = None
-    model_started: float = 0.0  # when the model thread took it up (it may wait behind another)
+    model_seconds: float = 0.0  # the model call alone (it may have waited behind another batch)
 
 
 class Worker:
@@ -353,8 +353,11 @@ class Worker:
         return batch
 
     def _run_model(self, batch: "_Batch", items: list[tuple[Message, Any]]):
-        batch.model_started = time.monotonic()
-        return self._call(items)
+        started = time.monotonic()
+        try:
+            return self._call(items)
+        finally:
+            batch.model_seconds = time.monotonic() - started
 
     def _await(self, batch: "_Batch") -> None:
         """Wait for the batch's model, polling (partitions paused) so the group keeps us."""
@@ -362,9 +365,8 @@ class Worker:
         while not wait([batch.model], timeout=KEEPALIVE_INTERVAL_S).done:
             self.source.keepalive()
         self.source.resume()
-        now = time.monotonic()
-        metrics.BATCH_SECONDS.labels(*self.labels).observe(now - batch.started)
-        self._adapt(now - batch.model_started)
+        metrics.BATCH_SECONDS.labels(*self.labels).observe(time.monotonic() - batch.started)
+        self._adapt(batch.model_seconds)
 
     def _finish(self, batch: "_Batch") -> bool:
         """Produce the batch's outputs and dead letters into the open transaction, its offsets
