@@ -7,6 +7,7 @@ reads the embedding only, so the image is not shipped through Kafka a second tim
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 
 import numpy as np
@@ -30,7 +31,7 @@ class Features(ModelStage):
         return [replace(r, tensors={**self._kept(r), "embedding": e}, stage=self.name, model=self.model_ref)
                 for r, e in zip(items, embeddings)]
 
-    def _kept(self, record: Record) -> dict[str, np.ndarray]:
+    def _kept(self, record: Record) -> Mapping[str, np.ndarray]:
         if self.keep is None:
-            return dict(record.tensors)
+            return record.tensors
         return {k: v for k, v in record.tensors.items() if k in self.keep}

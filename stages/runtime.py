@@ -448,11 +448,11 @@ class Worker:
         metrics.BATCH_SIZE.labels(*labels).observe(len(batch.messages))
         for d in dead:
             metrics.DEAD_LETTERS.labels(*labels, (header(d.headers, "tl.dlq.error") or b"").decode()).inc()
-        now = now_ms()
+        now, end_to_end = now_ms(), metrics.END_TO_END_SECONDS.labels(*labels)
         for out in outputs:
             ingest = header(out.headers, INGEST_MS)
             if ingest is not None:
-                metrics.END_TO_END_SECONDS.labels(*labels).observe((now - int(ingest)) / 1000)
+                end_to_end.observe((now - int(ingest)) / 1000)
 
     def _outputs(self, message: Message, element: Any, received_ms: int) -> list[Output]:
         if element is None:
@@ -525,6 +525,7 @@ class Worker:
         open transaction cannot commit; the transaction is aborted and the partitions' new owners
         read its records again."""
         self.log.warning("partitions lost: the group evicted this worker", partitions=sorted(partitions))
+        wait([b.model for b in self._flight if b.model is not None])  # no stage hook beside a model call
         self._drop(partitions)
         if self._open_since is not None or self._flight:
             self._abort()
