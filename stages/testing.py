@@ -1,6 +1,6 @@
 """Testing helpers: an in-memory Source and Sink, so a whole stage runs in-process without a
 broker, and `Scale`, a model-free stage for runtime tests (also on Kafka, as kind
-"tensorline.stages.testing:Scale")."""
+"tensorline.stages.testing:Scale", with `scale_pipeline_body` for its pipeline file)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,25 @@ class Scale(RecordStage):
         if any("poison" in r.attributes for r in items):
             raise ValueError("poisoned record in batch")
         return [replace(r, tensors={"x": r.tensors["x"] * self.factor}, stage=self.name) for r in items]
+
+
+def scale_pipeline_body(*, partitions: int = 3, **params: float) -> str:
+    """The topics and stage tables (no [pipeline] header) of one Scale stage from `in` to `out`,
+    with its params: for tests that run it on a real broker."""
+    extra = "".join(f"{k} = {v}\n" for k, v in params.items())
+    return f"""
+[topics]
+in = {{ partitions = {partitions} }}
+out = {{ partitions = {partitions} }}
+dlq = {{ partitions = 1 }}
+[stages.scale]
+kind = "tensorline.stages.testing:Scale"
+input = "in"
+output = "out"
+max_batch = 8
+max_delay_ms = 20
+[stages.scale.params]
+{extra}"""
 
 
 class MemorySource:

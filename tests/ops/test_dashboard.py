@@ -26,6 +26,7 @@ from tensorline.ops.lag import GroupLag, PartitionLag
 from tensorline.schemas import Record, encode_record
 from tensorline.stages import worker
 from tensorline.stages.runtime import INGEST_MS
+from tensorline.stages.testing import scale_pipeline_body
 
 CHROMIUM = Path("/usr/bin/chromium")
 CFG = config.parse({"pipeline": {"name": "dash"}, "topics": {"in": {}, "mid": {}, "out": {}},
@@ -254,20 +255,6 @@ def test_page_shows_the_unreachable_banner(down_dashboard, tmp_path):
 
 # -- real broker, headless Chromium -----------------------------------------------------------------
 
-SCALE = """
-[topics]
-in = { partitions = 3 }
-out = { partitions = 3 }
-dlq = { partitions = 1 }
-[stages.scale]
-kind = "tensorline.stages.testing:Scale"
-input = "in"
-output = "out"
-max_batch = 8
-max_delay_ms = 20
-"""
-
-
 def produce(cfg: config.PipelineConfig, ids: range, poison: set[int] = frozenset()) -> None:
     producer = clients.producer(cfg)
     for i in ids:
@@ -284,7 +271,7 @@ def produce(cfg: config.PipelineConfig, ids: range, poison: set[int] = frozenset
 def test_page_shows_the_lag_tensorline_lag_reports(tmp_path, write_pipeline, monkeypatch):
     monkeypatch.setenv("TENSORLINE_STATE_DIR", str(tmp_path / "state"))
     path = tmp_path / "pipeline.toml"
-    cfg = write_pipeline(path, SCALE)
+    cfg = write_pipeline(path, scale_pipeline_body())
     produce(cfg, range(30), poison={7})
     worker.run(cfg, "scale", until_idle_s=2.0, stop=threading.Event(), metrics_port=None)
     produce(cfg, range(30, 42))  # not processed: the lag, stable now that the worker stopped

@@ -20,26 +20,9 @@ from tensorline import config
 from tensorline.ops import clients, topics
 from tensorline.schemas import Record, decode_record, encode_record
 from tensorline.stages import worker
+from tensorline.stages.testing import scale_pipeline_body
 
 pytestmark = pytest.mark.broker
-
-
-def scale_body(*, partitions: int = 3, **params: float) -> str:
-    """A Scale stage from `in` to `out`, with its params."""
-    extra = "".join(f"{k} = {v}\n" for k, v in params.items())
-    return f"""
-[topics]
-in = {{ partitions = {partitions} }}
-out = {{ partitions = {partitions} }}
-dlq = {{ partitions = 1 }}
-[stages.scale]
-kind = "tensorline.stages.testing:Scale"
-input = "in"
-output = "out"
-max_batch = 8
-max_delay_ms = 20
-[stages.scale.params]
-{extra}"""
 
 
 def produce(cfg: config.PipelineConfig, n: int, *, poison: set[int] = frozenset(), first: int = 0) -> None:
@@ -90,7 +73,7 @@ def pipeline_file(tmp_path):
 
 def test_records_in_equal_records_out_and_poison_goes_to_dlq(pipeline_file, write_pipeline, monkeypatch):
     monkeypatch.setenv("TENSORLINE_STATE_DIR", str(pipeline_file.parent / "state"))
-    cfg = write_pipeline(pipeline_file, scale_body())
+    cfg = write_pipeline(pipeline_file, scale_pipeline_body())
     produce(cfg, 50, poison={17})
     stats = worker.run(cfg, "scale", until_idle_s=3.0, stop=threading.Event())
     out = ids(cfg)
@@ -103,7 +86,7 @@ def test_records_in_equal_records_out_and_poison_goes_to_dlq(pipeline_file, writ
 
 
 def test_sigkill_mid_stream_and_restart_gives_each_record_exactly_once(pipeline_file, write_pipeline):
-    cfg = write_pipeline(pipeline_file, scale_body(sleep_s=0.2))
+    cfg = write_pipeline(pipeline_file, scale_pipeline_body(sleep_s=0.2))
     produce(cfg, 200)
     first = spawn(pipeline_file, pipeline_file.parent / "w1.log")
     wait_for(lambda: len(ids(cfg)) >= 40, 60, "some output before the kill")
@@ -123,7 +106,7 @@ def test_sigkill_mid_stream_and_restart_gives_each_record_exactly_once(pipeline_
 
 
 def test_scaling_up_then_down_mid_stream_loses_and_duplicates_nothing(pipeline_file, write_pipeline):
-    cfg = write_pipeline(pipeline_file, scale_body(partitions=4, sleep_s=0.15))
+    cfg = write_pipeline(pipeline_file, scale_pipeline_body(partitions=4, sleep_s=0.15))
     produce(cfg, 120)
     logs = [pipeline_file.parent / "a.log", pipeline_file.parent / "b.log"]
     a = spawn(pipeline_file, logs[0])
@@ -151,7 +134,7 @@ def test_scaling_up_then_down_mid_stream_loses_and_duplicates_nothing(pipeline_f
 
 
 def test_sigterm_exits_cleanly_within_bound(pipeline_file, write_pipeline):
-    cfg = write_pipeline(pipeline_file, scale_body(sleep_s=0.5))
+    cfg = write_pipeline(pipeline_file, scale_pipeline_body(sleep_s=0.5))
     produce(cfg, 100)
     log = pipeline_file.parent / "w.log"
     proc = spawn(pipeline_file, log)
