@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from tensorline import config
-from tensorline.ops import broker, clients
+from tensorline.engine import clients
+from tensorline.ops import broker
 from tensorline.schemas import Record, encode_record
-from tensorline.stages.runtime import INGEST_MS, header
+from tensorline.engine.runtime import INGEST_MS, header
 
 IMAGE = (64, 64, 1)
 EMBEDDING = 64

@@ -34,12 +34,13 @@ from kafka import TopicPartition
 from kafka.errors import CoordinatorLoadInProgressError, CoordinatorNotAvailableError, NotCoordinatorError
 
 from tensorline import config, logs
-from tensorline.ops import clients
+from tensorline.engine import clients
 from tensorline.ops.supervisor import Supervisor, specs
-from tensorline.stages.assignor import assign
-from tensorline.stages.base import Model, pin_device
-from tensorline.stages.runtime import INGEST_MS
-from tensorline.stages.worker import group_id
+from tensorline.engine.assignor import assign
+from tensorline.engine.plugins import pin_device
+from tensorline.stages.base import Model
+from tensorline.engine.runtime import INGEST_MS
+from tensorline.engine.worker import group_id
 
 from _common import (IMAGE, MAX_BATCH, MAX_DELAY_MS, STREAM_TIMEOUT_S, WORKER_START_S, build_backbone, committed,
                      cpu_seconds, images, machine_busy_seconds, machine_load, local_broker, ms, produce, record,

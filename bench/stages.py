@@ -29,12 +29,13 @@ import numpy as np
 import resource
 
 from tensorline import config
-from tensorline.ops import clients
+from tensorline.engine import clients
 from tensorline.schemas import Detection, ModelRef, decode_record, encode_detection
-from tensorline.stages.base import Model, load_stage, pin_device
-from tensorline.stages.runtime import INGEST_MS, Message, Worker
-from tensorline.stages.testing import MemorySink, MemorySource
-from tensorline.stages.worker import group_id
+from tensorline.engine.plugins import load_stage, pin_device
+from tensorline.stages.base import Model
+from tensorline.engine.runtime import INGEST_MS, Message, Worker
+from tensorline.engine.testing import MemorySink, MemorySource
+from tensorline.engine.worker import group_id
 
 from _common import (CLASSES, EMBEDDING, IMAGE, MAX_BATCH, MAX_DELAY_MS, STREAM_TIMEOUT_S, WORKER_START_S,
                      build_backbone, committed, cpu_seconds, group_joined, images, local_broker,

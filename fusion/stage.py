@@ -23,14 +23,14 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from tensorline import logs
-from tensorline.ops import metrics
+from tensorline.engine import metrics
 from tensorline.config import CHANGELOG, ModelConfig, PipelineConfig, StageConfig
 from tensorline.fusion.join import Headers, Joins, OpenJoin
 from tensorline.fusion.stacking import MissingModel, Stacker, load_stacker
 from tensorline.fusion.strategies import STRATEGIES, Fused, fuse, soft_vote, threshold, weighted_average
 from tensorline.schemas import Detection, FusedResult, decode_detection, encode_result
 from tensorline.stages.base import RecordStage
-from tensorline.stages.runtime import DeadLetter, Message, Output, header, now_ms, trace_headers
+from tensorline.engine.runtime import DeadLetter, Message, Output, header, now_ms, trace_headers
 
 FIRST_MS = "tl.join.first_ms"
 EMITTED = "tl.join.emitted"

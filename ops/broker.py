@@ -21,11 +21,11 @@ from importlib import resources
 from pathlib import Path
 
 from tensorline.config import DEFAULT_MAX_MESSAGE_BYTES
+from tensorline.engine.local import (DATA_DIR_ENV, DEFAULT_DATA_DIR, BrokerStatus, pid_alive, read_pid,  # noqa: F401
+                                     data_dir_default, local_bootstrap, status)
 
 KAFKA_VERSION = "4.1.1"  # keep in step with ops/kafka/pom.xml and docker/compose.yaml
-DEFAULT_DATA_DIR = Path(".tensorline/broker")
 DEFAULT_PORT = 9092
-DATA_DIR_ENV = "TENSORLINE_BROKER_DIR"
 LIBS_ENV = "TENSORLINE_KAFKA_LIBS"
 JVM_OPTS_ENV = "TENSORLINE_BROKER_JVM_OPTS"  # space-separated, replace JVM_OPTS (e.g. a bigger heap)
 # Generous: a first start on a cold 2-core machine (JIT, storage format) takes about 10 s.
@@ -85,22 +85,6 @@ class BrokerError(RuntimeError):
     """The local broker could not be fetched, started or stopped; the message says why."""
 
 
-@dataclass(frozen=True)
-class BrokerStatus:
-    running: bool
-    bootstrap: str | None
-    pid: int | None
-    data_dir: str
-    log: str
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-
-def data_dir_default() -> Path:
-    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
-
-
 def libs_dir() -> Path:
     """Where the broker jars live: $TENSORLINE_KAFKA_LIBS or a per-version user cache folder."""
     if os.environ.get(LIBS_ENV):
@@ -141,36 +125,6 @@ def java_command(main_class: str, *args: str, libs: Path | None = None, jvm: lis
     """A command line running one of Kafka's classes (broker, storage or admin tools)."""
     libs = fetch(libs)
     return [_java(), *(jvm or ["-Xmx256m"]), "-cp", str(libs / "*"), main_class, *args]
-
-
-def _pid_alive(pid: int, data_dir: Path) -> bool:
-    """True when `pid` is a live Kafka broker of this data dir (not a recycled pid)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return False
-    return "kafka.Kafka" in cmdline and str(data_dir.resolve()) in cmdline
-
-
-def _read_pid(data_dir: Path) -> int | None:
-    try:
-        return int((data_dir / "broker.pid").read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def status(data_dir: Path | None = None) -> BrokerStatus:
-    """Whether the broker of `data_dir` runs, and its bootstrap address."""
-    data_dir = (data_dir or data_dir_default()).resolve()
-    pid = _read_pid(data_dir)
-    running = pid is not None and _pid_alive(pid, data_dir)
-    bootstrap = (data_dir / "bootstrap").read_text().strip() if running and (data_dir / "bootstrap").exists() else None
-    return BrokerStatus(running, bootstrap, pid if running else None, str(data_dir), str(data_dir / "broker.log"))
-
-
-def local_bootstrap(data_dir: Path | None = None) -> str | None:
-    """The bootstrap address of the local broker, when it runs."""
-    return status(data_dir).bootstrap
 
 
 def free_port() -> int:
@@ -295,15 +249,15 @@ def _cluster_id(data_dir: Path) -> str:
 def stop(data_dir: Path | None = None, timeout: float = STOP_TIMEOUT_S) -> BrokerStatus:
     """Stop the broker cleanly (SIGTERM, then SIGKILL after `timeout`) and wait for its exit."""
     data_dir = (data_dir or data_dir_default()).resolve()
-    pid = _read_pid(data_dir)
-    if pid is not None and _pid_alive(pid, data_dir):
+    pid = read_pid(data_dir)
+    if pid is not None and pid_alive(pid, data_dir):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _pid_alive(pid, data_dir) and time.monotonic() < deadline:
+        while pid_alive(pid, data_dir) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if _pid_alive(pid, data_dir):
+        if pid_alive(pid, data_dir):
             os.kill(pid, signal.SIGKILL)
-            while _pid_alive(pid, data_dir):
+            while pid_alive(pid, data_dir):
                 time.sleep(0.1)
     (data_dir / "broker.pid").unlink(missing_ok=True)
     (data_dir / "bootstrap").unlink(missing_ok=True)

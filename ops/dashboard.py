@@ -29,9 +29,10 @@ from kafka import TopicPartition
 
 from tensorline import logs
 from tensorline.config import PipelineConfig
-from tensorline.ops import clients, lag
-from tensorline.stages.runtime import INGEST_MS, header
-from tensorline.stages.worker import STATE_DIR_ENV
+from tensorline.engine import clients
+from tensorline.ops import lag
+from tensorline.engine.runtime import INGEST_MS, header
+from tensorline.engine.worker import STATE_DIR_ENV
 
 # Half an hour of lag history: one shift's glance back; at 2 s that is 900 points per stage.
 DEFAULT_HISTORY_S = 30 * 60

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from tensorline import config, logs
-from tensorline.ops import broker, clients, lag, report, topics
+from tensorline.engine import clients
+from tensorline.ops import broker, lag, report, topics
 from tensorline.ops.supervisor import Supervisor, pipeline_specs
-from tensorline.stages.runtime import INGEST_MS, header
+from tensorline.engine.runtime import INGEST_MS, header
 
 DEMO_DIR = Path(".tensorline/demo")
 # Enough for a cold start of six TensorFlow workers and the test set on 2 cores, with margin.

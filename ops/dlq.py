@@ -35,10 +35,11 @@ from typing import Any
 from kafka.consumer.fetcher import ConsumerRecord
 
 from tensorline.config import CHANGELOG, PipelineConfig, TopicConfig
-from tensorline.ops import clients, topics
+from tensorline.engine import clients
+from tensorline.ops import topics
 from tensorline.producers.publish import Publisher
 from tensorline.producers.sources import BadFile, SourceItem, read
-from tensorline.stages.runtime import header
+from tensorline.engine.runtime import header
 
 PREFIX = "tl.dlq."
 REDRIVEN_SUFFIX = ".redriven"

@@ -20,8 +20,8 @@ from pathlib import Path
 from kafka import TopicPartition
 
 from tensorline.config import PipelineConfig
-from tensorline.ops import clients
-from tensorline.stages.base import PER_MODEL_KINDS
+from tensorline.engine import clients
+from tensorline.engine.plugins import PER_MODEL_KINDS
 
 # Far above a healthy batch (seconds), short enough to page before a backlog grows for long.
 DEFAULT_STUCK_AFTER_S = 120.0

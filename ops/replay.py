@@ -35,9 +35,10 @@ from kafka.errors import NoError
 from kafka.structs import OffsetAndMetadata
 
 from tensorline.config import CHANGELOG, ConfigError, PipelineConfig
-from tensorline.ops import clients, topics
+from tensorline.engine import clients
+from tensorline.ops import topics
 from tensorline.schemas import decode_detection, decode_record, decode_result
-from tensorline.stages.base import PER_MODEL_KINDS
+from tensorline.engine.plugins import PER_MODEL_KINDS
 
 EARLIEST = "earliest"
 # A start: a time, explicit offsets (partition -> offset), or the earliest offset of each partition.
@@ -277,7 +278,7 @@ class _Run:
 def _run_workers(vcfg: VersionedPipeline, chain: list[str], bounds: Mapping[tuple[str, int], int]) -> list[_Run]:
     """The chain's workers in threads: the first bounded by `bounds`, each later one drained once
     every stage writing its input has stopped. Raises ReplayError if a worker fails."""
-    from tensorline.stages import worker
+    from tensorline.engine import worker
 
     drains = {s: threading.Event() for s in chain[1:]}
     upstream = {s: [u for u in chain if vcfg.stages[u].output == vcfg.stages[s].input] for s in chain[1:]}

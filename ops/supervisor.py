@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tensorline import logs
 from tensorline.config import PipelineConfig
-from tensorline.stages.base import PER_MODEL_KINDS
+from tensorline.engine.plugins import PER_MODEL_KINDS
 
 # First restart after 1 s, doubling to at most 30 s: fast for a blip, gentle for a broken host.
 BACKOFF_S = (1.0, 30.0)

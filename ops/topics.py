@@ -11,7 +11,7 @@ from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
 from tensorline.config import CHANGELOG, PipelineConfig
-from tensorline.ops import clients
+from tensorline.engine import clients
 
 # A full topic read on a local broker takes well under this; a remote cluster may need more.
 READ_TIMEOUT_S = 60.0

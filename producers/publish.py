@@ -23,10 +23,10 @@ from pathlib import Path
 
 from tensorline import logs
 from tensorline.config import PipelineConfig
-from tensorline.ops import clients
+from tensorline.engine import clients
 from tensorline.producers.sources import BadFile, SourceItem, expand, read
 from tensorline.schemas import Record, encode_record
-from tensorline.stages.runtime import INGEST_MS, TRACE_ID, dead_letter_headers
+from tensorline.engine.runtime import INGEST_MS, TRACE_ID, dead_letter_headers
 
 RAW = "raw"  # the topic key producers write to
 # Unacknowledged bytes allowed: 64 MiB holds four of the largest records; beyond it, send() waits.

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,16 +11,8 @@ import numpy as np
 from tensorline.config import ModelConfig, PipelineConfig, StageConfig
 from tensorline.schemas import (Detection, FusedResult, ModelRef, Record, decode_record, encode_detection,
                                 encode_record, encode_result)
-from tensorline.stages.runtime import DeadLetter, Message, Output
+from tensorline.engine.runtime import DeadLetter, Message, Output
 
-BUILTIN = {
-    "preprocess": "tensorline.stages.preprocess:Preprocess",
-    "features": "tensorline.stages.features:Features",
-    "detection": "tensorline.stages.detection:Detection",
-    "fusion": "tensorline.fusion.stage:Fusion",
-}
-# Stages of these kinds run one consumer group per model, so each model reads every record.
-PER_MODEL_KINDS = frozenset({"detection"})
 
 
 class RecordStage:
@@ -77,20 +66,6 @@ def tensor(record: Record, name: str, ndim: tuple[int, ...]) -> np.ndarray:
         raise DeadLetter(f"record {record.record_id}: tensor {name!r} is {arr.dtype}{list(arr.shape)}, "
                          f"expected a numeric tensor of rank {' or '.join(map(str, ndim))}")
     return arr
-
-
-def pin_device(device: str) -> bool:
-    """Make only `device` ("cpu" or "gpu:N") visible to TensorFlow, GPU memory growing on demand.
-
-    TensorFlow reads these variables once, at import: returns False (nothing pinned) when it is
-    already imported in this process.
-    """
-    if "tensorflow" in sys.modules:
-        return False
-    os.environ["CUDA_VISIBLE_DEVICES"] = "-1" if device == "cpu" else device.split(":", 1)[1]
-    os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return True
 
 
 class Model:
@@ -152,15 +127,3 @@ class ModelStage(RecordStage):
     def batch(self, items: list[Record]) -> np.ndarray:
         """The model's input tensor of every record, stacked as float32 (one copy)."""
         return np.stack([r.tensors[self.model.config.input] for r in items]).astype(np.float32, copy=False)
-
-
-def load_stage(pipeline: PipelineConfig, stage: str, model: str | None = None):
-    """The stage object for `stage` (and its model `model`), from its kind in the pipeline file."""
-    cfg = pipeline.stages[stage]
-    target = BUILTIN.get(cfg.kind, cfg.kind)
-    if ":" not in target:
-        raise ValueError(f"{pipeline.path}: stages.{stage}.kind: unknown stage kind {cfg.kind!r} "
-                         f"(builtin: {', '.join(BUILTIN)}, or 'package.module:Factory')")
-    module, attr = target.split(":", 1)
-    factory = getattr(importlib.import_module(module), attr)
-    return factory(pipeline, cfg, pipeline.model(stage, model))

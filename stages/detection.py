@@ -11,7 +11,7 @@ from tensorline.config import ModelConfig, PipelineConfig, StageConfig
 from tensorline.schemas import Detection as DetectionMessage
 from tensorline.schemas import Record
 from tensorline.stages.base import ModelStage
-from tensorline.stages.runtime import Message
+from tensorline.engine.runtime import Message
 
 
 class Detection(ModelStage):

@@ -26,7 +26,7 @@ import numpy as np
 from tensorline.config import ModelConfig, PipelineConfig, StageConfig
 from tensorline.schemas import Record
 from tensorline.stages.base import RecordStage, tensor
-from tensorline.stages.runtime import DeadLetter
+from tensorline.engine.runtime import DeadLetter
 
 NORMALIZE = ("zscore", "minmax", "none")
 # Each view's tensor name; "window" keeps the name every model reads by default.

@@ -38,7 +38,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from tensorline.ops import clients
+    from tensorline.engine import clients
 
     from tensorline.ops import topics
 
@@ -55,7 +55,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tensorline.stages import worker
+    from tensorline.engine import worker
 
     cfg = _pipeline(args)
     if args.stage not in cfg.stages:

@@ -51,7 +51,7 @@ def pipeline_table(name: str, bootstrap: str, **extra: object) -> dict:
 def write_pipeline(namespace: str, kafka_bootstrap: str):
     """Write a pipeline file under the test's namespace (the [pipeline] header, then `body`), load
     it and create its topics on the real broker: `write_pipeline(path, body) -> PipelineConfig`."""
-    from tensorline.ops import clients
+    from tensorline.engine import clients
 
     def write(path: Path, body: str) -> config.PipelineConfig:
         path.write_text(f'[pipeline]\nname = "{namespace}"\nbootstrap = "{kafka_bootstrap}"\n{body}')
@@ -64,7 +64,7 @@ def write_pipeline(namespace: str, kafka_bootstrap: str):
 @pytest.fixture
 def pipeline(namespace: str, kafka_bootstrap: str) -> config.PipelineConfig:
     """A pipeline under the test's own namespace, its topics created on the real broker."""
-    from tensorline.ops import clients
+    from tensorline.engine import clients
 
     cfg = config.parse(pipeline_table(namespace, kafka_bootstrap), Path("test-pipeline.toml"))
     clients.create_topics(cfg)

@@ -11,9 +11,10 @@ import time
 
 import pytest
 
-from tensorline.ops import clients, topics
+from tensorline.engine import clients
+from tensorline.ops import topics
 from tensorline.schemas import Detection, ModelRef, decode_result, encode_detection
-from tensorline.stages import worker
+from tensorline.engine import worker
 
 pytestmark = pytest.mark.broker
 MODELS = ("cnn", "mlp", "logreg")

@@ -10,8 +10,8 @@ import pytest
 from tensorline.config import CHANGELOG, parse
 from tensorline.fusion.stage import Fusion
 from tensorline.schemas import Detection, ModelRef, decode_result, encode_detection
-from tensorline.stages.runtime import Message, Worker
-from tensorline.stages.testing import MemorySink, MemorySource
+from tensorline.engine.runtime import Message, Worker
+from tensorline.engine.testing import MemorySink, MemorySource
 
 MODELS = ("cnn", "mlp", "logreg")
 

@@ -75,7 +75,7 @@ def test_stop_waits_for_exit_and_clears_state(tmp_path):
     st = broker.start(tmp_path, broker.free_port())
     stopped = broker.stop(tmp_path)
     assert not stopped.running and stopped.pid is None
-    assert not os.path.exists(f"/proc/{st.pid}/cmdline") or not broker._pid_alive(st.pid, tmp_path)
+    assert not os.path.exists(f"/proc/{st.pid}/cmdline") or not broker.pid_alive(st.pid, tmp_path)
     assert not (tmp_path / "broker.pid").exists() and not (tmp_path / "bootstrap").exists()
     assert "shut down completed" in (tmp_path / "broker.log").read_text().lower() or \
         "shutdown" in (tmp_path / "broker.log").read_text().lower()

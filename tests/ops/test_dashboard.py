@@ -21,11 +21,12 @@ import numpy as np
 import pytest
 
 from tensorline import config
-from tensorline.ops import clients, dashboard
+from tensorline.engine import clients
+from tensorline.ops import dashboard
 from tensorline.ops.lag import GroupLag, PartitionLag
 from tensorline.schemas import Record, encode_record
-from tensorline.stages import worker
-from tensorline.stages.runtime import INGEST_MS
+from tensorline.engine import worker
+from tensorline.engine.runtime import INGEST_MS
 from tensorline.stages.testing import scale_pipeline_body
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from tensorline import config
-from tensorline.ops import clients, dlq, topics
+from tensorline.engine import clients
+from tensorline.ops import dlq, topics
 from tensorline.producers import publish
 from tensorline.schemas import Record, decode_record, encode_record
-from tensorline.stages import worker
-from tensorline.stages.runtime import dead_letter_headers
+from tensorline.engine import worker
+from tensorline.engine.runtime import dead_letter_headers
 
 pytestmark = pytest.mark.broker
 

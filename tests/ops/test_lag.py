@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from tensorline import config
-from tensorline.ops import broker, clients, lag
+from tensorline.engine import clients
+from tensorline.ops import broker, lag
 from tensorline.schemas import Record, encode_record
-from tensorline.stages import worker
+from tensorline.engine import worker
 
 pytestmark = pytest.mark.broker
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from tensorline import config
-from tensorline.ops import clients, replay, topics
+from tensorline.engine import clients
+from tensorline.ops import replay, topics
 from tensorline.schemas import Detection, ModelRef, Record, decode_record, decode_result, encode_detection, encode_record
-from tensorline.stages import worker
+from tensorline.engine import worker
 
 pytestmark = pytest.mark.broker
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tensorline.ops import clients
+from tensorline.engine import clients
 from tensorline.ops.report import classification_report, format_table
 from tensorline.schemas import Detection, FusedResult, ModelRef, encode_detection, encode_result
 

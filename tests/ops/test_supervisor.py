@@ -7,7 +7,8 @@ import time
 import pytest
 
 from tensorline import config
-from tensorline.ops import clients, supervisor
+from tensorline.engine import clients
+from tensorline.ops import supervisor
 
 PIPE = {
     "topics": {"in": {}, "out": {}, "det": {}},

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tensorline import config
-from tensorline.ops import clients, topics
+from tensorline.engine import clients
+from tensorline.ops import topics
 
 TABLE = {"topics": {"in": {"partitions": 2}, "out": {"partitions": 3}, "detections": {"partitions": 3},
                     "results": {}},

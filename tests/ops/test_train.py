@@ -16,7 +16,8 @@ from tensorline.fusion.stacking import load_stacker
 from tensorline.ops import train
 from tensorline.producers import demo_data
 from tensorline.schemas import Record
-from tensorline.stages.base import Model, load_stage
+from tensorline.engine.plugins import load_stage
+from tensorline.stages.base import Model
 
 PIPELINE = Path(__file__).resolve().parents[2] / "pipeline.toml"
 FAST = {"epochs": 1, "limit": 120}  # patches per split: a few seconds, both classes in each split

@@ -13,7 +13,8 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from tensorline import config
-from tensorline.ops import clients, topics
+from tensorline.engine import clients
+from tensorline.ops import topics
 from tensorline.producers import publish
 from tensorline.schemas import decode_record
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tensorline.ops import clients, topics
+from tensorline.engine import clients
+from tensorline.ops import topics
 from tensorline.schemas import Record, decode_record, encode_record
 
 pytestmark = pytest.mark.broker

@@ -7,9 +7,9 @@ import pytest
 
 from tensorline.config import parse
 from tensorline.schemas import Record, decode_detection, decode_record, encode_record
-from tensorline.stages.base import load_stage
-from tensorline.stages.runtime import Message, Worker, header
-from tensorline.stages.testing import MemorySink, MemorySource
+from tensorline.engine.plugins import load_stage
+from tensorline.engine.runtime import Message, Worker, header
+from tensorline.engine.testing import MemorySink, MemorySource
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from tensorline.config import parse
 from tensorline.schemas import Record
 from tensorline.stages.preprocess import Preprocess
-from tensorline.stages.runtime import DeadLetter
+from tensorline.engine.runtime import DeadLetter
 
 
 def stage(**params) -> Preprocess:

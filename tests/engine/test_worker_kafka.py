@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from tensorline import config
-from tensorline.ops import clients, topics
+from tensorline.engine import clients
+from tensorline.ops import topics
 from tensorline.schemas import Record, decode_record, encode_record
-from tensorline.stages import worker
+from tensorline.engine import worker
 from tensorline.stages.testing import scale_pipeline_body
 
 pytestmark = pytest.mark.broker

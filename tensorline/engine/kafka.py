@@ -16,7 +16,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
 
-from tensorline.stages.runtime import KEEPALIVE_POLL_S, Message, Output
+from tensorline.engine.runtime import KEEPALIVE_POLL_S, Message, Output
 
 # Sends are checked at commit; a minute covers a broker leader change on a small cluster.
 SEND_TIMEOUT_S = 60.0

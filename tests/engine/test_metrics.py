@@ -8,10 +8,11 @@ import numpy as np
 from prometheus_client import REGISTRY
 
 from tensorline.config import parse
-from tensorline.ops import metrics
+from tensorline.engine import metrics
 from tensorline.schemas import Record, encode_record
-from tensorline.stages.runtime import INGEST_MS, Message, Worker
-from tensorline.stages.testing import MemorySink, MemorySource, Scale
+from tensorline.engine.runtime import INGEST_MS, Message, Worker
+from tensorline.engine.testing import MemorySink, MemorySource
+from tensorline.stages.testing import Scale
 
 CFG = parse({"pipeline": {"name": "met"}, "topics": {"in": {}, "out": {}},
              "stages": {"metered": {"input": "in", "output": "out", "kind": "tensorline.stages.testing:Scale"}}})

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tensorline import logs
-from tensorline.ops import metrics
+from tensorline.engine import metrics
+from tensorline.engine.errors import DeadLetter, reason
 
 Headers = list[tuple[str, bytes]]
 TRACE_ID = "tl.trace"
@@ -75,10 +76,6 @@ class Output:
     value: bytes | None
     headers: Headers
     partition: int | None = None
-
-
-class DeadLetter(Exception):
-    """Raised by a stage's `check` for a record its model cannot take (wrong dtype, shape, ...)."""
 
 
 class Stage(Protocol):
@@ -190,6 +187,7 @@ def dead_letter_headers(stage: str, error: BaseException, *, topic: str, partiti
     the topic/partition/offset/timestamp it came from (-1 where it never was on a topic)."""
     return [
         ("tl.dlq.stage", stage.encode()),
+        ("tl.dlq.reason", reason(error).encode()),
         ("tl.dlq.error", type(error).__name__.encode()),
         ("tl.dlq.message", str(error).encode(errors="replace")[:4096]),
         ("tl.dlq.topic", topic.encode()),

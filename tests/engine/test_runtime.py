@@ -9,8 +9,9 @@ import pytest
 
 from tensorline.config import parse
 from tensorline.schemas import Record, decode_record, encode_record
-from tensorline.stages.runtime import TRACE_ID, Message, Worker, header
-from tensorline.stages.testing import MemorySink, MemorySource, Scale
+from tensorline.engine.runtime import TRACE_ID, Message, Worker, header
+from tensorline.engine.testing import MemorySink, MemorySource
+from tensorline.stages.testing import Scale
 
 PIPELINE = parse({
     "pipeline": {"name": "mem"},

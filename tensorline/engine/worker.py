@@ -15,11 +15,11 @@ from typing import IO
 
 from tensorline import logs
 from tensorline.config import PipelineConfig
-from tensorline.ops import clients, metrics
-from tensorline.stages.assignor import CapacityAssignor
-from tensorline.stages.base import PER_MODEL_KINDS, load_stage, pin_device
-from tensorline.stages.kafka import KafkaSink, KafkaSource
-from tensorline.stages.runtime import Stats, Worker
+from tensorline.engine import clients, metrics
+from tensorline.engine.assignor import CapacityAssignor
+from tensorline.engine.plugins import PER_MODEL_KINDS, load_stage, pin_device
+from tensorline.engine.kafka import KafkaSink, KafkaSource
+from tensorline.engine.runtime import Stats, Worker
 
 STATE_DIR_ENV = "TENSORLINE_STATE_DIR"
 

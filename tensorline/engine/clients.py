@@ -13,7 +13,7 @@ from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from tensorline.config import PipelineConfig
-from tensorline.ops import broker
+from tensorline.engine import local
 
 
 class NoBroker(RuntimeError):
@@ -22,10 +22,10 @@ class NoBroker(RuntimeError):
 
 def bootstrap(cfg: PipelineConfig) -> str:
     """TENSORLINE_BOOTSTRAP, else the pipeline file's bootstrap, else the local broker's address."""
-    found = cfg.bootstrap or broker.local_bootstrap()
+    found = cfg.bootstrap or local.local_bootstrap()
     if not found:
         raise NoBroker(f"{cfg.path}: no pipeline.bootstrap, no $TENSORLINE_BOOTSTRAP and no local broker "
-                       f"running under {broker.data_dir_default()} (start one: tensorline broker start)")
+                       f"running under {local.data_dir_default()} (start one: tensorline broker start)")
     return found
 
 

@@ -17,7 +17,7 @@ from kafka.protocol.consumer.metadata import ConsumerProtocolAssignment, Consume
 from kafka.structs import TopicPartition
 from structlog.testing import capture_logs
 
-from tensorline.stages.assignor import (
+from tensorline.engine.assignor import (
     BadUserData,
     CapacityAssignor,
     Throughput,

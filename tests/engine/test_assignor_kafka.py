@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tensorline import config
-from tensorline.ops import clients
-from tensorline.stages.assignor import CapacityAssignor
+from tensorline.engine import clients
+from tensorline.engine.assignor import CapacityAssignor
 
 pytestmark = pytest.mark.broker
 
