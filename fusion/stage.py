@@ -29,7 +29,7 @@ from tensorline.fusion.join import Headers, Joins, OpenJoin
 from tensorline.fusion.stacking import MissingModel, Stacker, load_stacker
 from tensorline.fusion.strategies import STRATEGIES, Fused, fuse, soft_vote, threshold, weighted_average
 from tensorline.schemas import Detection, FusedResult, decode_detection, encode_result
-from tensorline.stages.base import RecordStage
+from tensorline.stages.base import RecordStage, check_probabilities
 from tensorline.engine.runtime import DeadLetter, Message, Output, header, now_ms, trace_headers
 
 FIRST_MS = "tl.join.first_ms"
@@ -113,15 +113,16 @@ class Fusion(RecordStage):
         return Item(message.partition, list(message.headers), message.value, decode_detection(message.value))
 
     def check(self, item: Item) -> None:
+        """Every detection, from whatever client, is one of the expected models' probability
+        vectors over the pipeline's classes (as fusion.scores says: softmax or sigmoid)."""
         d = item.detection
         if d.model.name not in self.joins.expected:
             raise DeadLetter(f"record {d.record_id}: model {d.model.name!r} is not in fusion.expected_models "
-                             f"({', '.join(self.cfg.expected_models)})")
+                             f"({', '.join(self.cfg.expected_models)})", reason="unknown_model")
         if d.classes != self.classes:
             raise DeadLetter(f"record {d.record_id}: model {d.model.name} scores classes {list(d.classes)}, "
-                             f"the pipeline's are {list(self.classes)}")
-        if not all(np.isfinite(d.scores)):
-            raise DeadLetter(f"record {d.record_id}: model {d.model.name} gave non-finite scores")
+                             f"the pipeline's are {list(self.classes)}", reason="wrong_classes")
+        check_probabilities(d.record_id, d.model.name, d.scores, len(self.classes), self.cfg.scores)
 
     def process(self, items: list[Item]) -> list[list[Output]]:
         now = now_ms()

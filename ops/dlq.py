@@ -1,8 +1,11 @@
 """The dead-letter topic: counts by stage and reason, the records themselves, and redrive.
 
 A dead letter keeps the original key and bytes and says in `tl.dlq.*` headers which stage
-refused it, why (`tl.dlq.reason` for a producer's bad file, else the error class) and where it
-came from (topic/partition/offset/timestamp; partition -1 when it never was on a topic).
+refused it, why and where it came from (topic/partition/offset/timestamp; partition -1 when it
+never was on a topic). Why is `tl.dlq.reason`, the word dead letters are grouped and filtered by:
+a stage's own (`non_finite`, `not_probabilities`, `bad_shape`, ...), a producer's bad file
+(`empty_file`, `not_dicom`, ...), else the error's class (a codec error such as `UnknownMagicByte`);
+dead letters written before that header existed fall back to `tl.dlq.error`, the class.
 
 Redrive sends matching dead letters back to their original topic and partition, original key,
 bytes and headers (minus `tl.dlq.*`), exactly once, however often and with whatever filters it
@@ -28,6 +31,7 @@ import json
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -90,7 +94,8 @@ def _int(headers: list, name: str) -> int:
         return -1
 
 
-def _letter(rec: ConsumerRecord, redriven: set[str]) -> Letter:
+def to_letter(rec: ConsumerRecord, redriven: Collection[str] = frozenset()) -> Letter:
+    """The dead letter in a DLQ record (`redriven`: the markers of those redriven so far)."""
     h = list(rec.headers or [])
     letter = Letter(
         dlq_partition=rec.partition, dlq_offset=rec.offset, dlq_timestamp_ms=rec.timestamp,
@@ -119,15 +124,20 @@ def _redriven(cfg: PipelineConfig) -> set[str]:
 def letters(cfg: PipelineConfig, reason: str | None = None, stage: str | None = None) -> list[Letter]:
     """The dead letters (read_committed, in DLQ order), those of `reason` and `stage` if given."""
     done = _redriven(cfg)
-    return [letter for letter in (_letter(r, done) for r in topics.read_all(cfg, cfg.topic(cfg.dlq).name))
+    return [letter for letter in (to_letter(r, done) for r in topics.read_all(cfg, cfg.topic(cfg.dlq).name))
             if (reason is None or letter.reason == reason) and (stage is None or letter.stage == stage)]
 
 
 def counts(cfg: PipelineConfig) -> list[dict[str, Any]]:
     """Dead letters by (stage, reason): how many, and how many of them were redriven."""
+    return tally(letters(cfg))
+
+
+def tally(found: Iterable[Letter]) -> list[dict[str, Any]]:
+    """`counts` of these dead letters, by (stage, reason), sorted."""
     total: Counter[tuple[str, str]] = Counter()
     redriven: Counter[tuple[str, str]] = Counter()
-    for letter in letters(cfg):
+    for letter in found:
         total[(letter.stage, letter.reason)] += 1
         redriven[(letter.stage, letter.reason)] += letter.redriven
     return [{"stage": s, "reason": r, "count": n, "redriven": redriven[(s, r)]} for (s, r), n in sorted(total.items())]
@@ -211,6 +221,12 @@ def _partitions(cfg: PipelineConfig, names: list[str]) -> dict[str, int]:
         admin.close()
 
 
+def original_headers(rec: ConsumerRecord) -> list[tuple[str, bytes]]:
+    """The headers a dead letter's record came with (its `tl.dlq.*` ones dropped); a null value,
+    which a foreign client may write and kafka-python cannot send, goes back as an empty one."""
+    return [(k, b"" if v is None else v) for k, v in rec.headers or [] if not k.startswith(PREFIX)]
+
+
 def _send(producer, publisher: Publisher, plan: _Plan, markers: str) -> int:
     """Send one dead letter's records and its marker (in the open transaction); records sent."""
     letter, rec = plan.letter, plan.letter.record
@@ -219,7 +235,7 @@ def _send(producer, publisher: Publisher, plan: _Plan, markers: str) -> int:
             publisher.send(item)
     else:
         producer.send(letter.topic, key=rec.key, value=rec.value, partition=letter.partition,
-                      headers=[(k, v) for k, v in rec.headers or [] if not k.startswith(PREFIX)])
+                      headers=original_headers(rec))
     where = {"topic": letter.topic, "partition": letter.partition, "records": max(1, len(plan.items)),
              "redriven_ms": int(time.time() * 1000)}
     producer.send(markers, key=letter.marker.encode(), value=json.dumps(where).encode())

@@ -30,6 +30,7 @@ from pydicom.pixels import get_decoder
 from tensorline.schemas.codec import DTYPES, MAX_TENSOR_BYTES
 
 Reason = Literal[
+    "empty_file",
     "not_dicom",
     "truncated",
     "unsupported_transfer_syntax",
@@ -48,6 +49,8 @@ LABEL_PREFIX = "tensorline:label="
 # element, or the whole dataset, when the file ends inside it: these bytes then mean "truncated".
 _ENCAPSULATED_PIXEL_DATA = re.compile(rb"\xe0\x7f\x10\x00O[BW]\x00\x00\xff\xff\xff\xff")
 _PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# A DICOM file (PS3.10) is a 128-byte preamble, then "DICM"; pydicom reads nothing else.
+_DICM_AT = 128
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 # Where an enhanced (multi-frame) DICOM keeps rescale and window: its functional groups.
 _PER_FRAME, _SHARED = "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"
@@ -87,12 +90,15 @@ def read(path: str | Path, *, max_bytes: int = MAX_TENSOR_BYTES) -> Iterator[Sou
     """The items of one file, by content or suffix; anything unrecognised is tried as DICOM.
 
     `max_bytes` bounds one item's pixel bytes (one Kafka record) and is checked from the header
-    before decoding. `BadFile` is raised while iterating, possibly after some items.
+    before decoding. `BadFile` is raised while iterating, possibly after some items, or at once
+    for an empty file.
     """
     path = Path(path)
     name = path.name.lower()
     with path.open("rb") as f:
         head = f.read(8)
+    if not head:  # no reader's own message would say so (pydicom's says "Use force=True")
+        raise BadFile(path, "empty_file", "the file has no bytes")
     if name.endswith((".nii", ".nii.gz")):
         return _read_nifti(path, max_bytes)
     if head.startswith((b"\x89PNG", b"\xff\xd8\xff")) or name.endswith((".png", ".jpg", ".jpeg")):
@@ -167,6 +173,11 @@ def _read_dicom(path: Path, max_bytes: int) -> Iterator[SourceItem]:
 
 def _dicom_items(path: Path, max_bytes: int) -> Iterator[SourceItem]:
     """One item per frame of a grayscale DICOM; colour and palette images are not supported."""
+    with path.open("rb") as f:
+        f.seek(_DICM_AT)
+        if f.read(4) != b"DICM":  # said here: pydicom's own message advises force=True, no help here
+            raise BadFile(path, "not_dicom", f"no 'DICM' prefix at byte {_DICM_AT}, and not a PNG, JPEG, "
+                          "NIfTI or numpy file either")
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError as e:

@@ -1,4 +1,10 @@
-"""What the three record stages share: Record in, encoded message out, models loaded from config."""
+"""What the three record stages share: Record in, encoded message out, models loaded from config.
+
+Nothing non-finite leaves a record stage: every float tensor of a Record, and every score of a
+Detection, is checked at encode (dead letter `non_finite`), and a model stage checks the tensor
+its model reads before the model sees it. Detection scores must be a probability vector over the
+pipeline's classes (`check_probabilities`, dead letter `not_probabilities`), here and in fusion.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,10 @@ from tensorline.schemas import (Detection, FusedResult, ModelRef, Record, decode
                                 encode_record, encode_result)
 from tensorline.engine.runtime import DeadLetter, Message, Output
 
+# How far softmax scores may sum from 1. Rounding keeps float32 sums within ~1e-7 per class (and
+# scores travel as float32); a thousandth leaves room for float16 models and thousands of
+# classes, and still rejects anything that is not one distribution (0.9/0.9 sums to 1.8).
+SUM_TOLERANCE = 1e-3
 
 
 class RecordStage:
@@ -31,8 +41,12 @@ class RecordStage:
         pass
 
     def encode(self, output: Record | Detection | FusedResult) -> bytes:
+        """The output's message; DeadLetter `non_finite` when a tensor or score is NaN or Inf."""
         if isinstance(output, Record):
+            for name, arr in output.tensors.items():
+                check_finite(output.record_id, f"tensor {name!r}", arr)
             return encode_record(output)
+        check_finite(output.record_id, "scores", np.asarray(output.scores))
         if isinstance(output, Detection):
             return encode_detection(output)
         return encode_result(output)
@@ -60,12 +74,52 @@ class RecordStage:
 def tensor(record: Record, name: str, ndim: tuple[int, ...]) -> np.ndarray:
     """The record's tensor `name`, checked to be numeric with one of the allowed ranks."""
     if name not in record.tensors:
-        raise DeadLetter(f"record {record.record_id} has no tensor {name!r} (has {sorted(record.tensors)})")
+        raise DeadLetter(f"record {record.record_id} has no tensor {name!r} (has {sorted(record.tensors)})",
+                         reason="missing_tensor")
     arr = record.tensors[name]
     if arr.ndim not in ndim or arr.dtype.kind not in "biuf":
         raise DeadLetter(f"record {record.record_id}: tensor {name!r} is {arr.dtype}{list(arr.shape)}, "
-                         f"expected a numeric tensor of rank {' or '.join(map(str, ndim))}")
+                         f"expected a numeric tensor of rank {' or '.join(map(str, ndim))}", reason="bad_shape")
     return arr
+
+
+def check_finite(record_id: str, what: str, arr: np.ndarray) -> None:
+    """DeadLetter `non_finite` when the float array `arr` (`what` of record `record_id`) holds
+    NaN or Inf. Min and max propagate NaN, so the common case costs two passes and no copy."""
+    if arr.dtype.kind != "f" or arr.size == 0 or (np.isfinite(arr.min()) and np.isfinite(arr.max())):
+        return
+    bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
+    raise DeadLetter(f"record {record_id}: {what}: {bad} of {arr.size} values are NaN or Inf", reason="non_finite")
+
+
+def check_probabilities(record_id: str, model: str, scores: Any, n_classes: int, kind: str | None) -> None:
+    """DeadLetter unless `scores` (model `model`'s for record `record_id`) are a probability vector
+    over `n_classes` classes: finite (else `non_finite`), one per class, each in [0, 1], and for
+    `kind` "softmax" summing to 1 within SUM_TOLERANCE (else `not_probabilities`). `kind` None
+    (a model whose last activation is unknown) checks all but the sum."""
+    s = np.asarray(scores, np.float64)
+    check_finite(record_id, f"scores of model {model}", s)
+    shown = np.array2string(s, precision=4, threshold=8)
+    if s.shape != (n_classes,):
+        raise DeadLetter(f"record {record_id}: model {model} gave {s.size} scores {shown}, the pipeline has "
+                         f"{n_classes} classes", reason="not_probabilities")
+    if s.min() < 0 or s.max() > 1:
+        raise DeadLetter(f"record {record_id}: model {model} gave scores {shown}, not all in [0, 1]",
+                         reason="not_probabilities")
+    if kind == "softmax" and abs(s.sum() - 1) > SUM_TOLERANCE:
+        raise DeadLetter(f"record {record_id}: model {model} gave softmax scores {shown} summing to "
+                         f"{s.sum():.4g}, not 1", reason="not_probabilities")
+
+
+def last_activation(model: Any) -> str | None:
+    """The name of the activation a Keras model's last layer applies ("softmax", "sigmoid",
+    "linear", ...), looking into nested models; None when it has none to show."""
+    layer = model
+    while getattr(layer, "layers", None):
+        layer = layer.layers[-1]
+    if type(layer).__name__ == "Softmax":
+        return "softmax"
+    return getattr(getattr(layer, "activation", None), "__name__", None)
 
 
 class Model:
@@ -82,6 +136,7 @@ class Model:
             self._call: Callable[[np.ndarray], Any] = lambda x: next(iter(layer(x).values()))
             self.input_shape: tuple[int | None, ...] | None = None
             self.output_shape: tuple[int | None, ...] | None = None
+            self.activation: str | None = None  # a SavedModel does not show its layers
         else:
             import tensorflow as tf
 
@@ -93,6 +148,7 @@ class Model:
             self._call = tf.function(lambda x: model(x, training=False), input_signature=[spec])
             self.input_shape = tuple(model.input_shape[1:])
             self.output_shape = tuple(model.output_shape[1:])
+            self.activation = last_activation(model)
         self.config = config
 
     def check(self, record_id: str, arr: np.ndarray) -> None:
@@ -102,7 +158,7 @@ class Model:
         expected = self.input_shape
         if len(arr.shape) != len(expected) or any(e is not None and e != a for e, a in zip(expected, arr.shape)):
             raise DeadLetter(f"record {record_id}: tensor {self.config.input!r} has shape {list(arr.shape)}, "
-                             f"model {self.config.name} expects {list(expected)}")
+                             f"model {self.config.name} expects {list(expected)}", reason="bad_shape")
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self._call(batch))
@@ -122,7 +178,12 @@ class ModelStage(RecordStage):
                 self.model(np.zeros((n, *shape), np.float32))
 
     def check(self, item: Record) -> None:
-        self.model.check(item.record_id, tensor(item, self.model.config.input, (1, 2, 3, 4)))
+        """The tensor the model reads: there, numeric, of the model's shape, and finite (a NaN
+        input would give the model's confident-looking answer to nothing)."""
+        name = self.model.config.input
+        arr = tensor(item, name, (1, 2, 3, 4))
+        self.model.check(item.record_id, arr)
+        check_finite(item.record_id, f"tensor {name!r}", arr)
 
     def batch(self, items: list[Record]) -> np.ndarray:
         """The model's input tensor of every record, stacked as float32 (one copy)."""

@@ -13,7 +13,9 @@ modality units, then one tensor per configured view (params.views, default ["win
 
 Each view is MONOCHROME1-inverted (bright is high), resized to the model's input size and
 normalised. Different detection models can read different views, so their errors differ.
-Records of one shape are stacked and transformed as one batch.
+Records of one shape are stacked and transformed as one batch. A record whose attributes make
+a view non-finite (a rescale slope of 1e38 overflows float32) is a dead letter `non_finite`,
+from the output check every record stage shares (stages.base).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 
 from tensorline.config import ModelConfig, PipelineConfig, StageConfig
 from tensorline.schemas import Record
-from tensorline.stages.base import RecordStage, tensor
+from tensorline.stages.base import RecordStage, check_finite, tensor
 from tensorline.engine.runtime import DeadLetter
 
 NORMALIZE = ("zscore", "minmax", "none")
@@ -40,9 +42,10 @@ def _float_attr(record: Record, name: str, default: float | None) -> float | Non
     try:
         value = float(raw)
     except ValueError:
-        raise DeadLetter(f"record {record.record_id}: attribute {name}={raw!r} is not a number") from None
+        raise DeadLetter(f"record {record.record_id}: attribute {name}={raw!r} is not a number",
+                         reason="bad_attribute") from None
     if not np.isfinite(value):
-        raise DeadLetter(f"record {record.record_id}: attribute {name}={raw!r} is not finite")
+        raise DeadLetter(f"record {record.record_id}: attribute {name}={raw!r} is not finite", reason="bad_attribute")
     return value
 
 
@@ -71,17 +74,17 @@ class Preprocess(RecordStage):
             lo, hi = float(image.min()) * slope + intercept, float(image.max()) * slope + intercept
             return (lo + hi) / 2, max(hi - lo, 1e-6)
         if width <= 0:
-            raise DeadLetter(f"record {record.record_id}: window width {width} is not positive")
+            raise DeadLetter(f"record {record.record_id}: window width {width} is not positive", reason="bad_attribute")
         return float(center), float(width)
 
     def check(self, item: Record) -> None:
         image = tensor(item, "image", (2, 3))
         if image.ndim == 3 and image.shape[-1] != 1:
-            raise DeadLetter(f"record {item.record_id}: image has {image.shape[-1]} channels, expected 1")
+            raise DeadLetter(f"record {item.record_id}: image has {image.shape[-1]} channels, expected 1",
+                             reason="bad_shape")
         if image.size == 0:
-            raise DeadLetter(f"record {item.record_id}: image is empty {list(image.shape)}")
-        if image.dtype.kind == "f" and not np.isfinite(image).all():
-            raise DeadLetter(f"record {item.record_id}: image has NaN or Inf values")
+            raise DeadLetter(f"record {item.record_id}: image is empty {list(image.shape)}", reason="bad_shape")
+        check_finite(item.record_id, "tensor 'image'", image)
         slope = _float_attr(item, "rescale_slope", 1.0)
         intercept = _float_attr(item, "rescale_intercept", 0.0)
         if "window" in self.views:

@@ -37,6 +37,8 @@ DEFAULT_DELIVERY = "exactly_once"
 DEFAULT_CLASSES = ("normal", "nodule")
 DELIVERY_MODES = ("exactly_once", "at_least_once")
 FUSION_EMIT_MODES = ("all", "quorum", "deadline")
+# What detection scores are: one distribution over the classes, or each class on its own.
+SCORE_KINDS = ("softmax", "sigmoid")
 BAD_FILE_ACTIONS = ("dlq", "skip")
 
 # Kafka client settings the pipeline file may pass through to kafka-python ([kafka] table).
@@ -121,6 +123,10 @@ class FusionConfig:
     # Emitted record ids remembered in memory to recognise late outputs (about 100 bytes each);
     # the changelog keeps them all, this bounds only the worker's memory.
     max_emitted: int = 200_000
+    # What every incoming detection's scores must be: "softmax" (one distribution over the
+    # classes, summing to 1), as the demo models and the voting strategies assume; "sigmoid" for
+    # models scoring each class on its own (each in [0, 1]). Others are dead letters.
+    scores: str = "softmax"
 
 
 @dataclass(frozen=True)
@@ -286,6 +292,7 @@ def _fusion(r: _Reader, topics: Mapping[str, TopicConfig]) -> FusionConfig:
         params=dict(r.sub("params").table),
         max_open_joins=r.positive("max_open_joins", 10_000),
         max_emitted=r.positive("max_emitted", 200_000),
+        scores=r.choice("scores", SCORE_KINDS, "softmax"),
     )
 
 

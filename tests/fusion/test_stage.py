@@ -106,3 +106,48 @@ def test_changelog_ends_with_tombstones_and_markers_only():
         latest[o.key] = o.value
     assert {k: v for k, v in latest.items() if v is not None} == {b"r0": b"emitted", b"r1": b"emitted"}
     assert np.all([o.partition == 0 for o in sink.topic(cfg.topic(CHANGELOG).name)])
+
+
+# --- issue 11, finding 6: detections that are not probabilities are never fused ------------------
+
+
+def detection_message(offset: int, rid: str, model: str, scores, classes=("normal", "nodule")) -> Message:
+    d = Detection(record_id=rid, source="s", ingest_ts_ms=5, model=ModelRef(model, "1"), classes=classes,
+                  scores=tuple(scores))
+    return Message("f.det", 0, offset, rid.encode(), bytes(encode_detection(d)), [], 0)
+
+
+def dead_reasons(sink) -> dict[str, str]:
+    """record key -> tl.dlq.reason of every dead letter."""
+    return {d.key.decode(): dict(d.headers)["tl.dlq.reason"].decode() for d in sink.topic("f.dlq")}
+
+
+def test_detections_that_are_not_probabilities_are_dead_letters_with_their_own_reason():
+    cfg = pipeline(expected_models=["cnn"])
+    bad = {"minus": (5, -2), "both": (0.9, 0.9), "hundred": (100, 0), "nan": (float("nan"), 0.5),
+           "inf": (float("inf"), 0.0)}
+    msgs = [detection_message(i, rid, "cnn", s) for i, (rid, s) in enumerate(bad.items())]
+    msgs += [detection_message(len(msgs), "good", "cnn", (0.25, 0.75)),
+             detection_message(len(msgs) + 1, "rogue", "rogue", (0.5, 0.5)),
+             detection_message(len(msgs) + 2, "other", "cnn", (0.5, 0.5), classes=("a", "b"))]
+    sink, _ = run(cfg, msgs)
+    assert [r.record_id for r in results(sink)] == ["good"]
+    assert dead_reasons(sink) == {"minus": "not_probabilities", "both": "not_probabilities",
+                                  "hundred": "not_probabilities", "nan": "non_finite", "inf": "non_finite",
+                                  "rogue": "unknown_model", "other": "wrong_classes"}
+    both = next(d for d in sink.topic("f.dlq") if d.key == b"both")
+    assert b"summing to 1.8" in dict(both.headers)["tl.dlq.message"]
+
+
+def test_fusion_scores_sigmoid_takes_independent_class_scores_but_not_out_of_range_ones():
+    cfg = pipeline(expected_models=["cnn"], scores="sigmoid")
+    sink, _ = run(cfg, [detection_message(0, "both", "cnn", (0.9, 0.9)),
+                        detection_message(1, "minus", "cnn", (5, -2))])
+    assert [r.record_id for r in results(sink)] == ["both"]
+    assert dead_reasons(sink) == {"minus": "not_probabilities"}
+
+
+def test_fusion_scores_is_softmax_unless_the_pipeline_says_otherwise():
+    assert pipeline().fusion.scores == "softmax"
+    with pytest.raises(ValueError, match="fusion.scores: expected one of softmax, sigmoid"):
+        pipeline(scores="logits")

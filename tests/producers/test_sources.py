@@ -42,7 +42,7 @@ def reason_of(path: Path, **kwargs: int) -> str:
 
 def test_reasons_are_the_documented_words() -> None:
     assert REASONS == (
-        "not_dicom", "truncated", "unsupported_transfer_syntax", "no_pixel_data",
+        "empty_file", "not_dicom", "truncated", "unsupported_transfer_syntax", "no_pixel_data",
         "unreadable_nifti", "unreadable_image", "too_large", "unsupported_format",
     )
 
@@ -241,6 +241,24 @@ def test_random_bytes_are_not_dicom(tmp_path: Path) -> None:
     for name in ("random.dcm", "random"):
         (tmp_path / name).write_bytes(np.random.default_rng(2).bytes(1000))
         assert reason_of(tmp_path / name) == "not_dicom"
+
+
+@pytest.mark.parametrize("name", ["empty.dcm", "empty", "empty.png", "empty.nii", "empty.npy", "empty.npz"])
+def test_an_empty_file_says_so_in_our_words(tmp_path: Path, name: str) -> None:
+    """Issue 11, finding 8: a zero-byte file was 'not_dicom ... Use force=True to force reading'."""
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(BadFile) as caught:
+        items(tmp_path / name)
+    assert caught.value.reason == "empty_file"
+    assert str(caught.value) == f"{tmp_path / name}: empty_file: the file has no bytes"
+
+
+def test_not_dicom_is_explained_without_pydicoms_advice(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_bytes(b"not a dicom at all" * 10)
+    with pytest.raises(BadFile) as caught:
+        items(tmp_path / "notes.txt")
+    assert caught.value.reason == "not_dicom" and "force" not in str(caught.value)
+    assert "no 'DICM' prefix at byte 128" in str(caught.value)
 
 
 def test_dicom_cut_in_half_is_truncated(tmp_path: Path) -> None:

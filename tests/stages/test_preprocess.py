@@ -135,3 +135,37 @@ def test_bad_views_are_a_config_error(views):
 def test_unknown_normalisation_is_a_config_error():
     with pytest.raises(ValueError, match="params.normalize"):
         stage(normalize="l2")
+
+
+def test_a_rescale_that_overflows_is_a_non_finite_dead_letter_naming_record_and_view():
+    """Issue 11, finding 6: rescale_slope 1e38 made image_full all NaN, and a result came out."""
+    from tensorline.engine.runtime import Message, Worker, header
+    from tensorline.engine.testing import MemorySink, MemorySource
+    from tensorline.schemas import encode_record
+
+    image = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+    records = [rec(image), rec(image, rescale_slope="1e38"), rec(image)]
+    messages = [Message("p.raw", 0, i, b"k", bytes(encode_record(Record(
+        record_id=f"r{i}", source="s", ingest_ts_ms=0, tensors=r.tensors, stage="producer",
+        attributes=r.attributes))), [], 0) for i, r in enumerate(records)]
+    sink = MemorySink()
+    Worker(stage(size=8, views=["full", "equalized"]), MemorySource(messages), sink, output_topic="out",
+           dlq_topic="dlq", max_batch=8, max_delay_ms=0).run(until_idle_s=0)
+    assert [o.key for o in sink.topic("out")] == [b"k", b"k"]
+    [dead] = sink.topic("dlq")
+    assert header(dead.headers, "tl.dlq.reason") == b"non_finite"
+    assert header(dead.headers, "tl.dlq.offset") == b"1" and dead.value == messages[1].value
+    message = header(dead.headers, "tl.dlq.message").decode()
+    assert "record r1" in message and "'image_full'" in message and "64 of 64 values" in message
+
+
+@pytest.mark.parametrize("image, attrs, reason", [
+    (np.zeros((4, 4, 3), np.uint8), {}, "bad_shape"),
+    (np.array([[np.inf, 1.0]], np.float32), {}, "non_finite"),
+    (np.zeros((4, 4), np.uint8), {"rescale_slope": "abc"}, "bad_attribute"),
+    (np.zeros((4, 4), np.uint8), {"window_center": "1", "window_width": "0"}, "bad_attribute"),
+])
+def test_each_dead_letter_names_its_own_reason(image, attrs, reason):
+    with pytest.raises(DeadLetter) as caught:
+        stage().check(rec(image, **attrs))
+    assert caught.value.reason == reason
