@@ -1,12 +1,13 @@
 """The live ops dashboard: one page and `/api/state`, served by the standard library.
 
-A sampler thread measures the pipeline every `interval_s`: each stage group's lag (`lag.measure`,
-offsets and seconds) kept as a bounded history, throughput from the change of the committed
-offsets, end-to-end latency from the trace headers of the newest results (only the tail of each
-results partition is read), dead letters by (stage, reason) read incrementally, and each group's
-members with their client id (member, device) and assigned partitions (DescribeGroups). The page
-polls `/api/state` and draws it. When the broker is unreachable the server keeps serving the last
-numbers with `"ok": false` and the error; the next good sample clears it.
+A sampler thread measures the pipeline every `interval_s`: each stage group's lag and state
+(`lag.measure`: offsets and seconds; ok, stuck, down or idle) kept as a bounded history,
+throughput from the change of the committed offsets, end-to-end latency from the trace headers
+of the newest results (only the tail of each results partition is read), dead letters by (stage,
+reason) read incrementally, and each group's members with their client id (member, device) and
+assigned partitions (DescribeGroups). The page polls `/api/state` and draws it; a stage DOWN (no
+member, input waiting) is shown in red. When the broker is unreachable the server keeps serving
+the last numbers with `"ok": false` and the error; the next good sample clears it.
 """
 
 from __future__ import annotations
@@ -450,7 +451,7 @@ section { background: #fff; border: 1px solid #dde2e8; border-radius: 6px; paddi
 table { border-collapse: collapse; margin: .3rem 1.5rem .3rem 0; display: inline-table; vertical-align: top; }
 th, td { padding: .15rem .6rem; text-align: right; border-bottom: 1px solid #eef0f3; }
 th { color: #5b6675; font-weight: 500; } td.l, th.l { text-align: left; }
-.stuck { color: #b3261e; font-weight: 700; }
+.stuck, .state-down, .state-stuck { color: #b3261e; font-weight: 700; }
 svg.spark { vertical-align: middle; background: #f2f5f9; border-radius: 3px; }
 svg.spark polyline { fill: none; stroke: #2b6cb0; stroke-width: 1.5; }
 </style>
@@ -484,7 +485,8 @@ function stageHtml(s, lags) {
   for (const w of s.workers) for (const p of w.partitions) owner[p] = w.member + " (" + (w.device ?? "?") + ")";
   let h = `<section data-stage="${esc(s.stage)}"><h2>${esc(s.stage)}</h2>`
     + `<div class="meta">group ${esc(s.group)} (${esc(s.group_state)}) reading ${esc(s.topic)}</div>`
-    + "<table><tr><th>lag</th><th>time lag s</th><th>stuck</th><th>records/s</th><th>workers</th></tr><tr>"
+    + "<table><tr><th>state</th><th>lag</th><th>time lag s</th><th>stuck</th><th>records/s</th><th>workers</th></tr><tr>"
+    + cell({...st, field: "state"}, String(s.state).toUpperCase(), "state-" + s.state)
     + cell({...st, field: "lag"}, s.lag) + cell({...st, field: "time_lag_s"}, num(s.time_lag_s, 1))
     + cell({...st, field: "stuck"}, s.stuck ? "STUCK" : "no", s.stuck ? "stuck" : "")
     + cell({...st, field: "throughput"}, num(s.throughput, 1)) + cell({...st, field: "workers"}, s.workers.length)

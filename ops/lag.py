@@ -1,5 +1,5 @@
 """Consumer lag per stage group and partition: committed offset, log-end offset, offset lag, time
-lag, and whether the partition is stuck.
+lag, whether the partition is stuck, and the group's live members and state.
 
 Derived from the broker, never stored: the committed offsets of each stage's consumer group
 (OffsetFetch) against the log-end offsets (high watermarks) of its input topic, as Kafka's
@@ -8,6 +8,13 @@ offset after each transaction; workers commit their consumer position, which ste
 drained partition shows lag 0. Time lag is the age of the oldest unconsumed record (its
 timestamp). A partition is stuck when its committed offset has not moved for `stuck_after_s`
 while its lag is above zero; that needs one earlier observation, kept in a small history file.
+
+A group's live members come from DescribeGroups, and with its lag give its state:
+- "ok": it has members and no partition is stuck;
+- "stuck": it has members, but a partition behind has not moved for `stuck_after_s`;
+- "down": no member, and input waits (lag > 0): nothing will process it (the workers are
+  stopped, crashed, or given up by their supervisor);
+- "idle": no member and nothing to read.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from tensorline.engine.plugins import PER_MODEL_KINDS
 # Far above a healthy batch (seconds), short enough to page before a backlog grows for long.
 DEFAULT_STUCK_AFTER_S = 120.0
 HISTORY_DIR = Path(".tensorline/lag")
+OK, STUCK, DOWN, IDLE = "ok", "stuck", "down", "idle"
 
 
 @dataclass(frozen=True)
@@ -51,10 +59,18 @@ class GroupLag:
     group: str
     topic: str
     partitions: tuple[PartitionLag, ...]
+    members: int  # live members of the group (DescribeGroups)
 
     @property
     def total(self) -> int:
         return sum(p.lag for p in self.partitions)
+
+    @property
+    def state(self) -> str:
+        """ok, stuck, down or idle (see the module docstring)."""
+        if not self.members:
+            return DOWN if self.total else IDLE
+        return STUCK if any(p.stuck for p in self.partitions) else OK
 
     @property
     def time_lag_s(self) -> float | None:
@@ -64,7 +80,7 @@ class GroupLag:
     def to_dict(self) -> dict:
         return {"stage": self.stage, "group": self.group, "topic": self.topic, "lag": self.total,
                 "time_lag_s": self.time_lag_s, "stuck": any(p.stuck for p in self.partitions),
-                "partitions": [p.to_dict() for p in self.partitions]}
+                "members": self.members, "state": self.state, "partitions": [p.to_dict() for p in self.partitions]}
 
 
 def groups(cfg: PipelineConfig) -> list[tuple[str, str, str]]:
@@ -130,7 +146,9 @@ def measure(cfg: PipelineConfig, *, stuck_after_s: float = DEFAULT_STUCK_AFTER_S
     now = time.time()
     try:
         result = []
-        for stage, group, topic in groups(cfg):
+        stage_groups = groups(cfg)
+        described = admin.describe_groups([g for _, g, _ in stage_groups])
+        for stage, group, topic in stage_groups:
             tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
             end = consumer.end_offsets(tps)
             offsets = admin.list_group_offsets({group: None}).get(group, {})
@@ -143,7 +161,8 @@ def measure(cfg: PipelineConfig, *, stuck_after_s: float = DEFAULT_STUCK_AFTER_S
                 age = (now * 1000 - oldest[tp]) / 1000 if tp in oldest else None
                 idle = history.unchanged_for(f"{group}/{tp.topic}/{tp.partition}", c, now) if history else 0.0
                 parts.append(PartitionLag(tp.partition, c, end[tp], age, idle >= stuck_after_s and tp in behind))
-            result.append(GroupLag(stage, group, topic, tuple(parts)))
+            members = len((described.get(group) or {}).get("members") or [])
+            result.append(GroupLag(stage, group, topic, tuple(parts), members))
         if history:
             history.save()
         return result
@@ -153,7 +172,7 @@ def measure(cfg: PipelineConfig, *, stuck_after_s: float = DEFAULT_STUCK_AFTER_S
 
 
 def format_table(lags: list[GroupLag]) -> str:
-    head = f"{'STAGE':<20}{'PARTITION':>10}{'COMMITTED':>12}{'LOG-END':>10}{'LAG':>8}{'TIME-LAG-S':>12}  STUCK"
+    head = f"{'STAGE':<20}{'PARTITION':>10}{'COMMITTED':>12}{'LOG-END':>10}{'LAG':>8}{'TIME-LAG-S':>12}  STATE"
     lines = [head]
     for g in lags:
         for p in g.partitions:
@@ -162,5 +181,6 @@ def format_table(lags: list[GroupLag]) -> str:
             lines.append(f"{g.stage:<20}{p.partition:>10}{committed:>12}{p.log_end:>10}{p.lag:>8}{age:>12}  "
                          f"{'STUCK' if p.stuck else ''}")
         age = "-" if g.time_lag_s is None else f"{g.time_lag_s:.1f}"
-        lines.append(f"{g.stage + ' total':<20}{'':>10}{'':>12}{'':>10}{g.total:>8}{age:>12}")
+        lines.append(f"{g.stage + ' total':<20}{'':>10}{'':>12}{'':>10}{g.total:>8}{age:>12}  "
+                     f"{g.state.upper()} ({g.members} member{'' if g.members == 1 else 's'})")
     return "\n".join(lines)

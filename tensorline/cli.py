@@ -68,14 +68,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     devices = tuple(args.devices.split(",")) if args.devices else None
     specs = supervisor.specs(cfg, args.stage, model=args.model, workers=args.workers, devices=devices)
-    return supervisor.Supervisor(args.config, specs).run_forever()
+    return supervisor.Supervisor(args.config, specs).run_forever(keep_going=args.keep_going)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     from tensorline.ops import supervisor
 
     cfg = _pipeline(args)
-    return supervisor.Supervisor(args.config, supervisor.pipeline_specs(cfg)).run_forever()
+    return supervisor.Supervisor(args.config, supervisor.pipeline_specs(cfg)).run_forever(keep_going=args.keep_going)
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="cpu or gpu:N (default: %(default)s)")
     r.add_argument("--workers", type=int, help="supervise N worker processes (default: one, in this process)")
     r.add_argument("--devices", help="comma-separated devices for the workers, round-robin (e.g. gpu:0,gpu:1)")
+    r.add_argument("--keep-going", action="store_true",
+                   help="with --workers: keep supervising when one model's workers are all given up "
+                        "(default: stop and exit 1)")
     r.add_argument("--metrics-port", type=int, default=0,
                    help="Prometheus /metrics port (default 0: a free port, written to the state dir)")
     r.add_argument("--metrics-host", default="127.0.0.1",
@@ -216,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     up = with_config(sub.add_parser("up", help="start every stage's workers as the pipeline file gives them"))
+    up.add_argument("--keep-going", action="store_true",
+                    help="keep the other stages running when every worker of a stage is given up "
+                         "(crash loop or fatal error; default: stop the pipeline and exit 1)")
     up.set_defaults(func=cmd_up)
 
     pr = with_config(sub.add_parser("produce", help="publish DICOM, NIfTI, PNG/JPEG, .npy/.npz files to the raw topic"))

@@ -22,6 +22,10 @@ from tensorline.engine.kafka import KafkaSink, KafkaSource
 from tensorline.engine.runtime import Stats, Worker
 
 STATE_DIR_ENV = "TENSORLINE_STATE_DIR"
+# Set by the supervisor to its pid: a worker whose parent is no longer that pid stops (see
+# `_stop_without_supervisor`); checked every second, well inside a batch's time to stop.
+SUPERVISOR_PID_ENV = "TENSORLINE_SUPERVISOR_PID"
+SUPERVISOR_CHECK_S = 1.0
 
 
 def group_id(pipeline: PipelineConfig, stage: str, model: str | None) -> str:
@@ -48,6 +52,16 @@ def claim_slot(group: str) -> tuple[int, IO]:
         except BlockingIOError:
             handle.close()
             index += 1
+
+
+def _stop_without_supervisor(supervisor_pid: int, worker: Worker, log) -> None:
+    """Stop the worker once its parent is not the supervisor that started it: the supervisor died
+    where Linux's PR_SET_PDEATHSIG is missing, or before the child could set it."""
+    while os.getppid() == supervisor_pid:
+        if worker.stop_event.wait(SUPERVISOR_CHECK_S):
+            return
+    log.warning("supervisor gone: stopping", supervisor_pid=supervisor_pid, parent_pid=os.getppid())
+    worker.stop()
 
 
 def run(pipeline: PipelineConfig, stage: str, *, model: str | None = None, device: str = "cpu",
@@ -96,6 +110,9 @@ def run(pipeline: PipelineConfig, stage: str, *, model: str | None = None, devic
     elif threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: worker.stop())
+        if os.environ.get(SUPERVISOR_PID_ENV):
+            threading.Thread(target=_stop_without_supervisor, args=(int(os.environ[SUPERVISOR_PID_ENV]), worker, log),
+                             name="supervisor-watch", daemon=True).start()
     if source.bounded:
         def at_end() -> None:
             log.info("input read and committed to its end offsets: stopping")

@@ -36,8 +36,9 @@ CFG = config.parse({"pipeline": {"name": "dash"}, "topics": {"in": {}, "mid": {}
 
 
 def lags(committed_a: int, committed_b: int) -> list[GroupLag]:
-    return [GroupLag("a", "dash.a", "dash.in", (PartitionLag(0, committed_a, 100, 3.5), PartitionLag(1, None, 20, 9.0))),
-            GroupLag("b", "dash.b", "dash.mid", (PartitionLag(0, committed_b, committed_b),))]
+    return [GroupLag("a", "dash.a", "dash.in", (PartitionLag(0, committed_a, 100, 3.5), PartitionLag(1, None, 20, 9.0)),
+                     members=1),
+            GroupLag("b", "dash.b", "dash.mid", (PartitionLag(0, committed_b, committed_b),), members=0)]
 
 
 class CannedProbe:
@@ -86,14 +87,29 @@ def test_state_from_canned_lag_data():
     assert state["pipeline"] == "dash" and state["measured_at"] == state["checked_at"] == 1002.0
     a, b = state["stages"]
     assert a == {"stage": "a", "group": "dash.a", "topic": "dash.in", "lag": 90, "time_lag_s": 9.0, "stuck": False,
+                 "members": 1, "state": "ok",
                  "partitions": [{"partition": 0, "committed": 30, "log_end": 100, "lag": 70, "time_lag_s": 3.5, "stuck": False},
                                 {"partition": 1, "committed": None, "log_end": 20, "lag": 20, "time_lag_s": 9.0, "stuck": False}],
                  "throughput": 10.0, "group_state": "Stable", "workers": [
                      {"member": "h-0", "device": "gpu:0", "client_id": "dash.a.h-0.gpu:0", "host": "127.0.0.1",
                       "partitions": [0, 1], "metrics": "127.0.0.1:9100", "pid": 42}]}
     assert b["lag"] == 0 and b["throughput"] == 2.0 and b["workers"] == [] and b["group_state"] is None
+    assert b["state"] == "idle"
     assert state["history"] == {"t": [1000.0, 1002.0], "lag": {"a": [110, 90], "b": [0, 0]}}
     assert state["latency"][0]["p99_ms"] == 29.8 and state["dlq"]["counts"] == [{"stage": "a", "reason": "ValueError", "count": 2}]
+
+
+def down_sampler() -> dashboard.Sampler:
+    """Stage a has input waiting and no member: its workers were given up, or never started."""
+    down = [GroupLag("a", "dash.a", "dash.in", (PartitionLag(0, 10, 100, 30.0),), members=0),
+            GroupLag("b", "dash.b", "dash.mid", (PartitionLag(0, 10, 10),), members=0)]
+    return dashboard.Sampler(CFG, measure=lambda: down, probe=CannedProbe(), clock=Clock())
+
+
+def test_a_stage_with_no_members_and_pending_input_is_down():
+    a, b = down_sampler().sample()["stages"]
+    assert (a["state"], a["members"], a["lag"]) == ("down", 0, 90)
+    assert (b["state"], b["lag"]) == ("idle", 0)
 
 
 def test_history_is_bounded():
@@ -254,6 +270,13 @@ def test_page_shows_the_unreachable_banner(down_dashboard, tmp_path):
     assert banner.startswith("broker unreachable since ") and "KafkaTimeoutError" in banner, banner
 
 
+def test_page_shows_a_down_stage(tmp_path):
+    with dashboard.Dashboard(CFG, sampler=down_sampler(), interval_s=60.0) as dash:
+        cells = render(dash.url, tmp_path)
+    assert cells.get(stage="a", field="state") == "DOWN"
+    assert cells.get(stage="b", field="state") == "IDLE"
+
+
 # -- real broker, headless Chromium -----------------------------------------------------------------
 
 def produce(cfg: config.PipelineConfig, ids: range, poison: set[int] = frozenset()) -> None:
@@ -306,6 +329,7 @@ def test_page_shows_the_lag_tensorline_lag_reports(tmp_path, write_pipeline, mon
     assert cells.get(field="banner") == ""
     assert int(cells.get(stage="scale", field="lag")) == expected["lag"]
     assert cells.get(stage="scale", field="stuck") == "no"
+    assert expected["state"] == "ok" and cells.get(stage="scale", field="state") == "OK"
     assert cells.get(stage="scale", field="throughput") == "0.0"  # nothing consumes now
     assert float(cells.get(stage="scale", field="time_lag_s")) >= 0
     for p in expected["partitions"]:

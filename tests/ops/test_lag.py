@@ -1,7 +1,9 @@
-"""Lag on a transactional topic agrees with Kafka's own kafka-consumer-groups; time lag; stuck."""
+"""Lag on a transactional topic agrees with Kafka's own kafka-consumer-groups; time lag; stuck; a group
+with no members and pending input is down."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -9,11 +11,12 @@ import time
 import numpy as np
 import pytest
 
-from tensorline import config
+from tensorline import cli, config
 from tensorline.engine import clients
 from tensorline.ops import broker, lag
 from tensorline.schemas import Record, encode_record
 from tensorline.engine import worker
+from tensorline.stages.testing import scale_pipeline_body
 
 pytestmark = pytest.mark.broker
 
@@ -79,3 +82,29 @@ def test_stuck_flags_only_partitions_behind_whose_offset_does_not_move(cfg, tmp_
     [g] = again
     assert all(p.stuck == (p.lag > 0) for p in g.partitions) and any(p.stuck for p in g.partitions)
     assert g.to_dict()["stuck"] is True
+
+
+def test_a_group_without_members_and_with_pending_input_is_down(tmp_path, write_pipeline, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the lag history file of the CLI
+    path = tmp_path / "p.toml"
+    c = write_pipeline(path, scale_pipeline_body(partitions=2))
+    [nobody] = lag.measure(c)
+    assert (nobody.members, nobody.total, nobody.state) == (0, 0, "idle")
+    produce_in_transactions(c, 1, 4)
+    [down] = lag.measure(c)
+    assert (down.members, down.state) == (0, "down") and down.total > 0 and down.to_dict()["state"] == "down"
+    member = clients.consumer(c, down.group, c.topic("in").name)
+    try:
+        deadline = time.monotonic() + 30
+        while not member.assignment():
+            assert time.monotonic() < deadline, "the member never got partitions"
+            member.poll(timeout_ms=200)
+        [reading] = lag.measure(c)
+        assert (reading.members, reading.state) == (1, "ok") and reading.total > 0
+    finally:
+        member.close()  # leaves the group at once
+    assert cli.main(["lag", "-c", str(path), "--json"]) == 0
+    [shown] = json.loads(capsys.readouterr().out)["stages"]
+    assert (shown["state"], shown["members"], shown["lag"]) == ("down", 0, down.total)
+    assert cli.main(["lag", "-c", str(path)]) == 0
+    assert "DOWN" in capsys.readouterr().out
