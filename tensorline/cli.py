@@ -61,8 +61,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.stage not in cfg.stages:
         raise config.ConfigError(cfg.path, f"stages.{args.stage}", f"one of the stages {', '.join(cfg.stages)}")
     if args.workers is None and args.devices is None:
-        worker.run(cfg, args.stage, model=args.model, device=args.device, metrics_port=args.metrics_port,
-                   metrics_host=args.metrics_host)
+        from tensorline.engine.errors import FATAL_EXIT_CODE, Fatal
+
+        try:
+            worker.run(cfg, args.stage, model=args.model, device=args.device, metrics_port=args.metrics_port,
+                       metrics_host=args.metrics_host)
+        except Fatal as e:
+            print(f"tensorline run {args.stage}: stopped by a fatal error: {e}", file=sys.stderr)
+            return FATAL_EXIT_CODE
         return 0
     from tensorline.ops import supervisor
 

@@ -31,6 +31,10 @@ DEFAULT_MAX_DELAY_MS = 50
 # previous transaction's markers, ~20 ms on one node, too much to pay for every 25 ms batch.
 # A worker with no next batch waiting commits at once, so a quiet stream pays no extra latency.
 DEFAULT_COMMIT_INTERVAL_MS = 100
+# A stage holds its input when more than half of its last 100 records were dead letters: a few
+# bad records flow through to the DLQ, a broken model or producer does not drain the topic into it.
+DEFAULT_DLQ_MAX_RATIO = 0.5
+DEFAULT_DLQ_WINDOW = 100
 # Exactly-once unless the pipeline asks otherwise (at-least-once exists for comparison).
 DEFAULT_DELIVERY = "exactly_once"
 # The demo's task: a patch is normal or holds a nodule. Detection and fusion share this order.
@@ -98,6 +102,8 @@ class StageConfig:
     max_batch: int = DEFAULT_MAX_BATCH
     max_delay_ms: int = DEFAULT_MAX_DELAY_MS
     commit_interval_ms: int = DEFAULT_COMMIT_INTERVAL_MS
+    dlq_max_ratio: float = DEFAULT_DLQ_MAX_RATIO  # 1.0: never hold the input
+    dlq_window: int = DEFAULT_DLQ_WINDOW
     workers: int = 1
     devices: tuple[str, ...] = ("cpu",)
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -260,10 +266,18 @@ def _stage(r: _Reader, name: str, topics: Mapping[str, TopicConfig]) -> StageCon
                            "a non-negative integer"),
         commit_interval_ms=r.get("commit_interval_ms", int, DEFAULT_COMMIT_INTERVAL_MS, lambda v: v >= 0,
                                  "a non-negative integer (0: commit every batch)"),
+        **_dlq_limits(r),
         workers=r.positive("workers", 1), devices=devices,
         params=dict(r.sub("params").table),
         capacity=_capacity(r.sub("capacity")),
     )
+
+
+def _dlq_limits(r: _Reader) -> dict[str, Any]:
+    """The dead-letter pause settings of a stage table (see DEFAULT_DLQ_MAX_RATIO)."""
+    return {"dlq_max_ratio": r.get("dlq_max_ratio", float, DEFAULT_DLQ_MAX_RATIO, lambda v: 0 < v <= 1,
+                                   "a ratio in (0, 1] (1: never hold the input)"),
+            "dlq_window": r.positive("dlq_window", DEFAULT_DLQ_WINDOW)}
 
 
 def _capacity(r: _Reader) -> dict[str, float]:
@@ -329,7 +343,8 @@ def parse(data: Mapping[str, Any], path: str | Path = "<pipeline>") -> PipelineC
                                        max_delay_ms=f.get("max_delay_ms", int, DEFAULT_MAX_DELAY_MS),
                                        commit_interval_ms=f.get("commit_interval_ms", int,
                                                                 DEFAULT_COMMIT_INTERVAL_MS),
-                                       workers=f.positive("workers", 1), params=fusion.params)
+                                       workers=f.positive("workers", 1), params=fusion.params,
+                                       **_dlq_limits(f))
     bootstrap = os.environ.get(BOOTSTRAP_ENV) or p.get("bootstrap", str, None)
     return PipelineConfig(
         path=path, name=name, bootstrap=bootstrap, topics=topics, stages=stages, fusion=fusion,

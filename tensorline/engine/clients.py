@@ -13,7 +13,10 @@ from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from tensorline.config import PipelineConfig
-from tensorline.engine import local
+from tensorline.engine import compat, local
+
+# Every client the project builds reads foreign records as the Java client does (see compat).
+compat.lenient_header_keys()
 
 
 class NoBroker(RuntimeError):

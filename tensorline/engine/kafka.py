@@ -3,6 +3,16 @@
 Thin adapters over kafka-python, named as Kafka names things. Exactly-once uses KIP-447: one
 transactional producer per worker, the consumed offsets sent into the transaction with the
 consumer's group metadata, so a zombie of an older generation is fenced by the group coordinator.
+
+An aborted transaction leaves nothing behind: the sink closes its producer and starts the next
+transaction on a fresh one with the same transactional id. kafka-python 3.0.12's transaction
+manager keeps the offsets of a failed TxnOffsetCommit (`_pending_txn_offset_commits`, cleared
+only on success: the defect the Java client fixed in KAFKA-7296), and a later transaction would
+commit them, moving a partition another member now owns backwards. A fresh producer's
+InitProducerId also bumps the epoch, so a late EndTxn of the old one cannot decide the fate of a
+new transaction (the KAFKA-17754 hazard; kafka-python has no KIP-890 transaction version 2).
+Records of foreign clients are taken as they come: a header with a null value is read as an
+empty value (kafka-python cannot send null header values onward).
 A source may be bounded (replays): given end offsets, or a drain event that fixes them at the
 log end when set, it reads up to them, never commits past them, and then calls `on_end`.
 """
@@ -11,12 +21,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
 
-from tensorline.engine.runtime import KEEPALIVE_POLL_S, Message, Output
+from tensorline.engine.errors import Kind, classify
+from tensorline.engine.runtime import KEEPALIVE_POLL_S, Message, Output, OutputFailed
 
 # Sends are checked at commit; a minute covers a broker leader change on a small cluster.
 SEND_TIMEOUT_S = 60.0
@@ -93,7 +105,8 @@ class KafkaSource:
     def _fetch(self, timeout_s: float, max_records: int) -> list[Message]:
         records = self.consumer.poll(timeout_ms=max(0, int(timeout_s * 1000)), max_records=max_records)
         ends = self._ends()
-        got = [Message(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or []), r.timestamp)
+        got = [Message(r.topic, r.partition, r.offset, r.key, r.value,
+                       [(k, b"" if v is None else v) for k, v in r.headers] if r.headers else [], r.timestamp)
                for tp, rs in records.items() for r in rs if ends is None or tp not in ends or r.offset < ends[tp]]
         if ends:
             done = [tp for tp in self.consumer.assignment() if tp in ends and self.consumer.position(tp) >= ends[tp]]
@@ -186,47 +199,88 @@ class KafkaSource:
     def group_metadata(self):
         return self.consumer.group_metadata()
 
+    def evicted(self) -> bool:
+        """True once the group coordinator has told this member it is no longer in the group
+        (a heartbeat or commit met UNKNOWN_MEMBER_ID or ILLEGAL_GENERATION: kafka-python resets
+        the generation at once, while the lost partitions are only handed over on the next poll).
+        A transaction committed now would be refused, so the runtime aborts it instead."""
+        return self.consumer.group_metadata().generation_id < 0 and bool(self.consumer.assignment())
+
     def close(self) -> None:
         self.consumer.close()  # leaves the group, so its partitions move at once
 
 
 class KafkaSink:
-    """A producer; transactional (exactly-once) or plain with a consumer commit (at-least-once)."""
+    """A producer; transactional (exactly-once) or plain with a consumer commit (at-least-once).
 
-    def __init__(self, producer: KafkaProducer, source: KafkaSource, *, transactional: bool):
-        self.producer, self.source, self.transactional = producer, source, transactional
-        self._futures: list = []
-        if transactional:
-            producer.init_transactions()
+    `new_producer` builds it: after an abort the sink closes the producer and begins the next
+    transaction on a fresh one (see the module docstring), so nothing of an aborted transaction,
+    pending offsets included, can reach a later one.
+    """
+
+    def __init__(self, new_producer: Callable[[], KafkaProducer], source: KafkaSource, *, transactional: bool):
+        self.new_producer, self.source, self.transactional = new_producer, source, transactional
+        self.producer: KafkaProducer | None = None
+        self._sent: list[tuple[Output, Any]] = []
+        self._ready()
+
+    def _ready(self) -> KafkaProducer:
+        """The producer, built (and its transactions initialised) if there is none."""
+        if self.producer is None:
+            producer = self.new_producer()
+            if self.transactional:
+                try:
+                    producer.init_transactions()
+                except Exception:
+                    producer.close(timeout=0)
+                    raise
+            self.producer = producer
+        return self.producer
 
     def begin(self) -> None:
-        self._futures = []
+        self._sent = []
         if self.transactional:
-            self.producer.begin_transaction()
+            self._ready().begin_transaction()
 
     def send(self, output: Output) -> None:
-        self._futures.append(self.producer.send(output.topic, key=output.key, value=output.value,
-                                                headers=output.headers, partition=output.partition))
+        try:
+            future = self._ready().send(output.topic, key=output.key, value=output.value,
+                                        headers=output.headers, partition=output.partition)
+        except Exception as e:
+            raise (OutputFailed(output, e) if classify(e) is Kind.RECORD else e) from e
+        self._sent.append((output, future))
 
     def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Commit the outputs sent and `offsets`; an output the broker refused for what it is
+        (too large, invalid) raises OutputFailed naming it, any other failure as it came."""
+        producer = self._ready()
         committed = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
-        if self.transactional:
-            if committed:
-                self.producer.send_offsets_to_transaction(committed, self.source.group_metadata())
-            self.producer.commit_transaction()
-        else:
-            self.producer.flush()
-        for future in self._futures:
-            future.get(timeout=SEND_TIMEOUT_S)  # raises the send's error, if any
+        try:
+            if self.transactional:
+                if committed:
+                    producer.send_offsets_to_transaction(committed, self.source.group_metadata())
+                producer.commit_transaction()
+            else:
+                producer.flush()
+            for _, future in self._sent:
+                future.get(timeout=SEND_TIMEOUT_S)  # raises the send's error, if any
+        except Exception as e:
+            refused = next(((o, f.exception) for o, f in self._sent
+                            if f.is_done and f.failed() and classify(f.exception) is Kind.RECORD), None)
+            raise (OutputFailed(*refused) if refused else e) from e
         if not self.transactional and committed:
             self.source.consumer.commit(committed)
-        self._futures = []
+        self._sent = []
         self.source.committed(offsets)
 
     def abort(self) -> None:
-        self._futures = []
-        if self.transactional:
-            self.producer.abort_transaction()
+        """Abort the open transaction by closing the producer: the next `begin` initialises a
+        fresh one, whose InitProducerId aborts what the old one left open and fences it."""
+        self._sent = []
+        if self.transactional and self.producer is not None:
+            producer, self.producer = self.producer, None
+            producer.close(timeout=0)
 
     def close(self) -> None:
-        self.producer.close()
+        if self.producer is not None:
+            self.producer.close()

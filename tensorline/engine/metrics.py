@@ -24,6 +24,10 @@ END_TO_END_SECONDS = Histogram("tensorline_end_to_end_seconds", "Ingest to this 
                                _LABELS, buckets=_SLOW)
 ASSIGNED_PARTITIONS = Gauge("tensorline_assigned_partitions", "Partitions assigned to this worker", _LABELS)
 DEVICE = Gauge("tensorline_worker_device", "1 for the device this worker is pinned to", (*_LABELS, "device"))
+RETRIES = Counter("tensorline_retries_total", "Transient failures retried (model calls, sends, commits), by error",
+                  (*_LABELS, "error"))
+DLQ_PAUSED = Gauge("tensorline_dlq_paused", "1 while the worker holds its input: too many recent records were dead letters",
+                   _LABELS)
 OPEN_JOINS = Gauge("tensorline_open_joins", "Fusion joins waiting for models", _LABELS)
 PARTIAL_RESULTS = Counter("tensorline_partial_results_total", "Fused results emitted without every model",
                           (*_LABELS, "cause"))

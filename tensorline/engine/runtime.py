@@ -12,23 +12,33 @@ Poll-safe: the model runs on a helper thread while the main thread keeps polling
 partition paused, so a slow batch never pushes the worker out of its group; a batch slower than
 `slow_batch_s` halves the batch size, fast batches grow it back.
 Rebalance-safe: on revoke, the in-flight batch is finished and committed before the partitions go.
-A record that fails to decode, fails the stage's check, or makes the model raise goes to the
-dead-letter topic with its reason and original bytes; a failing batch is bisected to find it.
+Failures are sorted as `engine.errors` says. A record error (the record fails to decode, fails
+the stage's check, makes the model raise, its output cannot be encoded or is refused by the
+broker) sends that record to the dead-letter topic once, with its reason and original bytes (cut
+to fit the size limit, with its full size and sha256); a failing batch is bisected to find it. A
+transient error is retried with backoff: a model call on the model thread, a send or commit by
+aborting the transaction and reading its batches again. A fatal error stops the worker (`Fatal`).
+When more than `dlq_max_ratio` of the last `dlq_window` records were dead letters, the worker
+holds its input (partitions paused, still in the group) for a cool-down and says so, instead of
+draining a broken stream into the dead-letter topic.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from tensorline import logs
 from tensorline.engine import metrics
-from tensorline.engine.errors import DeadLetter, reason
+from tensorline.engine.errors import DeadLetter, Fatal, Kind, classify, out_of_memory, reason
 
 Headers = list[tuple[str, bytes]]
 TRACE_ID = "tl.trace"
@@ -52,6 +62,20 @@ FIRST_RECORD_WAIT_S = 0.5
 # Batches handed to the model thread at once: while one runs, the next full batch waits decoded
 # behind it, so the model never idles while the main thread commits or decodes.
 PIPELINE_DEPTH = 2
+# Transient failures are retried after 0.5 s, doubling to 30 s: quick for a blip (a leader
+# moving, a GPU briefly out of memory), gentle on a broker that is down.
+BACKOFF_S = (0.5, 30.0)
+# The size kafka-python and the broker add around one record: the record batch header (61 bytes)
+# and the record's own varints; headers pay a key and a value length each.
+RECORD_OVERHEAD_BYTES = 61 + 5 * 6
+HEADER_OVERHEAD_BYTES = 10
+# Dead-letter pause: after more than DEFAULT_DLQ_MAX_RATIO of the last DEFAULT_DLQ_WINDOW records
+# went to the DLQ, hold the input 30 s, doubling to 10 min while it persists. Half: a stream of
+# mostly good records with some bad ones flows on; a broken model or producer does not empty the
+# topic into the DLQ before someone looks.
+DEFAULT_DLQ_MAX_RATIO = 0.5
+DEFAULT_DLQ_WINDOW = 100
+DLQ_PAUSE_S = (30.0, 600.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,13 +93,27 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Output:
-    """One record to produce (partition None: by key, as the producer's partitioner decides)."""
+    """One record to produce (partition None: by key, as the producer's partitioner decides),
+    with the input message it came from (`origin`; None for outputs owed without input)."""
 
     topic: str
     key: bytes | None
     value: bytes | None
     headers: Headers
     partition: int | None = None
+    origin: Message | None = field(default=None, compare=False, repr=False)
+
+
+class OutputFailed(Exception):
+    """The sink refused `output` for what it is (too large, invalid): its origin is a dead letter."""
+
+    def __init__(self, output: Output, error: BaseException):
+        super().__init__(f"output to {output.topic} refused: {type(error).__name__}: {error}")
+        self.output, self.error = output, error
+
+
+class Interrupted(Exception):
+    """The worker stopped while a transient failure was being retried."""
 
 
 class Stage(Protocol):
@@ -124,6 +162,9 @@ class Source(Protocol):
     def rewind(self, batch: Sequence[Message]) -> None:
         """Seek back to the batch's first offsets so an aborted batch is read again."""
 
+    def evicted(self) -> bool:
+        """True when the group has already dropped this member: nothing it holds can commit."""
+
     def set_rebalance_listener(self, revoked: Callable[[set[tuple[str, int]]], None],
                                assigned: Callable[[set[tuple[str, int]]], None],
                                lost: Callable[[set[tuple[str, int]]], None]) -> None: ...
@@ -171,6 +212,25 @@ def header(headers: Headers, name: str) -> bytes | None:
     return None
 
 
+def header_ms(headers: Headers, name: str) -> int | None:
+    """A time header in epoch milliseconds, or None when absent or not a number. Headers come
+    from clients we do not control: "1796072778892.297" is read as 1796072778892, "abc" as None."""
+    value = header(headers, name)
+    if not value or len(value) > 32:
+        return None
+    try:
+        ms = float(value)
+    except ValueError:
+        return None
+    return int(ms) if ms == ms and abs(ms) < 1e15 else None
+
+
+def record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int:
+    """An upper bound of one record's size on the wire, as the producer and broker limit it."""
+    return (RECORD_OVERHEAD_BYTES + len(key or b"") + len(value or b"")
+            + sum(HEADER_OVERHEAD_BYTES + len(k.encode()) + len(v) for k, v in headers))
+
+
 def trace_headers(stage: str, headers: Headers, received_ms: int) -> Headers:
     """Input headers plus this stage's received/produced times (and a trace id if missing)."""
     out = [h for h in headers if not h[0].startswith(f"tl.{stage}.")]
@@ -197,11 +257,42 @@ def dead_letter_headers(stage: str, error: BaseException, *, topic: str, partiti
     ]
 
 
-def dead_letter(stage: str, message: Message, error: BaseException, dlq_topic: str) -> Output:
-    """The DLQ record: original key and bytes untouched, the reason and origin in headers."""
-    reason = dead_letter_headers(stage, error, topic=message.topic, partition=message.partition,
-                                 offset=message.offset, timestamp_ms=message.timestamp_ms)
-    return Output(dlq_topic, message.key, message.value, list(message.headers) + reason)
+def dead_letter(stage: str, message: Message, error: BaseException, dlq_topic: str, max_bytes: int,
+                minimal: bool = False) -> Output:
+    """The DLQ record: the original key, bytes and headers, the reason and origin in more headers.
+
+    It always fits in `max_bytes`: what does not fit is cut (the value first, then the original
+    headers, then the key), marked `tl.dlq.truncated`, with the value's full size and sha256 so
+    the original can be matched. `minimal` keeps only the reason (a dead letter that was itself
+    refused once)."""
+    why = dead_letter_headers(stage, error, topic=message.topic, partition=message.partition,
+                              offset=message.offset, timestamp_ms=message.timestamp_ms)
+    key, value, headers = message.key, message.value, list(message.headers) + why
+    if not minimal and record_size(key, value, headers) <= max_bytes:
+        return Output(dlq_topic, key, value, headers, origin=message)
+    full = value or b""
+    why += [("tl.dlq.truncated", b"1"), ("tl.dlq.original_bytes", str(len(full)).encode()),
+            ("tl.dlq.sha256", hashlib.sha256(full).hexdigest().encode())]
+    headers = [] if minimal else list(message.headers) + why
+    if minimal or record_size(key, b"", headers) > max_bytes:
+        headers = why + [("tl.dlq.headers_dropped", str(len(message.headers)).encode())]
+    if minimal or record_size(key, b"", headers) > max_bytes:
+        key = (key or b"")[:max(0, max_bytes - record_size(None, b"", headers)) // 2] or None
+    room = max(0, max_bytes - record_size(key, b"", headers))
+    return Output(dlq_topic, key, None if minimal else full[:room], headers, origin=message)
+
+
+def _fatal_cause(error: BaseException) -> Fatal | None:
+    """The Fatal behind `error`, raised as it is or wrapped (kafka-python wraps what a rebalance
+    callback raises in a KafkaError); a fatal Kafka error as a Fatal; else None."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, Fatal):
+            return seen
+        if classify(seen) is Kind.FATAL:
+            return Fatal(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__
+    return None
 
 
 @dataclass
@@ -216,6 +307,7 @@ class _Batch:
     dead: list[Output] = field(default_factory=list)
     model: Future | None = None
     model_seconds: float = 0.0  # the model call alone (it may have waited behind another batch)
+    out_of_memory: bool = False  # a model call ran out of memory and was split: shrink batches
 
 
 class Worker:
@@ -223,9 +315,21 @@ class Worker:
 
     def __init__(self, stage: Stage, source: Source, sink: Sink, *, output_topic: str, dlq_topic: str,
                  max_batch: int, max_delay_ms: int, commit_interval_ms: int = 0,
-                 slow_batch_s: float = DEFAULT_SLOW_BATCH_S, log: Any = None):
+                 slow_batch_s: float = DEFAULT_SLOW_BATCH_S, max_message_bytes: int = 16 * 1024 * 1024,
+                 dlq_max_ratio: float = DEFAULT_DLQ_MAX_RATIO, dlq_window: int = DEFAULT_DLQ_WINDOW,
+                 log: Any = None):
         self.stage, self.source, self.sink = stage, source, sink
         self.output_topic, self.dlq_topic = output_topic, dlq_topic
+        self.max_message_bytes = max_message_bytes
+        self.dlq_max_ratio = dlq_max_ratio
+        self._recent: deque[int] = deque(maxlen=dlq_window)  # 1 per recent dead letter, 0 per good record
+        self._pause_s = DLQ_PAUSE_S[0]
+        self._paused_until: float | None = None
+        self._failures = 0  # transient failures since the last commit
+        self._in_callback = False  # inside a rebalance listener (kafka-python's poll calls it)
+        # Records whose output the sink refused, by (topic, partition, offset): the number of
+        # refusals. Read again, such a record goes straight to the DLQ (minimal after two).
+        self._refused: dict[tuple[str, int, int], tuple[BaseException, int]] = {}
         self.max_batch, self.batch_size = max_batch, max_batch
         self.max_delay_s, self.slow_batch_s = max_delay_ms / 1000, slow_batch_s
         self.commit_interval_s = commit_interval_ms / 1000
@@ -253,33 +357,60 @@ class Worker:
         full, hands it to the model thread to run next (up to PIPELINE_DEPTH batches in flight); a
         model with nothing queued gets whatever was collected. Batches are produced in order as
         their models finish (and committed, when due) while the next one runs. A revoke finishes
-        every batch in flight first.
+        every batch in flight first. Raises `Fatal` when the worker cannot go on.
         """
         idle_since = time.monotonic()
         try:
             while not self.stop_event.is_set():
-                self._collect()
-                started = self._feed()
-                finished = self._drain()
-                if self._open_since is not None and (
-                        not self._flight or time.monotonic() - self._open_since >= self.commit_interval_s):
-                    self._commit()
-                ticked = not self._flight and self._tick()
-                if started or finished or ticked:
+                if self._paused_until is not None:
+                    self._hold()
                     idle_since = time.monotonic()
                     continue
-                if not self._flight:
-                    self._settle()
-                if until_idle_s is not None and time.monotonic() - idle_since > until_idle_s:
+                try:
+                    busy = self._step()
+                except Interrupted:
+                    raise
+                except Exception as e:  # the client's poll, or a commit inside a rebalance callback
+                    cause = _fatal_cause(e)
+                    if cause is not None:
+                        raise cause from e
+                    if classify(e) is not Kind.TRANSIENT:
+                        raise
+                    self._failed("poll", e)
+                    continue
+                if busy:
+                    idle_since = time.monotonic()
+                elif until_idle_s is not None and time.monotonic() - idle_since > until_idle_s:
                     break
             while self._flight:  # stopping: the batches in flight are finished, not dropped
                 self._await(self._flight[0])
                 if self._flight and not self._finish(self._flight.pop(0)):
                     break
             self._commit()
+        except Interrupted:
+            self._abort()
+        except Fatal as e:
+            self.log.error("worker stopped by a fatal error", error=str(e))
+            self._abort()
+            raise
         finally:
             self._model_thread.shutdown(wait=True)
         return self.stats
+
+    def _step(self) -> bool:
+        """One turn of the loop; True when it started, finished or emitted anything."""
+        self._collect()
+        started = self._feed()
+        finished = self._drain()
+        if self._open_since is not None and (
+                not self._flight or time.monotonic() - self._open_since >= self.commit_interval_s):
+            self._commit()
+        ticked = not self._flight and self._tick()
+        if started or finished or ticked:
+            return True
+        if not self._flight:
+            self._settle()
+        return False
 
     def stop(self) -> None:
         """Ask the loop to finish the batches in flight and return (signal-safe)."""
@@ -341,11 +472,17 @@ class Worker:
         batch = _Batch(messages, now_ms(), time.monotonic(), self.source.positions(messages))
         items = []
         for message in messages:
+            refused = self._refused.get((message.topic, message.partition, message.offset))
+            if refused is not None:  # its output was refused: it is a dead letter now
+                batch.dead.append(self._dead(message, refused[0], minimal=refused[1] > 1))
+                continue
             try:
                 item = self.stage.decode(message)
                 self.stage.check(item)
                 items.append((message, item))
-            except Exception as e:  # bad input of any kind goes to the DLQ, never crashes the worker
+            except Exception as e:
+                if classify(e) is not Kind.RECORD:
+                    raise
                 batch.dead.append(self._dead(message, e))
         batch.model = self._model_thread.submit(self._run_model, batch, items)
         return batch
@@ -353,7 +490,7 @@ class Worker:
     def _run_model(self, batch: "_Batch", items: list[tuple[Message, Any]]):
         started = time.monotonic()
         try:
-            return self._call(items)
+            return self._call_retrying(batch, items)
         finally:
             batch.model_seconds = time.monotonic() - started
 
@@ -364,48 +501,71 @@ class Worker:
             self.source.keepalive()
         self.source.resume()
         metrics.BATCH_SECONDS.labels(*self.labels).observe(time.monotonic() - batch.started)
-        self._adapt(batch.model_seconds)
+        self._adapt(batch)
 
     def _finish(self, batch: "_Batch") -> bool:
         """Produce the batch's outputs and dead letters into the open transaction, its offsets
         to be committed with it. False when that failed (everything uncommitted is read again)."""
         assert batch.model is not None
-        results, model_dead = batch.model.result()
-        outputs = [o for message, element in results for o in self._outputs(message, element, batch.received_ms)]
-        return self._send(batch, outputs, batch.dead + model_dead, batch.positions)
+        try:
+            results, model_dead = batch.model.result()
+        except Interrupted:
+            self._abort([batch])
+            return False
+        outputs, dead = [], batch.dead + model_dead
+        for message, element in results:
+            try:
+                outputs.extend(self._outputs(message, element, batch.received_ms))
+            except Exception as e:  # an output that cannot be encoded or would be refused
+                if classify(e) is not Kind.RECORD:
+                    raise
+                dead.append(self._dead(message, e))
+        if self._too_many_dead(len(batch.messages), len(dead)):
+            self._commit()  # the batches before it were fine
+            self._abort([batch])
+            self._pause(dead)
+            return False
+        return self._send(batch, outputs, dead, batch.positions)
 
     def _send(self, batch: "_Batch | None", outputs: list[Output], dead: list[Output],
               positions: dict[tuple[str, int], int]) -> bool:
         """Into the open transaction (begun if none): the outputs and dead letters, then the
         offsets to commit. False (and everything open aborted) on failure."""
-        if self._open_since is None:
-            self.sink.begin()
-            self._open_since = time.monotonic()
         self._open.append((batch, outputs, dead))
         try:
+            if self._open_since is None:
+                self.sink.begin()
+                self._open_since = time.monotonic()
             for out in outputs + dead:
                 self.sink.send(out)
-        except Exception:
-            self.log.exception("send failed; transaction aborted, its batches will be read again",
-                               batches=len(self._open))
-            self._abort()
+        except Exception as e:
+            self._failed("send", e)
             return False
         self._open_positions.update(positions)
         return True
 
     def _commit(self) -> bool:
         """Commit the open transaction: its outputs and the offsets after its batches. On failure
-        it is aborted and its batches are read again (`_abort`)."""
+        it is aborted and its batches are read again (`_failed`)."""
         if self._open_since is None:
             return True
-        try:
-            self.sink.commit(self._open_positions)
-        except Exception:
-            self.log.exception("commit failed; transaction aborted, its batches will be read again",
-                               batches=len(self._open))
+        if self.source.evicted():
+            self.log.warning("evicted from the group: the open transaction is aborted, not committed",
+                             batches=len(self._open))
             self._abort()
             return False
+        try:
+            self.sink.commit(self._open_positions)
+        except Exception as e:
+            self._failed("commit", e)
+            return False
+        # Committed: nothing below may be taken for a failed commit.
+        self._failures = 0
         self.stage.committed()
+        if self._refused:
+            for batch, _, _ in self._open:
+                for m in batch.messages if batch else ():
+                    self._refused.pop((m.topic, m.partition, m.offset), None)
         for batch, outputs, dead in self._open:
             self.stats.records_out += len(outputs)
             self.stats.dead_letters += len(dead)
@@ -416,9 +576,33 @@ class Worker:
         self._close_open()
         return True
 
-    def _abort(self) -> None:
+    def _failed(self, step: str, error: BaseException) -> None:
+        """A send, commit or poll failed: sort the error, abort the open transaction (its
+        batches are read again), and remember a refused output's input as a dead letter (record),
+        back off (transient) or raise `Fatal`."""
+        if isinstance(error, OutputFailed) and error.output.origin is not None:
+            m = error.output.origin
+            key = (m.topic, m.partition, m.offset)
+            self._refused[key] = (error.error, self._refused.get(key, (None, 0))[1] + 1)
+            self.log.warning(f"{step}: an output was refused; its input goes to the dead-letter topic",
+                             topic=m.topic, partition=m.partition, offset=m.offset,
+                             error=type(error.error).__name__, reason=str(error.error)[:300])
+            self._abort()
+            return
+        kind = classify(error)
+        if kind is Kind.FATAL:
+            raise Fatal(f"{step} failed: {type(error).__name__}: {error}") from error
+        self._failures += 1
+        self.log.warning(f"{step} failed; transaction aborted, its batches will be read again",
+                         error=type(error).__name__, reason=str(error)[:300], batches=len(self._open),
+                         attempt=self._failures)
+        metrics.RETRIES.labels(*self.labels, type(error).__name__).inc()
+        self._abort()
+        self._backoff(self._failures)
+
+    def _abort(self, extra: Sequence["_Batch"] = ()) -> None:
         """Abort the open transaction: batches in flight are dropped, the stage forgets what it
-        did, and every record not committed is read again."""
+        did, and every record not committed (with `extra` batches) is read again."""
         if self._open_since is not None:
             try:
                 self.sink.abort()
@@ -429,7 +613,7 @@ class Worker:
         # be reset under a running model call. Aborts are rare.
         wait([b.model for b in later if b.model is not None])
         self.stage.aborted()
-        batches = [b for b, _, _ in self._open if b is not None] + later
+        batches = [b for b, _, _ in self._open if b is not None] + list(extra) + later
         messages = [m for b in batches for m in b.messages] + self._buffer
         if messages:
             self.source.rewind(messages)
@@ -439,26 +623,82 @@ class Worker:
     def _close_open(self) -> None:
         self._open_since, self._open, self._open_positions = None, [], {}
 
+    def _backoff(self, attempt: int) -> None:
+        """Wait before retrying (BACKOFF_S, doubling), polling with partitions paused so the group
+        keeps this member."""
+        if self._in_callback:  # no polls inside kafka-python's rebalance callback: retried after it
+            return
+        until = time.monotonic() + min(BACKOFF_S[0] * 2 ** (attempt - 1), BACKOFF_S[1])
+        while time.monotonic() < until and not self.stop_event.is_set():
+            self.source.keepalive()
+        self.source.resume()
+
+    # -- dead-letter pause -----------------------------------------------------------------
+    def _too_many_dead(self, records: int, dead: int) -> bool:
+        """Whether this batch's dead letters would push the recent ratio past dlq_max_ratio (the
+        batch itself mostly dead letters). If not, the batch joins the window."""
+        window = self._recent.maxlen or 0
+        kept = sum(itertools.islice(reversed(self._recent), max(0, window - records)))
+        if dead > self.dlq_max_ratio * records and kept + min(dead, window) > self.dlq_max_ratio * window:
+            return True
+        if dead <= self.dlq_max_ratio * records:
+            self._pause_s = DLQ_PAUSE_S[0]
+        self._recent.extend(itertools.repeat(1, dead))
+        self._recent.extend(itertools.repeat(0, records - dead))
+        return False
+
+    def _pause(self, dead: list[Output]) -> None:
+        reasons: dict[str, int] = {}
+        for d in dead:
+            r = (header(d.headers, "tl.dlq.reason") or b"").decode(errors="replace")
+            reasons[r] = reasons.get(r, 0) + 1
+        self.log.error("too many dead letters: input held; fix the cause (see reasons) or raise "
+                       "stages.<stage>.dlq_max_ratio", window=self._recent.maxlen, max_ratio=self.dlq_max_ratio,
+                       reasons=reasons, held_s=self._pause_s)
+        self._paused_until = time.monotonic() + self._pause_s
+        self._pause_s = min(2 * self._pause_s, DLQ_PAUSE_S[1])
+        metrics.DLQ_PAUSED.labels(*self.labels).set(1)
+
+    def _hold(self) -> None:
+        """Paused: keep the membership (partitions paused) until the cool-down ends; then one
+        batch is tried again."""
+        assert self._paused_until is not None
+        if time.monotonic() < self._paused_until:
+            self.source.keepalive()
+            return
+        self._paused_until = None
+        self.source.resume()
+        metrics.DLQ_PAUSED.labels(*self.labels).set(0)
+        self.log.info("dead-letter pause over: trying the input again")
+
     def _observe(self, batch: "_Batch", outputs: list[Output], dead: list[Output]) -> None:
         labels = self.labels
         metrics.RECORDS_IN.labels(*labels).inc(len(batch.messages))
         metrics.RECORDS_OUT.labels(*labels).inc(len(outputs))
         metrics.BATCH_SIZE.labels(*labels).observe(len(batch.messages))
         for d in dead:
-            metrics.DEAD_LETTERS.labels(*labels, (header(d.headers, "tl.dlq.error") or b"").decode()).inc()
+            metrics.DEAD_LETTERS.labels(*labels, (header(d.headers, "tl.dlq.reason") or b"").decode()).inc()
         now, end_to_end = now_ms(), metrics.END_TO_END_SECONDS.labels(*labels)
         for out in outputs:
-            ingest = header(out.headers, INGEST_MS)
-            if ingest is not None:
-                end_to_end.observe((now - int(ingest)) / 1000)
+            ingest = header_ms(out.headers, INGEST_MS)
+            if ingest is not None and ingest <= now:
+                end_to_end.observe((now - ingest) / 1000)
 
     def _outputs(self, message: Message, element: Any, received_ms: int) -> list[Output]:
+        """The outputs of one input, each encoded, traced and checked to fit: raises a record
+        error (this input is a dead letter) when one cannot be built or is too large."""
         if element is None:
             return []
-        return [e if isinstance(e, Output) else
-                Output(self.output_topic, self.stage.key(e, message), self.stage.encode(e),
-                       trace_headers(self.stage.name, message.headers, received_ms))
-                for e in (element if isinstance(element, list) else [element])]
+        outputs = [replace(e, origin=message) if isinstance(e, Output) else
+                   Output(self.output_topic, self.stage.key(e, message), self.stage.encode(e),
+                          trace_headers(self.stage.name, message.headers, received_ms), origin=message)
+                   for e in (element if isinstance(element, list) else [element])]
+        for out in outputs:
+            size = record_size(out.key, out.value, out.headers)
+            if size > self.max_message_bytes:
+                raise DeadLetter(f"output to {out.topic} would be {size} bytes, over max_message_bytes "
+                                 f"{self.max_message_bytes}", reason="too_large")
+        return outputs
 
     def _settle(self) -> None:
         """Idle: commit the positions past trailing transaction markers, so lag reads 0 at rest."""
@@ -474,34 +714,66 @@ class Worker:
             self._commit()
         return bool(outputs)
 
+    def _call_retrying(self, batch: "_Batch", items: list[tuple[Message, Any]]
+                       ) -> tuple[list[tuple[Message, Any]], list[Output]]:
+        """`_call`, retrying transient failures with backoff (never dead-lettering them); a batch
+        that ran out of memory is split in halves. Runs on the model thread."""
+        attempt = 0
+        while True:
+            try:
+                return self._call(items)
+            except Exception as e:
+                if classify(e) is not Kind.TRANSIENT:
+                    raise
+                attempt += 1
+                metrics.RETRIES.labels(*self.labels, type(e).__name__).inc()
+                if out_of_memory(e) and len(items) > 1:
+                    batch.out_of_memory = True
+                    self.log.warning("model call out of memory: splitting the batch", records=len(items),
+                                     error=type(e).__name__)
+                    mid = len(items) // 2
+                    left, right = self._call_retrying(batch, items[:mid]), self._call_retrying(batch, items[mid:])
+                    return left[0] + right[0], left[1] + right[1]
+                delay = min(BACKOFF_S[0] * 2 ** (attempt - 1), BACKOFF_S[1])
+                self.log.warning("model call failed with a transient error: retrying the batch", records=len(items),
+                                 error=type(e).__name__, reason=str(e)[:300], attempt=attempt, in_s=delay)
+                if self.stop_event.wait(delay):
+                    raise Interrupted("stopped while retrying a transient model failure") from e
+
     def _call(self, items: list[tuple[Message, Any]]) -> tuple[list[tuple[Message, Any]], list[Output]]:
-        """The model on the batch; on failure, bisect to isolate the records that make it raise."""
+        """The model on the batch; on a record error, bisect to isolate the records that make it
+        raise (transient and fatal errors go up: they are not any one record's fault)."""
         if not items:
             return [], []
         try:
             with metrics.MODEL_SECONDS.labels(*self.labels).time():
                 outputs = self.stage.process([item for _, item in items])
             if len(outputs) != len(items):
-                raise RuntimeError(f"stage {self.stage.name} returned {len(outputs)} outputs for {len(items)} inputs")
+                raise Fatal(f"stage {self.stage.name} returned {len(outputs)} outputs for {len(items)} inputs")
             return list(zip([m for m, _ in items], outputs)), []
         except Exception as e:
             self.stage.aborted()  # a stateful stage forgets what the failed call half-did
+            if classify(e) is not Kind.RECORD:
+                raise
             if len(items) == 1:
                 return [], [self._dead(items[0][0], e)]
             mid = len(items) // 2
             left, right = self._call(items[:mid]), self._call(items[mid:])
             return left[0] + right[0], left[1] + right[1]
 
-    def _dead(self, message: Message, error: BaseException) -> Output:
+    def _dead(self, message: Message, error: BaseException, minimal: bool = False) -> Output:
         self.log.warning("record to dead-letter topic", topic=message.topic, partition=message.partition,
-                         offset=message.offset, error=type(error).__name__, reason=str(error)[:300])
-        return dead_letter(self.stage.name, message, error, self.dlq_topic)
+                         offset=message.offset, reason=reason(error), error=type(error).__name__,
+                         message=str(error)[:300])
+        return dead_letter(self.stage.name, message, error, self.dlq_topic, self.max_message_bytes, minimal)
 
-    def _adapt(self, seconds: float) -> None:
+    def _adapt(self, batch: "_Batch") -> None:
+        seconds = batch.model_seconds
         self.stats.batch_seconds += seconds
-        if seconds > self.slow_batch_s and self.batch_size > 1:
+        if (seconds > self.slow_batch_s or batch.out_of_memory) and self.batch_size > 1:
             self.batch_size = max(1, self.batch_size // 2)
-            self.log.warning("slow batch: batch size halved", seconds=round(seconds, 2), batch_size=self.batch_size)
+            self.log.warning("slow or out-of-memory batch: batch size halved", seconds=round(seconds, 2),
+                             batch_size=self.batch_size)
         elif seconds < GROW_FRACTION * self.slow_batch_s and self.batch_size < self.max_batch:
             self.batch_size = min(self.max_batch, self.batch_size + max(1, self.batch_size // 2))
 
@@ -512,10 +784,14 @@ class Worker:
         if self._flight:
             self.log.info("partitions revoked during a batch: finishing it first", partitions=sorted(partitions),
                           batches=len(self._flight))
-        while self._flight:
-            if not self._finish(self._flight.pop(0)):
-                break
-        self._commit()
+        self._in_callback = True
+        try:
+            while self._flight:
+                if not self._finish(self._flight.pop(0)):
+                    break
+            self._commit()
+        finally:
+            self._in_callback = False
         self._drop(partitions)
 
     def _on_lost(self, partitions: set[tuple[str, int]]) -> None:
@@ -525,11 +801,13 @@ class Worker:
         self.log.warning("partitions lost: the group evicted this worker", partitions=sorted(partitions))
         wait([b.model for b in self._flight if b.model is not None])  # no stage hook beside a model call
         self._drop(partitions)
-        if self._open_since is not None or self._flight:
+        if self._open_since is not None or self._flight or self._open:
             self._abort()
+        self._refused.clear()
 
     def _drop(self, partitions: set[tuple[str, int]]) -> None:
         self._buffer = [m for m in self._buffer if (m.topic, m.partition) not in partitions]
+        self._refused = {k: v for k, v in self._refused.items() if (k[0], k[1]) not in partitions}
         self.stage.on_revoked(partitions)
         self.assigned -= partitions
         metrics.ASSIGNED_PARTITIONS.labels(*self.labels).set(len(self.assigned))

@@ -15,6 +15,7 @@ class MemorySource:
     def __init__(self, messages: Iterable[Message]):
         self.messages = list(messages)
         self.next = 0
+        self.evicted_flag = False  # set by a test: the group has dropped this member
 
     def set_rebalance_listener(self, revoked: Callable[[set[tuple[str, int]]], None],
                                assigned: Callable[[set[tuple[str, int]]], None],
@@ -45,6 +46,9 @@ class MemorySource:
 
     def rewind(self, batch: Sequence[Message]) -> None:
         self.next = min(self.messages.index(m) for m in batch)
+
+    def evicted(self) -> bool:
+        return self.evicted_flag
 
     def close(self) -> None:
         pass

@@ -97,13 +97,16 @@ def run(pipeline: PipelineConfig, stage: str, *, model: str | None = None, devic
                                 partition_assignment_strategy=[assignor])
     source = KafkaSource(consumer, [pipeline.topic(cfg.input).name], end_offsets=end_offsets, drain=drain)
     exactly_once = pipeline.delivery == "exactly_once"
-    producer = clients.producer(pipeline, transactional_id=f"{group}.{member}" if exactly_once else None)
-    sink = KafkaSink(producer, source, transactional=exactly_once)
+    transactional_id = f"{group}.{member}" if exactly_once else None
+    sink = KafkaSink(lambda: clients.producer(pipeline, transactional_id=transactional_id), source,
+                     transactional=exactly_once)
     if not exactly_once:
         log.warning("at-least-once delivery: after a crash, records of the last batch are produced again")
     worker = Worker(stage_obj, source, sink, output_topic=pipeline.topic(cfg.output).name,
                     dlq_topic=pipeline.topic(pipeline.dlq).name, max_batch=cfg.max_batch,
-                    max_delay_ms=cfg.max_delay_ms, commit_interval_ms=cfg.commit_interval_ms, log=log)
+                    max_delay_ms=cfg.max_delay_ms, commit_interval_ms=cfg.commit_interval_ms,
+                    max_message_bytes=pipeline.max_message_bytes, dlq_max_ratio=cfg.dlq_max_ratio,
+                    dlq_window=cfg.dlq_window, log=log)
     assignor.measure = lambda: (worker.stats.records_in, worker.stats.batch_seconds)
     if stop is not None:
         worker.stop_event = stop
