@@ -129,25 +129,20 @@ def slot_files(state_dir: Path) -> dict[tuple[str, str], dict[str, Any]]:
 
 # -- reading the broker -------------------------------------------------------------------------
 
-def _read_range(consumer, starts: dict[TopicPartition, int], ends: dict[TopicPartition, int],
-                budget_s: float) -> tuple[list, dict[TopicPartition, int]]:
-    """Records in [start, end) of each partition, read for at most `budget_s`; and where each
-    partition's next read starts (its end once read, else its position)."""
-    todo = {tp: s for tp, s in starts.items() if s < ends[tp]}
-    nxt = dict(starts)
-    if not todo:
-        return [], nxt
-    consumer.assign(list(todo))
-    for tp, s in todo.items():
-        consumer.seek(tp, s)
+def _read_range(cfg: PipelineConfig, consumer, topic: str, starts: dict[TopicPartition, int],
+                ends: dict[TopicPartition, int], budget_s: float) -> tuple[list, dict[TopicPartition, int]]:
+    """Records in [start, end) of each partition of `topic`, read for at most `budget_s`; and where
+    each partition's next read starts (its end once read, else where reading stopped)."""
     records = []
-    deadline = time.monotonic() + budget_s
-    while any(consumer.position(tp) < ends[tp] for tp in todo) and time.monotonic() < deadline:
-        for tp, batch in consumer.poll(timeout_ms=200).items():
-            records += [r for r in batch if r.offset < ends[tp]]
-    for tp in todo:  # past the end: records fetched beyond it are read again next time
-        nxt[tp] = min(consumer.position(tp), ends[tp])
-    return records, nxt
+    try:
+        for rec in clients.read_range(cfg, topic, partitions=[tp.partition for tp in starts],
+                                      start={tp.partition: o for tp, o in starts.items()},
+                                      end={tp.partition: ends[tp] for tp in starts}, timeout_s=budget_s,
+                                      client=consumer):
+            records.append(rec)
+    except clients.ReadTimeout as stopped:
+        return records, {tp: stopped.positions[tp.partition] for tp in starts}
+    return records, {tp: max(starts[tp], ends[tp]) for tp in starts}
 
 
 @dataclass
@@ -241,7 +236,7 @@ class BrokerProbe:
                 if pos > ends[tp]:  # the topic was recreated
                     pos = 0
                 starts[tp] = max(pos, ends[tp] - keep, begins[tp])
-            records, tail.positions = _read_range(consumer, starts, ends, TAIL_READ_BUDGET_S)
+            records, tail.positions = _read_range(self.cfg, consumer, tail.topic, starts, ends, TAIL_READ_BUDGET_S)
             for rec in sorted(records, key=lambda r: r.timestamp):
                 ms = latency_ms(list(rec.headers or []), tail.stage)
                 if ms is not None:
@@ -260,7 +255,7 @@ class BrokerProbe:
                 tally.counts.clear()
                 tally.positions = {}
             starts = {tp: max(tally.positions.get(tp, 0), begins[tp]) for tp in tps}
-            records, tally.positions = _read_range(consumer, starts, ends, DLQ_READ_BUDGET_S)
+            records, tally.positions = _read_range(self.cfg, consumer, topic, starts, ends, DLQ_READ_BUDGET_S)
             tally.counts.update(dlq_key(list(r.headers or [])) for r in records)
             tally.complete = all(tally.positions[tp] >= ends[tp] for tp in tps)
         return {"topic": topic, "total": sum(tally.counts.values()), "complete": tally.complete,

@@ -38,7 +38,7 @@ from typing import Any
 
 from kafka.consumer.fetcher import ConsumerRecord
 
-from tensorline.config import CHANGELOG, PipelineConfig, TopicConfig
+from tensorline.config import PipelineConfig, TopicConfig, changelog_topics
 from tensorline.engine import clients
 from tensorline.ops import topics
 from tensorline.producers.publish import Publisher
@@ -253,7 +253,8 @@ def redrive(cfg: PipelineConfig, reason: str | None = None, stage: str | None = 
     try:
         producer.init_transactions()  # fences any other redrive and completes its transaction
         found = letters(cfg, reason, stage)  # markers read after the fence: all earlier redrives count
-        partitions = _partitions(cfg, [t.name for k, t in cfg.topics.items() if k not in (cfg.dlq, CHANGELOG)])
+        internal = {cfg.dlq, *changelog_topics(cfg).values()}  # not stage inputs: nothing is redriven there
+        partitions = _partitions(cfg, [t.name for k, t in cfg.topics.items() if k not in internal])
         plans = [_plan(cfg, letter, partitions) for letter in found if not letter.redriven]
         todo = [p for p in plans if p.why is None]
         publisher = Publisher(cfg, producer=producer, progress=False)

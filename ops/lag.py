@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,20 +122,24 @@ def history_file(cfg: PipelineConfig) -> Path:
     return HISTORY_DIR / f"{cfg.name}.json"
 
 
-def _oldest_timestamps(consumer, positions: dict[TopicPartition, int], timeout_s: float = 5.0) -> dict[TopicPartition, int]:
-    """The timestamp (ms) of the first record at or after each position."""
-    if not positions:
-        return {}
-    consumer.assign(list(positions))
-    for tp, offset in positions.items():
-        consumer.seek(tp, offset)
+def _oldest_timestamps(cfg: PipelineConfig, consumer, positions: dict[TopicPartition, int],
+                       ends: dict[TopicPartition, int], timeout_s: float = 5.0) -> dict[TopicPartition, int]:
+    """The timestamp (ms) of the first record at or after each position (before its end): one
+    partition at a time, each read stopped at its first record."""
     found: dict[TopicPartition, int] = {}
     deadline = time.monotonic() + timeout_s
-    while len(found) < len(positions) and time.monotonic() < deadline:
-        for tp, records in consumer.poll(timeout_ms=200, max_records=500).items():
-            if tp not in found and records:
-                found[tp] = records[0].timestamp
-                consumer.pause(tp)
+    for tp, offset in positions.items():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            with closing(clients.read_range(cfg, tp.topic, partitions=[tp.partition], start={tp.partition: offset},
+                                            end={tp.partition: ends[tp]}, timeout_s=left, client=consumer)) as read:
+                first = next(read, None)
+        except clients.ReadTimeout:
+            continue
+        if first is not None:
+            found[tp] = first.timestamp
     return found
 
 
@@ -154,7 +159,7 @@ def measure(cfg: PipelineConfig, *, stuck_after_s: float = DEFAULT_STUCK_AFTER_S
             offsets = admin.list_group_offsets({group: None}).get(group, {})
             committed = {tp: offsets[tp].offset for tp in tps if tp in offsets and offsets[tp].offset >= 0}
             behind = {tp: committed.get(tp, 0) for tp in tps if end[tp] > committed.get(tp, 0)}
-            oldest = _oldest_timestamps(consumer, behind)
+            oldest = _oldest_timestamps(cfg, consumer, behind, end)
             parts = []
             for tp in tps:
                 c = committed.get(tp)

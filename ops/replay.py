@@ -7,12 +7,14 @@ offset per partition ("P:O"), or the earliest offset. Two modes:
   then reprocesses everything from there into the live topics. Kafka only lets an empty group's
   offsets move, so it refuses while the group has live members, naming them.
 - `into_version`: replays the stage and every stage downstream of it into versioned topics
-  (`<topic>.v2`, groups `<group>.v2`, the fusion changelog and DLQ versioned too), so the live
-  topics and groups are untouched. The stage reads its live input from the start offsets to the
-  end offsets fixed when the replay starts (or the offsets of `end`, a time) and stops; each
-  downstream stage drains its versioned input once everything upstream has stopped. All run in
-  this process, one thread per stage (and model), on the real runtime (`stages.worker.run`).
-  With fusion among them, the versioned results are compared with the live ones (`diff`).
+  (`<topic>.v2`, groups `<group>.v2`, the replayed stages' changelogs and the DLQ versioned too),
+  so the live topics and groups are untouched. The stage reads its live input from the start
+  offsets to the end offsets fixed when the replay starts (or the offsets of `end`, a time) and
+  stops; each downstream stage drains its versioned input once everything upstream has stopped.
+  All run in this process, one thread per stage (and model), on the real runtime
+  (`engine.worker.run`).
+  Where a replayed output no stage reads holds decisions (FusedResult records, as fusion
+  writes), the versioned decisions are compared with the live ones (`diff`).
 
 Offsets count transaction markers too (one per partition per transaction), so "records" in a
 plan, end minus start, is an upper bound on the records reprocessed.
@@ -34,11 +36,10 @@ from kafka.admin import OffsetSpec, OffsetTimestamp
 from kafka.errors import NoError
 from kafka.structs import OffsetAndMetadata
 
-from tensorline.config import CHANGELOG, ConfigError, PipelineConfig
+from tensorline.config import ConfigError, PipelineConfig, changelog_topics
 from tensorline.engine import clients
-from tensorline.ops import topics
-from tensorline.schemas import decode_detection, decode_record, decode_result
 from tensorline.engine.plugins import PER_MODEL_KINDS
+from tensorline.schemas import FUSED_RESULT, CodecError, decode
 
 EARLIEST = "earliest"
 # A start: a time, explicit offsets (partition -> offset), or the earliest offset of each partition.
@@ -251,12 +252,13 @@ def downstream(cfg: PipelineConfig, stage: str) -> list[str]:
 
 def versioned(cfg: PipelineConfig, stage: str, version: str) -> tuple[VersionedPipeline, list[str], list[str]]:
     """The versioned pipeline, the stages replayed, and the keys of the topics renamed: the
-    replayed stages' outputs, the fusion changelog if fusion is replayed, and the DLQ."""
+    replayed stages' outputs and changelogs, and the DLQ."""
     if not VERSION.fullmatch(version):
         raise ReplayError(f"a version is v followed by a number (v2), got {version!r}")
     stage_groups(cfg, stage)
     chain = downstream(cfg, stage)
-    keys = list(dict.fromkeys([cfg.stages[s].output for s in chain] + ([CHANGELOG] if "fusion" in chain else [])
+    changelogs = changelog_topics(cfg)
+    keys = list(dict.fromkeys([cfg.stages[s].output for s in chain] + [changelogs[s] for s in chain if s in changelogs]
                               + [cfg.dlq]))
     topics_ = {k: replace(t, name=f"{t.name}.{version}") if k in keys else t for k, t in cfg.topics.items()}
     base = {f.name: getattr(cfg, f.name) for f in fields(PipelineConfig)}
@@ -326,8 +328,8 @@ def _raise_failed(runs: list[_Run]) -> None:
 def into_version(cfg: PipelineConfig, stage: str, version: str, start: Start,
                  end: datetime | None = None) -> dict[str, Any]:
     """Replay `stage` and everything downstream into `version`'s topics and groups; live topics and
-    groups are not touched. Returns the plan, the topics written, per-worker counts, and (with
-    fusion replayed) the diff of fused decisions against the live results."""
+    groups are not touched. Returns the plan, the topics written, per-worker counts, and the diff
+    of decisions against the live ones when a replayed output holds decisions (else None)."""
     vcfg, chain, keys = versioned(cfg, stage, version)
     new_topics = {cfg.topic(k).name: vcfg.topic(k).name for k in keys}
     vgroups = [g for s in chain for _, g in stage_groups(vcfg, s)]
@@ -359,54 +361,55 @@ def into_version(cfg: PipelineConfig, stage: str, version: str, start: Start,
                      "records_out": r.stats.records_out, "dead_letters": r.stats.dead_letters} for r in runs],
         "diff": None,
     }
-    if "fusion" in chain:
-        covered = _record_ids(cfg, stage, {tp.partition: b for tp, b in bounds.items()})
-        result["diff"] = diff(cfg, vcfg, covered)
+    for key in _final_outputs(cfg, chain):
+        new = _decisions(vcfg, vcfg.topic(key).name)
+        if new:
+            covered = _record_ids(cfg, cfg.topic(cfg.stages[stage].input).name,
+                                  {tp.partition: b for tp, b in bounds.items()})
+            result["diff"] = diff(cfg.topic(key).name, vcfg.topic(key).name, _decisions(cfg, cfg.topic(key).name),
+                                  new, covered)
+            break
     return result
 
 
-def _read_range(cfg: PipelineConfig, topic: str, bounds: Mapping[int, tuple[int, int]],
-                timeout_s: float = topics.READ_TIMEOUT_S) -> Iterable:
-    """The committed records of `topic` from start to end offset per partition."""
-    consumer = clients.consumer(cfg, None)
-    try:
-        tps = {TopicPartition(topic, p): b for p, b in bounds.items() if b[1] > b[0]}
-        consumer.assign(list(tps))
-        for tp, (s, _) in tps.items():
-            consumer.seek(tp, s)
-        deadline = time.monotonic() + timeout_s
-        while any(consumer.position(tp) < e for tp, (_, e) in tps.items()):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic}: not at the replay's end offsets after {timeout_s:.0f} s")
-            for tp, records in consumer.poll(timeout_ms=200).items():
-                yield from (r for r in records if r.offset < tps[tp][1])
-    finally:
-        consumer.close()
+def _final_outputs(cfg: PipelineConfig, chain: list[str]) -> list[str]:
+    """The keys of the chain's outputs that no stage of the pipeline reads (its results)."""
+    inputs = {s.input for s in cfg.stages.values()}
+    return [k for k in dict.fromkeys(cfg.stages[s].output for s in chain) if k not in inputs]
 
 
-def _record_ids(cfg: PipelineConfig, stage: str, bounds: Mapping[int, tuple[int, int]]) -> set[str]:
-    """The record ids the replay read: fusion reads Detections, every other stage Records."""
-    decode = decode_detection if cfg.stages[stage].kind == "fusion" else decode_record
+def _record_ids(cfg: PipelineConfig, topic: str, bounds: Mapping[int, tuple[int, int]]) -> set[str]:
+    """The record ids in `topic` from start to end offset per partition: every tensorline message
+    (Record, Detection, FusedResult) carries one."""
     ids = set()
-    for rec in _read_range(cfg, cfg.topic(cfg.stages[stage].input).name, bounds):
+    read = {p: b for p, b in bounds.items() if b[1] > b[0]}
+    for rec in clients.read_range(cfg, topic, partitions=read, start={p: s for p, (s, _) in read.items()},
+                                  end={p: e for p, (_, e) in read.items()}):
         try:
-            ids.add(decode(rec.value).record_id)
-        except Exception:  # a bad record went to the DLQ in the replay as it did live
+            ids.add(decode(rec.value)[1]["record_id"])
+        except CodecError:  # a bad record went to the DLQ in the replay as it did live
             continue
     return ids
 
 
 def _decisions(cfg: PipelineConfig, topic: str) -> dict[str, str]:
-    """record id -> the latest fused decision on `topic` (a reset replay may have repeated one)."""
-    return {r.record_id: r.decision for r in (decode_result(rec.value) for rec in topics.read_all(cfg, topic))}
+    """record id -> the latest decision among the FusedResult records of `topic` (a reset replay
+    may have repeated one); other records hold no decision."""
+    out = {}
+    for rec in clients.read_range(cfg, topic):
+        try:
+            name, datum = decode(rec.value)
+        except CodecError:
+            continue
+        if name == FUSED_RESULT:
+            out[datum["record_id"]] = datum["decision"]
+    return out
 
 
-def diff(cfg: PipelineConfig, vcfg: PipelineConfig, covered: set[str] | None = None) -> dict[str, Any]:
-    """Fused decisions on the live results topic against the versioned one. `covered`: the record
-    ids the replay read; live results of other records are not counted as missing."""
-    assert cfg.fusion is not None
-    live_topic, new_topic = cfg.topic(cfg.fusion.output).name, vcfg.topic(cfg.fusion.output).name
-    live, new = _decisions(cfg, live_topic), _decisions(vcfg, new_topic)
+def diff(live_topic: str, new_topic: str, live: Mapping[str, str], new: Mapping[str, str],
+         covered: set[str] | None = None) -> dict[str, Any]:
+    """Decisions (record id -> decision) on the live topic against the versioned one. `covered`:
+    the record ids the replay read; live decisions on other records are not counted as missing."""
     both = live.keys() & new.keys()
     changed = Counter(f"{live[r]}->{new[r]}" for r in both if live[r] != new[r])
     only_live = (live.keys() & covered if covered is not None else live.keys()) - new.keys()

@@ -7,40 +7,20 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from tensorline.config import CHANGELOG, PipelineConfig
+from tensorline.config import PipelineConfig, changelog_topics
 from tensorline.engine import clients
 
-# A full topic read on a local broker takes well under this; a remote cluster may need more.
-READ_TIMEOUT_S = 60.0
+READ_TIMEOUT_S = clients.READ_TIMEOUT_S  # read_all's default, as read_range's
 
 
 def read_all(cfg: PipelineConfig, topic: str, *, partitions: Iterable[int] | None = None,
              timeout_s: float = READ_TIMEOUT_S, committed_only: bool = True) -> list[ConsumerRecord]:
     """Every record of `topic` (or of some of its partitions) from the beginning to its current
-    end, read_committed by default."""
-    isolation = "read_committed" if committed_only else "read_uncommitted"
-    consumer = clients.consumer(cfg, None, isolation_level=isolation)
-    try:
-        found = consumer.partitions_for_topic(topic)
-        if not found:
-            raise KeyError(f"topic {topic} does not exist on {clients.bootstrap(cfg)}")
-        tps = [TopicPartition(topic, p) for p in sorted(found if partitions is None else partitions)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        records: list[ConsumerRecord] = []
-        deadline = time.monotonic() + timeout_s
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic}: not at its end after {timeout_s:.0f} s")
-            for batch in consumer.poll(timeout_ms=200).values():
-                records.extend(batch)
-        return records
-    finally:
-        consumer.close()
+    end, read_committed by default: `clients.read_range` as a list."""
+    return list(clients.read_range(cfg, topic, partitions=partitions, timeout_s=timeout_s,
+                                   isolation_level="read_committed" if committed_only else "read_uncommitted"))
 
 
 def reset(cfg: PipelineConfig, *, timeout_s: float = 30.0) -> None:
@@ -116,9 +96,10 @@ def warnings(cfg: PipelineConfig, actual: dict[str, int | None]) -> list[str]:
         if per_group > n:
             out.append(f"stage {name}: {per_group} workers per group but {cfg.topics[stage.input].name} has {n} "
                        f"partitions: {per_group - n} worker(s) will sit idle")
-    if cfg.fusion is not None:
-        a, b = actual.get(cfg.fusion.input), actual.get(CHANGELOG)
+    for name, changelog in changelog_topics(cfg).items():
+        key = cfg.stages[name].input
+        a, b = actual.get(key), actual.get(changelog)
         if a is not None and b is not None and a != b:
-            out.append(f"{cfg.topics[cfg.fusion.input].name} ({a} partitions) and {cfg.topics[CHANGELOG].name} "
-                       f"({b}) must be co-partitioned: the fusion changelog keeps each join in its input's partition")
+            out.append(f"{cfg.topics[key].name} ({a} partitions) and {cfg.topics[changelog].name} ({b}) must be "
+                       f"co-partitioned: stage {name}'s changelog keeps its state in its input's partition")
     return out

@@ -368,3 +368,10 @@ def load(path: str | Path) -> PipelineConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, "(syntax)", f"valid TOML ({e})") from None
     return parse(data, path)
+
+
+def changelog_topics(cfg: PipelineConfig) -> dict[str, str]:
+    """Stage -> the key of its changelog topic, for every stage keeping state in one: the topic
+    `<stage>-changelog` when the pipeline has it (the fusion stage's comes from [fusion]). Its
+    state is per input partition, so the changelog is co-partitioned with the stage's input."""
+    return {name: f"{name}-changelog" for name in cfg.stages if f"{name}-changelog" in cfg.topics}

@@ -1,15 +1,19 @@
 """Thin factories over kafka-python: one place where the pipeline's settings become client configs.
 
 Size limits, security settings and the bootstrap address are applied the same way to every
-producer, consumer and admin client, so no stage builds a client by hand.
+producer, consumer and admin client, so no stage builds a client by hand. `read_range` is the one
+way to read a range of a topic (by default all of it, up to its log-end offset) with such a client.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import TopicAlreadyExistsError
 
 from tensorline.config import PipelineConfig
@@ -17,6 +21,15 @@ from tensorline.engine import compat, local
 
 # Every client the project builds reads foreign records as the Java client does (see compat).
 compat.lenient_header_keys()
+
+
+# A full topic read on a local broker takes well under this; a remote cluster may need more.
+READ_TIMEOUT_S = 60.0
+# One poll waits at most this long, so a timeout is noticed within it.
+READ_POLL_MS = 200
+# A created topic reaches the broker's metadata within milliseconds; a loaded cluster may take seconds.
+CREATE_TIMEOUT_S = 30.0
+CREATE_POLL_S = 0.05
 
 
 class NoBroker(RuntimeError):
@@ -79,8 +92,10 @@ def admin(cfg: PipelineConfig) -> KafkaAdminClient:
     return KafkaAdminClient(**_common(cfg))
 
 
-def create_topics(cfg: PipelineConfig) -> list[str]:
-    """Create every topic of the pipeline that does not exist yet; return the names created."""
+def create_topics(cfg: PipelineConfig, *, timeout_s: float = CREATE_TIMEOUT_S) -> list[str]:
+    """Create every topic of the pipeline that does not exist yet; return the names created. Returns
+    once the broker's metadata shows them: the controller answers CreateTopics before that, and
+    a describe or a read just after would find no such topic."""
     client = admin(cfg)
     try:
         existing = set(client.list_topics())
@@ -97,6 +112,91 @@ def create_topics(cfg: PipelineConfig) -> list[str]:
                 created.append(topic.name)
             except TopicAlreadyExistsError:
                 pass
+        deadline = time.monotonic() + timeout_s
+        unseen = [t.name for t in wanted]
+        while unseen:
+            unseen = [d["name"] for d in client.describe_topics(unseen) if d["error_code"] or not d["partitions"]]
+            if unseen and time.monotonic() > deadline:
+                raise TimeoutError(f"topics {unseen} created but not in the broker's metadata after {timeout_s:.0f} s")
+            if unseen:
+                time.sleep(CREATE_POLL_S)
         return created
     finally:
         client.close()
+
+
+class UnknownTopicOrPartition(KeyError):
+    """A read asked for a topic, or partitions of it, that the cluster does not have (a KeyError,
+    so a caller can treat a topic not created yet as empty)."""
+
+
+class ReadTimeout(TimeoutError):
+    """A range not read to its end offsets in time; `positions` (partition -> offset) says where
+    each partition's reading stopped, so a caller on a budget can go on from there later."""
+
+    def __init__(self, message: str, positions: Mapping[int, int]):
+        super().__init__(message)
+        self.positions = dict(positions)
+
+
+def read_range(cfg: PipelineConfig, topic: str, *, partitions: Iterable[int] | None = None,
+               start: Mapping[int, int] | None = None, end: Mapping[int, int] | None = None,
+               isolation_level: str = "read_committed", timeout_s: float = READ_TIMEOUT_S,
+               client: KafkaConsumer | None = None) -> Iterator[ConsumerRecord]:
+    """The records of `topic` from `start` up to, not including, `end`, in offset order per partition.
+
+    `partitions`: which ones (default: all of the topic's). `start`: an offset per partition,
+    default (and for partitions it leaves out) the earliest. `end`: likewise, default the log-end
+    offset when reading starts: the last stable offset under read_committed (transactions still
+    open are not waited for), the high watermark under read_uncommitted. Records past `end` that
+    arrive meanwhile are not yielded, so the read ends. `timeout_s` covers the whole read, the
+    caller's time between records included. No consumer group is used. `client` reuses a consumer
+    (its own isolation level applies), left open and assigned to the partitions read; else one is
+    made here and closed.
+
+    Raises UnknownTopicOrPartition, and ReadTimeout when the end is not reached in `timeout_s`.
+    """
+    reader = client if client is not None else consumer(cfg, None, isolation_level=isolation_level)
+    paused: list[TopicPartition] = []
+    try:
+        found = reader.partitions_for_topic(topic)
+        wanted = sorted(found if partitions is None else set(partitions))
+        given = set(start or {}) | set(end or {})
+        if not found or not set(wanted) <= found:
+            raise UnknownTopicOrPartition(f"topic {topic} has partitions {sorted(found)}, not {wanted}" if found else
+                                          f"topic {topic} does not exist on {bootstrap(cfg)}")
+        if not given <= set(wanted):
+            raise ValueError(f"reading {topic}: offsets given for partitions {sorted(given - set(wanted))}, "
+                             f"which are not read ({wanted})")
+        tps = [TopicPartition(topic, p) for p in wanted]
+        starts = reader.beginning_offsets([tp for tp in tps if tp.partition not in (start or {})])
+        starts.update({TopicPartition(topic, p): o for p, o in (start or {}).items()})
+        ends = reader.end_offsets([tp for tp in tps if tp.partition not in (end or {})])
+        ends.update({TopicPartition(topic, p): o for p, o in (end or {}).items()})
+        todo = {tp for tp in tps if starts[tp] < ends[tp]}
+        if not todo:
+            return
+        reader.assign(sorted(todo))
+        for tp in todo:
+            reader.seek(tp, starts[tp])
+        deadline = time.monotonic() + timeout_s
+        while todo:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                at = {tp.partition: min(reader.position(tp), ends[tp]) if tp in todo else max(starts[tp], ends[tp])
+                      for tp in tps}
+                behind = ", ".join(f"{tp.partition} at {at[tp.partition]} of {ends[tp]}" for tp in sorted(todo))
+                raise ReadTimeout(f"reading {topic}: not at its end offsets after {timeout_s:.0f} s "
+                                  f"(partition {behind})", at)
+            for tp, batch in reader.poll(timeout_ms=min(READ_POLL_MS, max(1, int(left * 1000)))).items():
+                yield from (r for r in batch if r.offset < ends[tp])
+            done = [tp for tp in todo if reader.position(tp) >= ends[tp]]
+            if done:  # fetch no further there: what follows is past the end
+                reader.pause(*done)
+                paused += done
+                todo.difference_update(done)
+    finally:
+        if client is None:
+            reader.close()
+        elif paused:
+            reader.resume(*paused)
