@@ -2,17 +2,30 @@
 accuracy and macro/micro averages, over the records that carry ground truth.
 
 `classification_report` is pure (labels in, numbers out); `build` reads the detections and
-results topics (read_committed) and applies it to each model and to the fused result.
+results topics (read_committed) and applies it to each model and to the fused result, and counts
+the detections fusion dropped as duplicates (`duplicates_dropped`).
 """
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from tensorline.config import PipelineConfig
-from tensorline.ops import topics
-from tensorline.schemas import decode_detection, decode_result
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import CoordinatorLoadInProgressError, CoordinatorNotAvailableError, NotCoordinatorError
+
+from tensorline.config import CHANGELOG, PipelineConfig
+from tensorline.engine import clients
+from tensorline.fusion.stage import Join, deserialize_state
+from tensorline.ops import dlq, topics
+from tensorline.schemas import FusedResult, decode_detection, decode_result
+
+# A coordinator comes up within seconds of the offsets topic's creation on a local broker.
+COORDINATOR_WAIT_S = 15.0
+COORDINATOR_RETRY_S = 0.2
+FUSION = "fusion"  # the fusion stage's name: its consumer group and its dead letters' tl.dlq.stage
 
 
 def _f1(p: float, r: float) -> float:
@@ -52,7 +65,8 @@ def build(cfg: PipelineConfig) -> dict[str, Any]:
     """The report over the pipeline's detections and results topics."""
     assert cfg.fusion is not None, f"{cfg.path}: the report needs a [fusion] section"
     by_model: dict[str, tuple[list[str], list[str]]] = {}
-    for rec in topics.read_all(cfg, cfg.topic(cfg.fusion.input).name):
+    detections = topics.read_all(cfg, cfg.topic(cfg.fusion.input).name)
+    for rec in detections:
         d = decode_detection(rec.value)
         if d.label is not None:
             truth, pred = by_model.setdefault(d.model.name, ([], []))
@@ -60,8 +74,8 @@ def build(cfg: PipelineConfig) -> dict[str, Any]:
             pred.append(d.classes[max(range(len(d.scores)), key=d.scores.__getitem__)])
     truth, pred, partial = [], [], 0
     seen: set[str] = set()
-    for rec in topics.read_all(cfg, cfg.topic(cfg.fusion.output).name):
-        r = decode_result(rec.value)
+    results = [decode_result(rec.value) for rec in topics.read_all(cfg, cfg.topic(cfg.fusion.output).name)]
+    for r in results:
         if r.record_id in seen:  # replays may repeat a record; count each once
             continue
         seen.add(r.record_id)
@@ -74,7 +88,74 @@ def build(cfg: PipelineConfig) -> dict[str, Any]:
         "fused": classification_report(truth, pred, cfg.classes),
         "records": len(seen),
         "partial": partial,
+        "duplicates_dropped": duplicates_dropped(cfg, detections, results),
     }
+
+
+def duplicates_dropped(cfg: PipelineConfig, detections: list[ConsumerRecord], results: list[FusedResult]) -> int:
+    """The detections fusion dropped as duplicates, from the topics (true after workers stopped).
+
+    Every detection fusion consumed (below its group's committed offsets) and did not dead-letter
+    (no fusion dead letter names its offset) is, for its (record id, model), in a result that
+    lists the model as a contributor, in a join still open (the fusion changelog's latest state
+    for the record), or dropped as a duplicate (the record sent again, or an output late for a
+    record already emitted: fusion's `tensorline_duplicates_total`). So per (record id, model),
+    dropped = consumed - contributed - open, the sum over pairs being the count. A replay of fusion
+    (its offsets moved back) re-reads detections this sees once; results repeated by a replay or
+    by at-least-once delivery count at most the detections, never below zero.
+    """
+    assert cfg.fusion is not None
+    topic = cfg.topic(cfg.fusion.input).name
+    consumed = _committed(cfg, cfg.group_id(FUSION), topic)
+    try:
+        dead = {(x.partition, x.offset) for x in dlq.letters(cfg, stage=FUSION) if x.topic == topic}
+    except KeyError:  # no DLQ topic
+        dead = set()
+    expected = set(cfg.fusion.expected_models)
+    counts: Counter[tuple[str, str]] = Counter()
+    for rec in detections:
+        if rec.offset < consumed.get(rec.partition, 0) and (rec.partition, rec.offset) not in dead:
+            d = decode_detection(rec.value)
+            if d.model.name in expected:
+                counts[d.record_id, d.model.name] += 1
+    for r in results:
+        counts.subtract((r.record_id, m) for m in r.contributors)
+    counts.subtract(_open_joins(cfg))
+    return sum(n for n in counts.values() if n > 0)
+
+
+def _committed(cfg: PipelineConfig, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offset per partition of `topic` (none: it never committed).
+
+    The group coordinator may be unavailable for a moment (a broker whose offsets topic is being
+    created by this very lookup, a coordinator moving): retried for up to COORDINATOR_WAIT_S."""
+    admin = clients.admin(cfg)
+    deadline = time.monotonic() + COORDINATOR_WAIT_S
+    try:
+        while True:
+            try:
+                offsets = admin.list_group_offsets({group: None}).get(group, {})
+                break
+            except (CoordinatorNotAvailableError, NotCoordinatorError, CoordinatorLoadInProgressError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(COORDINATOR_RETRY_S)
+    finally:
+        admin.close()
+    return {tp.partition: o.offset for tp, o in offsets.items() if tp.topic == topic and o.offset >= 0}
+
+
+def _open_joins(cfg: PipelineConfig) -> Counter[tuple[str, str]]:
+    """(record id, model) of every detection in a join fusion holds open: the latest state per key
+    of its changelog (read_committed, as a restoring worker reads it)."""
+    latest: dict[bytes, bytes | None] = {}
+    try:
+        for rec in clients.read_range(cfg, cfg.topic(CHANGELOG).name):
+            latest[rec.key] = rec.value
+    except KeyError:  # no changelog yet: fusion never ran
+        return Counter()
+    joins = (deserialize_state(v) for v in latest.values() if v is not None)
+    return Counter((j.record_id, m) for j in joins if isinstance(j, Join) for m in j.detections)
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -90,4 +171,5 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"  {'micro f1':<12}{'':>20}{rep['f1_micro']:>10.3f}")
         lines.append("")
     lines.append(f"records with a result: {report['records']}   partial results: {report['partial']}")
+    lines.append(f"duplicates dropped: {report['duplicates_dropped']}")
     return "\n".join(lines)

@@ -94,8 +94,10 @@ def cmd_produce(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _: stopping.append(signum))
     summary = publish.produce(cfg, args.sources, rate=args.rate, watch=args.watch, limit=args.limit,
-                              state=publish.state_file(cfg, args.sources), stop=lambda: bool(stopping))
-    print(summary.line())
+                              state=publish.state_file(cfg, args.sources), stop=lambda: bool(stopping),
+                              check_results_s=publish.RESULTS_READ_S if args.check_results is None
+                              else args.check_results)
+    print("\n".join([summary.line(), *summary.notes]))
     return 0
 
 
@@ -235,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--rate", type=float, help="at most this many records per second")
     pr.add_argument("--watch", action="store_true", help="keep watching the folders for new files")
     pr.add_argument("--limit", type=int, help="stop after this many records")
+    pr.add_argument("--check-results", type=float, metavar="SECONDS",
+                    help="read the results topic for at most this long at start, to count the records "
+                         "whose id was sent before (default: 10; 0: do not read it)")
     pr.set_defaults(func=cmd_produce)
 
     lg = with_config(sub.add_parser("lag", help="consumer lag per stage and partition (offsets and seconds)"))

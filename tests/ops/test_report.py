@@ -1,14 +1,19 @@
-"""The evaluation report: metrics by hand, and the JSON read back from real topics."""
+"""The evaluation report: metrics by hand, the JSON read back from real topics, and the duplicates
+fusion dropped, counted from the topics after a real fusion worker ran."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
+from prometheus_client import REGISTRY
 
-from tensorline.engine import clients
+from tensorline import cli
+from tensorline.engine import clients, worker
+from tensorline.ops import report
 from tensorline.ops.report import classification_report, format_table
 from tensorline.schemas import Detection, FusedResult, ModelRef, encode_detection, encode_result
 
@@ -63,10 +68,67 @@ expected_models = ["a", "b"]
     out = subprocess.run([sys.executable, "-m", "tensorline.cli", "report", "-c", str(path), "--json"],
                          capture_output=True, text=True, check=True)
     rep = json.loads(out.stdout)
-    assert set(rep) == {"models", "fused", "records", "partial"}
-    assert (rep["records"], rep["partial"]) == (4, 1)
+    assert set(rep) == {"models", "fused", "records", "partial", "duplicates_dropped"}
+    assert (rep["records"], rep["partial"], rep["duplicates_dropped"]) == (4, 1, 0)  # fusion never ran
     assert rep["fused"]["accuracy"] == 1.0
     assert rep["models"]["a"]["accuracy"] == 0.5  # a always says nodule
     assert rep["models"]["b"]["accuracy"] == 0.25  # b says nodule on all but r0
     assert set(rep["models"]["a"]) >= {"accuracy", "f1_macro", "f1_micro", "per_class"}
     assert "FUSED" in format_table(rep)
+
+
+def fused_count_of_duplicates() -> float:
+    """tensorline_duplicates_total of the fusion stage in this process, every cause."""
+    return sum(REGISTRY.get_sample_value("tensorline_duplicates_total", {"stage": "fusion", "model": "", "cause": c})
+               or 0.0 for c in ("emitted", "joined"))
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("on_duplicate, dropped", [("drop", 4), ("reprocess", 1)])
+def test_duplicates_dropped_by_fusion_are_counted_from_the_topics(tmp_path, write_pipeline, monkeypatch, capsys,
+                                                                  on_duplicate, dropped):
+    monkeypatch.setenv("TENSORLINE_STATE_DIR", str(tmp_path / "state"))
+    path = tmp_path / "p.toml"
+    cfg = write_pipeline(path, f"""
+[topics]
+detections = {{ partitions = 2 }}
+results = {{ partitions = 2 }}
+dlq = {{ partitions = 1 }}
+[fusion]
+input = "detections"
+output = "results"
+expected_models = ["a", "b"]
+on_duplicate = "{on_duplicate}"
+""")
+
+    def send(pairs, classes=CLASSES):
+        producer = clients.producer(cfg)
+        for rid, model in pairs:
+            d = Detection(record_id=rid, source="t", ingest_ts_ms=0, model=ModelRef(model, "1"), classes=classes,
+                          scores=(0.4, 0.6), label="nodule")
+            producer.send(cfg.topic("detections").name, key=rid.encode(), value=bytes(encode_detection(d)))
+        producer.flush()
+        producer.close()
+
+    def fusion_to_the_end():
+        drain = threading.Event()
+        drain.set()  # stop once the detections are read and committed to their present end
+        worker.run(cfg, "fusion", metrics_port=None, stop=threading.Event(), drain=drain)
+
+    before = fused_count_of_duplicates()
+    send([(f"r{i}", m) for i in range(4) for m in ("a", "b")])
+    fusion_to_the_end()
+    send([("r1", "a"), ("r1", "b"),  # r1 sent again: dropped, or fused again into a second result
+          ("r0", "a"),               # r0 again, from a alone: dropped, or a new join left open
+          ("r5", "a"), ("r5", "a"),  # twice into one open join: the second dropped either way
+          ("r4", "a")])              # a join left open: not a duplicate
+    send([("r3", "b")], classes=("cat", "dog"))  # a dead letter (wrong_classes): not a duplicate
+    fusion_to_the_end()
+    assert fused_count_of_duplicates() - before == dropped  # what fusion itself counted
+
+    rep = report.build(cfg)
+    assert rep["duplicates_dropped"] == dropped
+    assert rep["records"] == 4 and f"duplicates dropped: {dropped}" in format_table(rep).splitlines()
+    capsys.readouterr()  # the worker's log lines so far
+    assert cli.main(["report", "-c", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["duplicates_dropped"] == dropped
