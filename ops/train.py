@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from tensorline.config import ModelConfig, PipelineConfig
-from tensorline.fusion.join import OpenJoin
 from tensorline.fusion.stacking import Stacker, fit_stacker
 from tensorline.fusion.stage import combine
 from tensorline.ops.report import classification_report
@@ -353,30 +352,27 @@ def evaluate_fusion(cfg: PipelineConfig, names: tuple[str, ...], versions: Mappi
     folds = np.random.default_rng(seed).permutation(len(labels["val"])) % STACKER_FOLDS
     fold_stackers = [fit_stacker(stacked["val"][folds != f], labels["val"][folds != f],
                                  model_names=names, classes=cfg.classes) for f in range(STACKER_FOLDS)]
-    joins = {split: [_join(cfg, f"{split}-{i}", names, versions, row) for i, row in enumerate(stacked[split])]
+    joins = {split: [_detections(cfg, f"{split}-{i}", names, versions, row) for i, row in enumerate(stacked[split])]
              for split in ("val", "test")}
     out: dict[str, dict[str, Any]] = {}
     for strategy in FUSION_STRATEGIES:
         params = {"weights": dict(weights)} if strategy == "weighted_average" else {}
         out[strategy] = {}
         for split in ("val", "test"):
-            decisions = [combine(join, names, cfg.classes, strategy, params,
+            decisions = [combine(f"{split}-{i}", detections, names, cfg.classes, strategy, params,
                                  fold_stackers[folds[i]] if split == "val" else stacker).decision
-                         for i, join in enumerate(joins[split])]
+                         for i, detections in enumerate(joins[split])]
             truth = [cfg.classes[k] for k in labels[split]]
             out[strategy][split] = classification_report(truth, decisions, cfg.classes)
     return out
 
 
-def _join(cfg: PipelineConfig, record_id: str, names: Sequence[str], versions: Mapping[str, str],
-          row: np.ndarray) -> OpenJoin:
-    """A complete join holding one record's detections, as the detection stage sends them (float32)."""
-    join = OpenJoin(record_id, 0, 0)
-    for name, s in zip(names, row):
-        join.detections[name] = Detection(record_id=record_id, source="demo", ingest_ts_ms=0,
-                                          model=ModelRef(name, versions[name]), classes=cfg.classes,
-                                          scores=tuple(float(v) for v in np.float32(s)))
-    return join
+def _detections(cfg: PipelineConfig, record_id: str, names: Sequence[str], versions: Mapping[str, str],
+          row: np.ndarray) -> dict[str, Detection]:
+    """One record's detections from every model, as the detection stage sends them (float32)."""
+    return {name: Detection(record_id=record_id, source="demo", ingest_ts_ms=0, model=ModelRef(name, versions[name]),
+                            classes=cfg.classes, scores=tuple(float(v) for v in np.float32(s)))
+            for name, s in zip(names, row)}
 
 
 def format_table(cards: Mapping[str, dict], names: Sequence[str], fusion: Mapping[str, dict],

@@ -54,8 +54,14 @@ class RecordStage:
     def key(self, output: Any, message: Message) -> bytes | None:
         return message.key
 
-    # Hooks for stateful stages; a map stage needs none of them.
+    # Hooks for stateful stages (see engine.runtime.Stage); a map stage needs none of them.
+    changelog_topic: str | None = None  # set by a stage that keeps state: the runtime gives it `state`
+
     def tick(self) -> list[Output]:
+        return []
+
+    def expire(self, partition: int, key: bytes, value: Any, now_ms: int) -> list[Output]:
+        self.state.delete(partition, key)
         return []
 
     def on_assigned(self, partitions: set[tuple[str, int]]) -> None:

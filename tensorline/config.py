@@ -41,6 +41,7 @@ DEFAULT_DELIVERY = "exactly_once"
 DEFAULT_CLASSES = ("normal", "nodule")
 DELIVERY_MODES = ("exactly_once", "at_least_once")
 FUSION_EMIT_MODES = ("all", "quorum", "deadline")
+DUPLICATE_ACTIONS = ("drop", "reprocess")
 # What detection scores are: one distribution over the classes, or each class on its own.
 SCORE_KINDS = ("softmax", "sigmoid")
 BAD_FILE_ACTIONS = ("dlq", "skip")
@@ -124,11 +125,18 @@ class FusionConfig:
     deadline_ms: int = 5000
     strategy: str = "soft_vote"
     params: Mapping[str, Any] = field(default_factory=dict)
-    # Caps memory for joins whose models never report; the oldest are emitted as partial.
-    max_open_joins: int = 10_000
-    # Emitted record ids remembered in memory to recognise late outputs (about 100 bytes each);
-    # the changelog keeps them all, this bounds only the worker's memory.
-    max_emitted: int = 200_000
+    # A join still missing a model this long after its first output is emitted partial, naming
+    # the missing models (emit "all" and "quorum"; "deadline" uses deadline_ms). Fifteen seconds:
+    # several times the demo's end-to-end p99 with a whole set sent at once, and never infinite,
+    # so a model that never answers costs a partial result, not a record lost in an open join.
+    join_timeout_ms: int = 15_000
+    # Emitted record ids are kept this long to recognise late and repeated outputs, then
+    # tombstoned: the changelog holds the open joins plus ten minutes of ids (about 100 bytes
+    # each), not every record ever fused. A record sent again within it is a duplicate.
+    dedup_window_ms: int = 600_000
+    # A duplicate (a record id already emitted, within the window): "drop" it (counted, in the
+    # metrics and `tensorline report`), or "reprocess" it into a new result.
+    on_duplicate: str = "drop"
     # What every incoming detection's scores must be: "softmax" (one distribution over the
     # classes, summing to 1), as the demo models and the voting strategies assume; "sigmoid" for
     # models scoring each class on its own (each in [0, 1]). Others are dead letters.
@@ -304,8 +312,9 @@ def _fusion(r: _Reader, topics: Mapping[str, TopicConfig]) -> FusionConfig:
         deadline_ms=r.positive("deadline_ms", 5000),
         strategy=r.get("strategy", str, "soft_vote"),
         params=dict(r.sub("params").table),
-        max_open_joins=r.positive("max_open_joins", 10_000),
-        max_emitted=r.positive("max_emitted", 200_000),
+        join_timeout_ms=r.positive("join_timeout_ms", 15_000),
+        dedup_window_ms=r.positive("dedup_window_ms", 600_000),
+        on_duplicate=r.choice("on_duplicate", DUPLICATE_ACTIONS, "drop"),
         scores=r.choice("scores", SCORE_KINDS, "softmax"),
     )
 

@@ -188,9 +188,11 @@ class Throughput:
             self._at = now
 
     def rate(self) -> float | None:
-        """Records/s of processing, or None while too little has been processed to tell."""
+        """Records/s of processing, or None while too little has been processed to tell (or when
+        nothing was: busy time without a record is a frozen or failing worker, not a capacity of 0,
+        which would leave it without partitions, and so without a chance to measure, for good)."""
         with self._lock:
-            return self._records / self._busy if self._busy >= self.min_busy_s else None
+            return self._records / self._busy if self._busy >= self.min_busy_s and self._records > 0 else None
 
 
 # -- the group protocol --------------------------------------------------------------------------

@@ -71,7 +71,8 @@ class KafkaSource:
                  drain: threading.Event | None = None):
         self.consumer = consumer
         self.topics = list(topics)
-        self.paused = False
+        self.paused = False  # every partition paused by keepalive
+        self.held: set[TopicPartition] = set()  # paused until released (restoring state)
         self.revoked: Callable[[set[tuple[str, int]]], None] | None = None
         self.assigned: Callable[[set[tuple[str, int]]], None] | None = None
         self.lost: Callable[[set[tuple[str, int]]], None] | None = None
@@ -152,6 +153,7 @@ class KafkaSource:
 
     def forget(self, partitions) -> None:
         """Partitions gone in a rebalance: whoever gets them reads from the committed offsets."""
+        self.held -= set(partitions)
         for tp in partitions:
             self._handed.pop(tp, None)
             self._committed.pop(tp, None)
@@ -165,9 +167,21 @@ class KafkaSource:
     def resume(self) -> None:
         if self.paused:
             ends = self.end_offsets or {}
-            self.consumer.resume(*[tp for tp in self.consumer.paused()
-                                   if tp not in ends or self.consumer.position(tp) < ends[tp]])
+            self.consumer.resume(*[tp for tp in self.consumer.paused() if tp not in self.held
+                                   and (tp not in ends or self.consumer.position(tp) < ends[tp])])
             self.paused = False
+
+    def hold(self, partitions: set[tuple[str, int]]) -> None:
+        tps = {TopicPartition(t, p) for t, p in partitions}
+        self.held |= tps
+        self.consumer.pause(*tps)
+
+    def release(self, partitions: set[tuple[str, int]]) -> None:
+        tps = {TopicPartition(t, p) for t, p in partitions} & self.held
+        self.held -= tps
+        assigned = self.consumer.assignment()
+        if not self.paused:
+            self.consumer.resume(*(tps & assigned))
 
     def positions(self, batch: Sequence[Message]) -> dict[tuple[str, int], int]:
         """Per partition the consumer's position (past any transaction marker) unless records of

@@ -29,6 +29,10 @@ RETRIES = Counter("tensorline_retries_total", "Transient failures retried (model
 DLQ_PAUSED = Gauge("tensorline_dlq_paused", "1 while the worker holds its input: too many recent records were dead letters",
                    _LABELS)
 OPEN_JOINS = Gauge("tensorline_open_joins", "Fusion joins waiting for models", _LABELS)
+OLDEST_JOIN_SECONDS = Gauge("tensorline_oldest_open_join_seconds", "Age of the oldest fusion join waiting for models",
+                            _LABELS)
+DUPLICATES = Counter("tensorline_duplicates_total", "Outputs dropped as repeats of a record already emitted or joined",
+                     (*_LABELS, "cause"))
 PARTIAL_RESULTS = Counter("tensorline_partial_results_total", "Fused results emitted without every model",
                           (*_LABELS, "cause"))
 

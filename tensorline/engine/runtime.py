@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -39,6 +39,7 @@ from typing import Any, Protocol
 from tensorline import logs
 from tensorline.engine import metrics
 from tensorline.engine.errors import DeadLetter, Fatal, Kind, classify, out_of_memory, reason
+from tensorline.engine.state import ChangelogRecord, StateStore
 
 Headers = list[tuple[str, bytes]]
 TRACE_ID = "tl.trace"
@@ -62,6 +63,10 @@ FIRST_RECORD_WAIT_S = 0.5
 # Batches handed to the model thread at once: while one runs, the next full batch waits decoded
 # behind it, so the model never idles while the main thread commits or decodes.
 PIPELINE_DEPTH = 2
+# kafka-python calls rebalance listeners on its IO loop, where they block heartbeats: on revoke,
+# batches in flight are finished and committed only if their models end within a fifth of the
+# 10 s session timeout; slower ones are aborted and read again by the partitions' new owner.
+REVOKE_BUDGET_S = 2.0
 # Transient failures are retried after 0.5 s, doubling to 30 s: quick for a blip (a leader
 # moving, a GPU briefly out of memory), gentle on a broker that is down.
 BACKOFF_S = (0.5, 30.0)
@@ -120,12 +125,17 @@ class Stage(Protocol):
     """What a stage module provides: its name, and batch in -> batch out.
 
     `process` returns one element per input: an output object (encoded with `encode`, keyed with
-    `key`, traced from its input), a ready `Output`, a list of these, or None. Stateful stages
-    (fusion) also get `tick` (outputs due without input), `on_assigned`/`on_revoked` (partitions
-    come and go) and `committed`/`aborted` (the batch's transaction outcome): see `RecordStage`.
+    `key`, traced from its input), a ready `Output`, a list of these, or None. Every other hook has
+    a no-op default in `stages.base.RecordStage`.
+
+    A stateful stage names its `changelog_topic` (co-partitioned with its input) and serializes
+    its state values (`serialize_state`/`deserialize_state`); the runtime then gives it `state`, a
+    `StateStore` restored before any record of a partition is processed, and calls `expire` for
+    keys whose time-to-live has passed.
     """
 
     name: str
+    changelog_topic: str | None
 
     def decode(self, message: Message) -> Any:
         """The message's payload as the stage's input item; raises a CodecError on bad bytes."""
@@ -142,6 +152,26 @@ class Stage(Protocol):
     def key(self, output: Any, message: Message) -> bytes | None:
         """The output's partition key."""
 
+    def tick(self) -> list[Output]:
+        """Outputs owed without new input; called only with no batch in flight."""
+
+    def expire(self, partition: int, key: bytes, value: Any, now_ms: int) -> list[Output]:
+        """A state key's time-to-live passed: write or delete it, and return what it owes."""
+
+    def serialize_state(self, value: Any) -> bytes: ...
+
+    def deserialize_state(self, data: bytes) -> Any: ...
+
+    def on_assigned(self, partitions: set[tuple[str, int]]) -> None: ...
+
+    def on_revoked(self, partitions: set[tuple[str, int]]) -> None: ...
+
+    def committed(self) -> None:
+        """The open transaction committed."""
+
+    def aborted(self) -> None:
+        """The open transaction aborted: forget anything kept outside `state`."""
+
 
 class Source(Protocol):
     """Where a worker reads: a consumer group member (or an in-memory list in tests)."""
@@ -151,7 +181,13 @@ class Source(Protocol):
     def keepalive(self) -> None:
         """Poll with every partition paused: heartbeats, rebalances, no records."""
 
-    def resume(self) -> None: ...
+    def resume(self) -> None:
+        """Resume the partitions `keepalive` paused (not the held ones)."""
+
+    def hold(self, partitions: set[tuple[str, int]]) -> None:
+        """Pause these partitions until `release` (a stateful stage restoring them)."""
+
+    def release(self, partitions: set[tuple[str, int]]) -> None: ...
 
     def positions(self, batch: Sequence[Message]) -> dict[tuple[str, int], int]:
         """The offsets to commit after `batch`: per partition, the next offset to read."""
@@ -317,7 +353,7 @@ class Worker:
                  max_batch: int, max_delay_ms: int, commit_interval_ms: int = 0,
                  slow_batch_s: float = DEFAULT_SLOW_BATCH_S, max_message_bytes: int = 16 * 1024 * 1024,
                  dlq_max_ratio: float = DEFAULT_DLQ_MAX_RATIO, dlq_window: int = DEFAULT_DLQ_WINDOW,
-                 log: Any = None):
+                 restore: Callable[[str, set[int]], Iterable[ChangelogRecord]] | None = None, log: Any = None):
         self.stage, self.source, self.sink = stage, source, sink
         self.output_topic, self.dlq_topic = output_topic, dlq_topic
         self.max_message_bytes = max_message_bytes
@@ -330,6 +366,17 @@ class Worker:
         # Records whose output the sink refused, by (topic, partition, offset): the number of
         # refusals. Read again, such a record goes straight to the DLQ (minimal after two).
         self._refused: dict[tuple[str, int, int], tuple[BaseException, int]] = {}
+        # A stateful stage's store, and the partitions assigned but not yet restored (held).
+        self.changelog_topic = getattr(stage, "changelog_topic", None)
+        self.store: StateStore | None = None
+        if self.changelog_topic:
+            if restore is None:
+                raise ValueError(f"stage {stage.name} keeps state in {self.changelog_topic}: the worker needs a reader")
+            self.store = StateStore(stage.serialize_state, stage.deserialize_state)
+            stage.state = self.store
+        self._read_changelog = restore
+        self.depth = 1 if self.store is not None else PIPELINE_DEPTH  # batches in flight at most
+        self._restoring: set[tuple[str, int]] = set()
         self.max_batch, self.batch_size = max_batch, max_batch
         self.max_delay_s, self.slow_batch_s = max_delay_ms / 1000, slow_batch_s
         self.commit_interval_s = commit_interval_ms / 1000
@@ -399,6 +446,9 @@ class Worker:
 
     def _step(self) -> bool:
         """One turn of the loop; True when it started, finished or emitted anything."""
+        if self._restoring:
+            self._restore()
+            return True
         self._collect()
         started = self._feed()
         finished = self._drain()
@@ -406,10 +456,9 @@ class Worker:
                 not self._flight or time.monotonic() - self._open_since >= self.commit_interval_s):
             self._commit()
         ticked = not self._flight and self._tick()
-        if started or finished or ticked:
+        if started or finished or ticked or self._flight:
             return True
-        if not self._flight:
-            self._settle()
+        self._settle()
         return False
 
     def stop(self) -> None:
@@ -442,10 +491,10 @@ class Worker:
     def _feed(self) -> bool:
         """Hand the buffer to the model thread: at once when the model has nothing to run; when
         full, queued behind the running batch (up to PIPELINE_DEPTH in flight)."""
-        if not self._buffer:
-            return False
+        if not self._buffer or (self.store is not None and self._flight):
+            return False  # a stateful stage's batches run one at a time: one owner of its state
         running = sum(not b.model.done() for b in self._flight)
-        if running and (len(self._buffer) < self.batch_size or running >= PIPELINE_DEPTH):
+        if running and (len(self._buffer) < self.batch_size or running >= self.depth):
             return False
         self._flight.append(self._start())
         return True
@@ -453,7 +502,7 @@ class Worker:
     def _drain(self) -> bool:
         """Produce, in order, the batches whose model is done; when the buffer is full and the
         model thread has PIPELINE_DEPTH batches, wait (polling) for the oldest first."""
-        if len(self._buffer) >= self.batch_size and len(self._flight) >= PIPELINE_DEPTH:
+        if len(self._buffer) >= self.batch_size and len(self._flight) >= self.depth:
             self._await(self._flight[0])
         finished = False
         while self._flight and self._flight[0].model.done():
@@ -525,7 +574,7 @@ class Worker:
             self._abort([batch])
             self._pause(dead)
             return False
-        return self._send(batch, outputs, dead, batch.positions)
+        return self._send(batch, outputs + self._changes(), dead, batch.positions)
 
     def _send(self, batch: "_Batch | None", outputs: list[Output], dead: list[Output],
               positions: dict[tuple[str, int], int]) -> bool:
@@ -561,6 +610,8 @@ class Worker:
             return False
         # Committed: nothing below may be taken for a failed commit.
         self._failures = 0
+        if self.store is not None:
+            self.store.commit()
         self.stage.committed()
         if self._refused:
             for batch, _, _ in self._open:
@@ -569,8 +620,9 @@ class Worker:
         for batch, outputs, dead in self._open:
             self.stats.records_out += len(outputs)
             self.stats.dead_letters += len(dead)
-            if batch is not None:
+            if batch is not None:  # capacity is measured on committed work only (never an aborted batch's time)
                 self.stats.records_in += len(batch.messages)
+                self.stats.batch_seconds += batch.model_seconds
                 self.stats.batches += 1
                 self._observe(batch, outputs, dead)
         self._close_open()
@@ -609,9 +661,12 @@ class Worker:
             except Exception:  # a fenced or closed producer: nothing of the transaction is visible anyway
                 self.log.exception("abort failed")
         later, self._flight = self._flight, []
-        # Blocking, not polling (this may run inside a rebalance callback): the stage must not
-        # be reset under a running model call. Aborts are rare.
-        wait([b.model for b in later if b.model is not None])
+        if self.store is not None:
+            # Blocking, not polling (this may run inside a rebalance callback): the state must not
+            # be rolled back under a running model call. A stateless stage's dropped calls end alone.
+            wait([b.model for b in later if b.model is not None])
+        if self.store is not None:
+            self.store.abort()
         self.stage.aborted()
         batches = [b for b, _, _ in self._open if b is not None] + list(extra) + later
         messages = [m for b in batches for m in b.messages] + self._buffer
@@ -707,12 +762,38 @@ class Worker:
             self._commit()
 
     def _tick(self) -> bool:
-        """Outputs a stage owes without new input (fusion deadlines), committed at once. Only
-        called with no batch in flight, so it never runs beside `process`."""
+        """Outputs a stage owes without new input, and state keys past their time-to-live,
+        committed at once. Only called with no batch in flight, so it never runs beside `process`."""
         outputs = self.stage.tick()
+        if self.store is not None:
+            now = now_ms()
+            for partition, key, value in self.store.expired(now):
+                outputs += self.stage.expire(partition, key, value, now)
+            outputs += self._changes()
         if outputs and self._send(None, outputs, [], {}):
             self._commit()
         return bool(outputs)
+
+    def _changes(self) -> list[Output]:
+        """The state store's writes since the last call, as changelog records."""
+        if self.store is None:
+            return []
+        return [Output(self.changelog_topic, c.key, c.value, c.headers, c.partition) for c in self.store.flush()]
+
+    def _restore(self) -> None:
+        """Read the changelog of the partitions assigned since the last turn to the end, then let
+        their records in (they were held since assignment). Runs in the main loop, never inside
+        a rebalance callback: a long restore cannot cost the group membership."""
+        partitions, self._restoring = self._restoring, set()
+        started = time.monotonic()
+        parts = {p for _, p in partitions}
+        by_partition: dict[int, list[ChangelogRecord]] = {p: [] for p in parts}
+        for rec in self._read_changelog(self.changelog_topic, parts):
+            by_partition[rec.partition].append(rec)
+        read = sum(self.store.restore(p, recs) for p, recs in by_partition.items())
+        self.source.release(partitions)
+        self.log.info("state restored from the changelog", partitions=sorted(parts), records=read,
+                      keys=sum(self.store.count(p) for p in parts), seconds=round(time.monotonic() - started, 3))
 
     def _call_retrying(self, batch: "_Batch", items: list[tuple[Message, Any]]
                        ) -> tuple[list[tuple[Message, Any]], list[Output]]:
@@ -745,6 +826,7 @@ class Worker:
         raise (transient and fatal errors go up: they are not any one record's fault)."""
         if not items:
             return [], []
+        savepoint = self.store.savepoint() if self.store is not None else 0
         try:
             with metrics.MODEL_SECONDS.labels(*self.labels).time():
                 outputs = self.stage.process([item for _, item in items])
@@ -752,7 +834,8 @@ class Worker:
                 raise Fatal(f"stage {self.stage.name} returned {len(outputs)} outputs for {len(items)} inputs")
             return list(zip([m for m, _ in items], outputs)), []
         except Exception as e:
-            self.stage.aborted()  # a stateful stage forgets what the failed call half-did
+            if self.store is not None:
+                self.store.rollback(savepoint)  # the failed call's writes, and nothing before them
             if classify(e) is not Kind.RECORD:
                 raise
             if len(items) == 1:
@@ -769,7 +852,6 @@ class Worker:
 
     def _adapt(self, batch: "_Batch") -> None:
         seconds = batch.model_seconds
-        self.stats.batch_seconds += seconds
         if (seconds > self.slow_batch_s or batch.out_of_memory) and self.batch_size > 1:
             self.batch_size = max(1, self.batch_size // 2)
             self.log.warning("slow or out-of-memory batch: batch size halved", seconds=round(seconds, 2),
@@ -781,15 +863,21 @@ class Worker:
     def _on_revoke(self, partitions: set[tuple[str, int]]) -> None:
         """Partitions are leaving: finish the batches in flight and commit the open transaction
         first, drop buffered records of theirs."""
-        if self._flight:
-            self.log.info("partitions revoked during a batch: finishing it first", partitions=sorted(partitions),
-                          batches=len(self._flight))
         self._in_callback = True
         try:
-            while self._flight:
-                if not self._finish(self._flight.pop(0)):
-                    break
-            self._commit()
+            if wait([b.model for b in self._flight], timeout=REVOKE_BUDGET_S).not_done:
+                self.log.warning("partitions revoked during a batch slower than the revoke budget: aborted, "
+                                 "its records are read again", partitions=sorted(partitions),
+                                 budget_s=REVOKE_BUDGET_S)
+                self._abort()
+            else:
+                if self._flight:
+                    self.log.info("partitions revoked during a batch: finishing it first",
+                                  partitions=sorted(partitions), batches=len(self._flight))
+                while self._flight:
+                    if not self._finish(self._flight.pop(0)):
+                        break
+                self._commit()
         finally:
             self._in_callback = False
         self._drop(partitions)
@@ -807,12 +895,18 @@ class Worker:
 
     def _drop(self, partitions: set[tuple[str, int]]) -> None:
         self._buffer = [m for m in self._buffer if (m.topic, m.partition) not in partitions]
+        self._restoring -= partitions
+        if self.store is not None:
+            self.store.drop(p for _, p in partitions)
         self._refused = {k: v for k, v in self._refused.items() if (k[0], k[1]) not in partitions}
         self.stage.on_revoked(partitions)
         self.assigned -= partitions
         metrics.ASSIGNED_PARTITIONS.labels(*self.labels).set(len(self.assigned))
 
     def _on_assign(self, partitions: set[tuple[str, int]]) -> None:
+        if self.store is not None:  # restored by the main loop before any of their records
+            self.source.hold(partitions)
+            self._restoring |= partitions
         self.stage.on_assigned(partitions)
         self.assigned |= partitions
         metrics.ASSIGNED_PARTITIONS.labels(*self.labels).set(len(self.assigned))

@@ -16,6 +16,7 @@ class MemorySource:
         self.messages = list(messages)
         self.next = 0
         self.evicted_flag = False  # set by a test: the group has dropped this member
+        self.held: set[tuple[str, int]] = set()
 
     def set_rebalance_listener(self, revoked: Callable[[set[tuple[str, int]]], None],
                                assigned: Callable[[set[tuple[str, int]]], None],
@@ -49,6 +50,12 @@ class MemorySource:
 
     def evicted(self) -> bool:
         return self.evicted_flag
+
+    def hold(self, partitions: set[tuple[str, int]]) -> None:
+        self.held |= partitions
+
+    def release(self, partitions: set[tuple[str, int]]) -> None:
+        self.held -= partitions
 
     def close(self) -> None:
         pass

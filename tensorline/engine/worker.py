@@ -9,7 +9,7 @@ import signal
 import socket
 import threading
 from dataclasses import asdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -20,6 +20,7 @@ from tensorline.engine.assignor import CapacityAssignor
 from tensorline.engine.plugins import PER_MODEL_KINDS, load_stage, pin_device
 from tensorline.engine.kafka import KafkaSink, KafkaSource
 from tensorline.engine.runtime import Stats, Worker
+from tensorline.engine.state import ChangelogRecord
 
 STATE_DIR_ENV = "TENSORLINE_STATE_DIR"
 # Set by the supervisor to its pid: a worker whose parent is no longer that pid stops (see
@@ -64,6 +65,12 @@ def _stop_without_supervisor(supervisor_pid: int, worker: Worker, log) -> None:
     worker.stop()
 
 
+def read_changelog(pipeline: PipelineConfig, topic: str, partitions: set[int]) -> Iterator[ChangelogRecord]:
+    """A stateful stage's changelog partitions read to their end (read_committed), to restore."""
+    for r in clients.read_range(pipeline, topic, partitions=partitions):
+        yield ChangelogRecord(r.partition, r.key, r.value, list(r.headers or []))
+
+
 def run(pipeline: PipelineConfig, stage: str, *, model: str | None = None, device: str = "cpu",
         until_idle_s: float | None = None, stop: threading.Event | None = None,
         metrics_port: int | None = 0, metrics_host: str = "127.0.0.1",
@@ -106,7 +113,8 @@ def run(pipeline: PipelineConfig, stage: str, *, model: str | None = None, devic
                     dlq_topic=pipeline.topic(pipeline.dlq).name, max_batch=cfg.max_batch,
                     max_delay_ms=cfg.max_delay_ms, commit_interval_ms=cfg.commit_interval_ms,
                     max_message_bytes=pipeline.max_message_bytes, dlq_max_ratio=cfg.dlq_max_ratio,
-                    dlq_window=cfg.dlq_window, log=log)
+                    dlq_window=cfg.dlq_window, restore=lambda topic, parts: read_changelog(pipeline, topic, parts),
+                    log=log)
     assignor.measure = lambda: (worker.stats.records_in, worker.stats.batch_seconds)
     if stop is not None:
         worker.stop_event = stop

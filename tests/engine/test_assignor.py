@@ -357,3 +357,13 @@ def test_rebalance_settles_with_random_capacities_and_membership():
         rounds = settle(cluster, group, generation)
         assert len(rounds) <= 3
         assert sorted(p for ps in rounds[-1].values() for p in ps) == list(range(13))
+
+
+def test_busy_time_without_records_is_no_measurement_not_a_capacity_of_zero():
+    """A worker frozen during a model call (or whose batches all aborted) reported 0 records in
+    14 s: a capacity of 0 gave it no partitions, and with none it could never measure again."""
+    t = Throughput(min_busy_s=1.0)
+    t.observe(0, 14.26)
+    assert t.rate() is None
+    t.observe(50, 1.0)
+    assert t.rate() == pytest.approx(50 / 15.26, rel=0.01)

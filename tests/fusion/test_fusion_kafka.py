@@ -119,7 +119,7 @@ def test_sigkill_with_joins_open_then_restart_gives_each_result_exactly_once(tmp
         assert 20 <= killed_at < n
         assert len(res) == n and len({r.record_id for r in res}) == n
         assert all(not r.partial for r in res)
-        assert "joins restored from the changelog" in (tmp_path / "w2.log").read_text()
+        assert "state restored from the changelog" in (tmp_path / "w2.log").read_text()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
