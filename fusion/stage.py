@@ -135,7 +135,7 @@ class Fusion(RecordStage):
                 raise ValueError(f"{pipeline.path}: fusion.params.path: the stacking strategy needs its fitted file")
             self.stacker = load_stacker(self.params["path"], model_names=self.cfg.expected_models, classes=self.classes)
         self.results_topic = pipeline.topic(self.cfg.output).name
-        self.changelog_topic = pipeline.topic(CHANGELOG).name
+        self.changelog_topic = pipeline.topic(stage.changelog or CHANGELOG).name
         self.expected = frozenset(self.cfg.expected_models)
         self.needed = self.cfg.quorum if self.cfg.emit == "quorum" else len(self.cfg.expected_models)
         self.timeout_ms = self.cfg.deadline_ms if self.cfg.emit == "deadline" else self.cfg.join_timeout_ms

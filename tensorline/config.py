@@ -104,6 +104,9 @@ class StageConfig:
     max_delay_ms: int = DEFAULT_MAX_DELAY_MS
     commit_interval_ms: int = DEFAULT_COMMIT_INTERVAL_MS
     dlq_max_ratio: float = DEFAULT_DLQ_MAX_RATIO  # 1.0: never hold the input
+    # The topic key of the changelog of a stage that keeps state (None: stateless). The topic is
+    # made compacted and co-partitioned with the stage's input ([fusion] sets "fusion-changelog").
+    changelog: str | None = None
     dlq_window: int = DEFAULT_DLQ_WINDOW
     workers: int = 1
     devices: tuple[str, ...] = ("cpu",)
@@ -275,6 +278,8 @@ def _stage(r: _Reader, name: str, topics: Mapping[str, TopicConfig]) -> StageCon
         commit_interval_ms=r.get("commit_interval_ms", int, DEFAULT_COMMIT_INTERVAL_MS, lambda v: v >= 0,
                                  "a non-negative integer (0: commit every batch)"),
         **_dlq_limits(r),
+        changelog=r.get("changelog", str, None, lambda v: v in topics and v != r.get("input", str),
+                        "a topic key declared under [topics], other than the stage's input"),
         workers=r.positive("workers", 1), devices=devices,
         params=dict(r.sub("params").table),
         capacity=_capacity(r.sub("capacity")),
@@ -353,7 +358,11 @@ def parse(data: Mapping[str, Any], path: str | Path = "<pipeline>") -> PipelineC
                                        commit_interval_ms=f.get("commit_interval_ms", int,
                                                                 DEFAULT_COMMIT_INTERVAL_MS),
                                        workers=f.positive("workers", 1), params=fusion.params,
-                                       **_dlq_limits(f))
+                                       changelog=CHANGELOG, **_dlq_limits(f))
+    for st in stages.values():  # a state changelog is compacted and co-partitioned with its input
+        if st.changelog:
+            topics[st.changelog] = replace(topics[st.changelog], cleanup_policy="compact",
+                                           partitions=topics[st.input].partitions)
     bootstrap = os.environ.get(BOOTSTRAP_ENV) or p.get("bootstrap", str, None)
     return PipelineConfig(
         path=path, name=name, bootstrap=bootstrap, topics=topics, stages=stages, fusion=fusion,
@@ -380,7 +389,7 @@ def load(path: str | Path) -> PipelineConfig:
 
 
 def changelog_topics(cfg: PipelineConfig) -> dict[str, str]:
-    """Stage -> the key of its changelog topic, for every stage keeping state in one: the topic
-    `<stage>-changelog` when the pipeline has it (the fusion stage's comes from [fusion]). Its
-    state is per input partition, so the changelog is co-partitioned with the stage's input."""
-    return {name: f"{name}-changelog" for name in cfg.stages if f"{name}-changelog" in cfg.topics}
+    """Stage -> the key of its changelog topic, for every stage keeping state in one (its
+    `changelog` key; [fusion] sets it). Its state is per input partition, so the changelog is
+    co-partitioned with the stage's input."""
+    return {name: s.changelog for name, s in cfg.stages.items() if s.changelog}

@@ -96,3 +96,13 @@ def test_config_is_frozen():
 def test_with_name_moves_topics_and_groups():
     cfg = config.parse(table()).with_name("ns1")
     assert cfg.topic("raw").name == "ns1.raw" and cfg.group_id("pre") == "ns1.pre"
+
+
+def test_a_stage_names_its_changelog_and_gets_it_compacted_and_co_partitioned():
+    cfg = config.parse({"pipeline": {"name": "p"}, "topics": {"in": {"partitions": 6}, "out": {}, "state": {"partitions": 2}},
+                 "stages": {"count": {"input": "in", "output": "out", "changelog": "state"}}})
+    assert cfg.stages["count"].changelog == "state" and config.changelog_topics(cfg) == {"count": "state"}
+    assert (cfg.topics["state"].cleanup_policy, cfg.topics["state"].partitions) == ("compact", 6)
+    with pytest.raises(config.ConfigError, match="stages.count.changelog"):
+        config.parse({"pipeline": {"name": "p"}, "topics": {"in": {}, "out": {}},
+               "stages": {"count": {"input": "in", "output": "out", "changelog": "in"}}})
