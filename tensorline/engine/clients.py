@@ -16,7 +16,7 @@ from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import TopicAlreadyExistsError
 
-from tensorline.config import PipelineConfig
+from tensorline.config import COMPACTED_TOPIC_CONFIGS, PipelineConfig
 from tensorline.engine import compat, local
 
 # Every client the project builds reads foreign records as the Java client does (see compat).
@@ -103,7 +103,8 @@ def create_topics(cfg: PipelineConfig, *, timeout_s: float = CREATE_TIMEOUT_S) -
         wanted = [NewTopic(t.name, t.partitions, -1,
                            topic_configs={"retention.ms": str(t.retention_ms),
                                           "cleanup.policy": t.cleanup_policy,
-                                          "max.message.bytes": str(cfg.max_message_bytes)})
+                                          "max.message.bytes": str(cfg.max_message_bytes),
+                                          **(COMPACTED_TOPIC_CONFIGS if t.cleanup_policy == "compact" else {})})
                   for t in cfg.topics.values() if t.name not in existing]
         created = []
         for topic in wanted:

@@ -40,17 +40,8 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class ChangelogRecord:
-    """One changelog record as restore reads it (a tombstone has value None)."""
-
-    partition: int
-    key: bytes
-    value: bytes | None
-    headers: list[tuple[str, bytes]]
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """A changelog record to write: into `partition` of the changelog topic."""
+    """One changelog record, as `flush` writes it and `restore` reads it: in the changelog
+    partition of the input partition whose state it holds; a tombstone has value None."""
 
     partition: int
     key: bytes
@@ -110,7 +101,7 @@ class StateStore:
             if keys is not None:
                 self._set(keys, partition, key, before)
 
-    def flush(self) -> list[Change]:
+    def flush(self) -> list[ChangelogRecord]:
         """Changelog records for the writes not yet sent (the latest value of each key)."""
         changes = []
         for partition, key in self._unsent:
@@ -119,10 +110,10 @@ class StateStore:
                 continue
             entry = keys.get(key)
             if entry is None:
-                changes.append(Change(partition, key, None, []))
+                changes.append(ChangelogRecord(partition, key, None, []))
             else:
                 headers = [] if entry.expires_ms is None else [(EXPIRES_MS, str(entry.expires_ms).encode())]
-                changes.append(Change(partition, key, self.serialize(entry.value), headers))
+                changes.append(ChangelogRecord(partition, key, self.serialize(entry.value), headers))
         self._unsent.clear()
         return changes
 

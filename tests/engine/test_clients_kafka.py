@@ -74,3 +74,23 @@ def test_unknown_topics_partitions_and_an_end_never_reached(pipeline):
         for r in clients.read_range(pipeline, topic, end={0: 10}, timeout_s=1.0):
             got.append(r.value)
     assert got == [b"x", b"y"] and stopped.value.positions == {0: 2, 1: 0}
+
+
+def test_a_state_changelog_is_created_to_be_compacted_promptly(kafka_bootstrap, namespace):
+    """Restore must not read history: segments roll within a minute and tombstones go after five."""
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    from tensorline.config import CHANGELOG, COMPACTED_TOPIC_CONFIGS, parse
+
+    cfg = parse({"pipeline": {"name": namespace, "bootstrap": kafka_bootstrap},
+                 "topics": {"det": {"partitions": 2}, "res": {}, "dlq": {}},
+                 "fusion": {"input": "det", "output": "res", "expected_models": ["a"]}})
+    clients.create_topics(cfg)
+    admin = clients.admin(cfg)
+    try:
+        name = cfg.topic(CHANGELOG).name
+        found = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])["topic"][name]
+    finally:
+        admin.close()
+    assert found["cleanup.policy"]["value"] == "compact"
+    assert {k: found[k]["value"] for k in COMPACTED_TOPIC_CONFIGS} == COMPACTED_TOPIC_CONFIGS
