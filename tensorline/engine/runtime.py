@@ -438,6 +438,7 @@ class Worker:
             self._abort()
         except Fatal as e:
             self.log.error("worker stopped by a fatal error", error=str(e))
+            self.stop_event.set()  # a model call retrying a transient error gives up too
             self._abort()
             raise
         finally:
