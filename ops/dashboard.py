@@ -5,9 +5,12 @@ A sampler thread measures the pipeline every `interval_s`: each stage group's la
 throughput from the change of the committed offsets, end-to-end latency from the trace headers
 of the newest results (only the tail of each results partition is read), dead letters by (stage,
 reason) read incrementally, and each group's members with their client id (member, device) and
-assigned partitions (DescribeGroups). The page polls `/api/state` and draws it; a stage DOWN (no
-member, input waiting) is shown in red. When the broker is unreachable the server keeps serving
-the last numbers with `"ok": false` and the error; the next good sample clears it.
+assigned partitions (DescribeGroups), and whether each holds its input after too many dead
+letters (`tensorline_dlq_paused`, read from the metrics endpoint in its slot file). A stage
+keeping a changelog shows its open joins and the oldest one's age (`lag.measure`). The page polls
+`/api/state` and draws it; a stage DOWN (no member, input waiting) or HELD (a worker holding its
+input) is shown in red. When the broker is unreachable the server keeps serving the last numbers
+with `"ok": false` and the error; the next good sample clears it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import math
 import os
 import threading
 import time
+import urllib.request
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -27,6 +31,7 @@ from typing import Any
 
 import numpy as np
 from kafka import TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from tensorline import logs
 from tensorline.config import PipelineConfig
@@ -48,6 +53,10 @@ TAIL_READ_BUDGET_S = 3.0
 # The dashboard's clients give up on an unreachable broker after 5 s (kafka-python waits 30 s),
 # so the page says so within a few seconds; requests on a live connection get 15 s.
 CLIENT_SETTINGS = {"bootstrap_timeout_ms": 5000, "request_timeout_ms": 15000}
+# A worker's /metrics answers in milliseconds on its host; one that does not within this is shown
+# as unknown rather than holding up the sample.
+METRICS_READ_S = 1.0
+DLQ_PAUSED = "tensorline_dlq_paused"  # 1 while a worker holds its input (tensorline.engine.metrics)
 
 
 
@@ -114,6 +123,26 @@ def sinks(cfg: PipelineConfig) -> list[tuple[str, str]]:
     return [(name, cfg.topic(s.output).name) for name, s in cfg.stages.items() if s.output not in inputs]
 
 
+def dlq_paused(exposition: str) -> bool:
+    """Whether a worker's Prometheus text says it holds its input (`tensorline_dlq_paused` 1)."""
+    return any(sample.name == DLQ_PAUSED and sample.value >= 1
+               for family in text_string_to_metric_families(exposition) for sample in family.samples)
+
+
+def held(endpoint: str | None, timeout_s: float = METRICS_READ_S) -> bool | None:
+    """Whether the worker serving metrics at `endpoint` (host:port) holds its input; None when it
+    serves none or does not answer in `timeout_s`."""
+    if not endpoint:
+        return None
+    host, _, port = endpoint.rpartition(":")
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:  # noqa: S310 (a local slot's http address)
+            return dlq_paused(r.read().decode())
+    except (OSError, ValueError):  # gone, refused, slow, or not Prometheus text
+        return None
+
+
 def slot_files(state_dir: Path) -> dict[tuple[str, str], dict[str, Any]]:
     """(group, member) -> the worker's slot file (metrics endpoint, pid), for live and stale slots
     alike: only those of current group members are shown."""
@@ -165,7 +194,8 @@ class _Tally:
 
 
 class BrokerProbe:
-    """The sampler's own reads beside `lag.measure`: workers, latency tails, dead letters.
+    """The sampler's own reads beside `lag.measure`: workers (and their metrics), latency tails,
+    dead letters.
 
     Its admin client and consumer live across samples and are rebuilt after an error; what it has
     counted (DLQ positions and counts, latency tails) survives the rebuild.
@@ -200,7 +230,8 @@ class BrokerProbe:
                 "dlq": self._dead_letters(consumer)}
 
     def _groups(self, admin, groups: list[tuple[str, str, str]]) -> dict[str, dict[str, Any]]:
-        """group -> its state and members: client id, member, device, input partitions, metrics."""
+        """group -> its state and members: client id, member, device, input partitions, metrics
+        endpoint, and whether it holds its input (`held`: None when its metrics cannot be read)."""
         described = admin.describe_groups([g for _, g, _ in groups])
         slots = slot_files(self.state_dir)
         out = {}
@@ -216,7 +247,8 @@ class BrokerProbe:
                                 "host": (m.get("client_host") or "").lstrip("/"),
                                 "partitions": sorted(p for a in owned if a.get("topic") == topic
                                                      for p in a.get("partitions", [])),
-                                "metrics": slot.get("metrics"), "pid": slot.get("pid")})
+                                "metrics": slot.get("metrics"), "pid": slot.get("pid"),
+                                "held": held(slot.get("metrics"))})
             out[group] = {"group_state": d.get("group_state"), "workers": sorted(workers, key=lambda w: w["member"])}
         return out
 
@@ -316,8 +348,10 @@ class Sampler:
             members = extra["groups"].get(g.group, {})
             points = [(t, s[g.stage][1]) for t, s in self.history if g.stage in s]
             rate = throughput(points)
+            workers = members.get("workers", [])
             stages.append({**g.to_dict(), "throughput": None if rate is None else round(rate, 2),
-                           "group_state": members.get("group_state"), "workers": members.get("workers", [])})
+                           "group_state": members.get("group_state"), "workers": workers,
+                           "held": any(w.get("held") for w in workers)})
         history = {"t": [round(t, 1) for t, _ in self.history],
                    "lag": {g.stage: [s[g.stage][0] if g.stage in s else None for _, s in self.history] for g in lags}}
         state = {"ok": True, "error": None, "down_since": None, "checked_at": now, "measured_at": now,
@@ -446,7 +480,7 @@ section { background: #fff; border: 1px solid #dde2e8; border-radius: 6px; paddi
 table { border-collapse: collapse; margin: .3rem 1.5rem .3rem 0; display: inline-table; vertical-align: top; }
 th, td { padding: .15rem .6rem; text-align: right; border-bottom: 1px solid #eef0f3; }
 th { color: #5b6675; font-weight: 500; } td.l, th.l { text-align: left; }
-.stuck, .state-down, .state-stuck { color: #b3261e; font-weight: 700; }
+.stuck, .held, .state-down, .state-stuck { color: #b3261e; font-weight: 700; }
 svg.spark { vertical-align: middle; background: #f2f5f9; border-radius: 3px; }
 svg.spark polyline { fill: none; stroke: #2b6cb0; stroke-width: 1.5; }
 </style>
@@ -475,16 +509,21 @@ function sparkline(stage, values) {
     + ` <span class="meta">max <span data-stage="${esc(stage)}" data-field="lag_max">${pts.length ? max : "-"}</span></span>`;
 }
 
+const HELD = "HELD (dead letters)";
+
 function stageHtml(s, lags) {
-  const st = {stage: s.stage}, owner = {};
+  const st = {stage: s.stage}, owner = {}, joins = s.open_joins !== null && s.open_joins !== undefined;
   for (const w of s.workers) for (const p of w.partitions) owner[p] = w.member + " (" + (w.device ?? "?") + ")";
   let h = `<section data-stage="${esc(s.stage)}"><h2>${esc(s.stage)}</h2>`
     + `<div class="meta">group ${esc(s.group)} (${esc(s.group_state)}) reading ${esc(s.topic)}</div>`
-    + "<table><tr><th>state</th><th>lag</th><th>time lag s</th><th>stuck</th><th>records/s</th><th>workers</th></tr><tr>"
-    + cell({...st, field: "state"}, String(s.state).toUpperCase(), "state-" + s.state)
+    + "<table><tr><th>state</th><th>lag</th><th>time lag s</th><th>stuck</th><th>records/s</th><th>workers</th>"
+    + (joins ? "<th>open joins</th><th>oldest join s</th>" : "") + "</tr><tr>"
+    + (s.held ? cell({...st, field: "state"}, HELD, "held")
+       : cell({...st, field: "state"}, String(s.state).toUpperCase(), "state-" + s.state))
     + cell({...st, field: "lag"}, s.lag) + cell({...st, field: "time_lag_s"}, num(s.time_lag_s, 1))
     + cell({...st, field: "stuck"}, s.stuck ? "STUCK" : "no", s.stuck ? "stuck" : "")
     + cell({...st, field: "throughput"}, num(s.throughput, 1)) + cell({...st, field: "workers"}, s.workers.length)
+    + (joins ? cell({...st, field: "open_joins"}, s.open_joins) + cell({...st, field: "oldest_open_join_s"}, num(s.oldest_open_join_s, 1)) : "")
     + "</tr></table>" + sparkline(s.stage, lags || []);
   h += "<br><table><tr><th>partition</th><th>committed</th><th>log-end</th><th>lag</th><th>time lag s</th><th>stuck</th><th class=l>worker</th></tr>";
   for (const p of s.partitions) {
@@ -495,14 +534,15 @@ function stageHtml(s, lags) {
       + cell({...pa, field: "stuck"}, p.stuck ? "STUCK" : "no", p.stuck ? "stuck" : "")
       + cell({...pa, field: "worker"}, owner[p.partition] ?? "-", "l") + "</tr>";
   }
-  h += "</table><table><tr><th class=l>worker</th><th class=l>device</th><th class=l>partitions</th><th class=l>host</th><th class=l>metrics</th></tr>";
+  h += "</table><table><tr><th class=l>worker</th><th class=l>device</th><th class=l>partitions</th><th class=l>host</th><th class=l>metrics</th><th class=l>input</th></tr>";
   for (const w of s.workers) {
     const wa = {...st, member: w.member};
     h += "<tr>" + cell({...wa, field: "member"}, w.member, "l") + cell({...wa, field: "device"}, w.device, "l")
       + cell({...wa, field: "partitions"}, w.partitions.join(","), "l") + cell({...wa, field: "host"}, w.host, "l")
-      + cell({...wa, field: "metrics"}, w.metrics, "l") + "</tr>";
+      + cell({...wa, field: "metrics"}, w.metrics, "l")
+      + cell({...wa, field: "held"}, w.held ? HELD : w.held === false ? "reading" : "-", w.held ? "l held" : "l") + "</tr>";
   }
-  if (!s.workers.length) h += `<tr><td class=l colspan=5>no members</td></tr>`;
+  if (!s.workers.length) h += `<tr><td class=l colspan=6>no members</td></tr>`;
   return h + "</table></section>";
 }
 

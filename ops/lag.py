@@ -15,25 +15,41 @@ A group's live members come from DescribeGroups, and with its lag give its state
 - "down": no member, and input waits (lag > 0): nothing will process it (the workers are
   stopped, crashed, or given up by their supervisor);
 - "idle": no member and nothing to read.
+
+A stage keeping state in a changelog (`stages.<name>.changelog`; fusion's joins) also shows its
+open joins and the age of the oldest, from the latest state per key of that changelog, read to
+its end (read_committed, as a restoring worker reads it). It holds the open joins and fusion's
+dedup window, so it is small. A state value with a `first_ms` (fusion's `Join`) is an open join;
+others (fusion's `Emitted` markers) are not.
+
+A worker holding its input after too many dead letters (`tensorline_dlq_paused`) is not seen
+here: its partitions read as behind, then stuck. The dashboard reads workers' metrics and shows it.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import time
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kafka import TopicPartition
 
-from tensorline.config import PipelineConfig
+from tensorline.config import PipelineConfig, changelog_topics
 from tensorline.engine import clients
-from tensorline.engine.plugins import PER_MODEL_KINDS
+from tensorline.engine.plugins import BUILTIN, PER_MODEL_KINDS
 
 # Far above a healthy batch (seconds), short enough to page before a backlog grows for long.
 DEFAULT_STUCK_AFTER_S = 120.0
 HISTORY_DIR = Path(".tensorline/lag")
+# A changelog holds open joins plus the dedup window: read in well under this on a local broker.
+# Past it the stage's open joins show as unknown rather than holding up the lag.
+CHANGELOG_READ_S = 5.0
 OK, STUCK, DOWN, IDLE = "ok", "stuck", "down", "idle"
 
 
@@ -61,6 +77,8 @@ class GroupLag:
     topic: str
     partitions: tuple[PartitionLag, ...]
     members: int  # live members of the group (DescribeGroups)
+    open_joins: int | None = None  # None: the stage keeps no changelog, or it was not read in time
+    oldest_open_join_s: float | None = None  # None: no open join
 
     @property
     def total(self) -> int:
@@ -81,19 +99,25 @@ class GroupLag:
     def to_dict(self) -> dict:
         return {"stage": self.stage, "group": self.group, "topic": self.topic, "lag": self.total,
                 "time_lag_s": self.time_lag_s, "stuck": any(p.stuck for p in self.partitions),
-                "members": self.members, "state": self.state, "partitions": [p.to_dict() for p in self.partitions]}
+                "members": self.members, "state": self.state, "open_joins": self.open_joins,
+                "oldest_open_join_s": self.oldest_open_join_s, "partitions": [p.to_dict() for p in self.partitions]}
 
 
-def groups(cfg: PipelineConfig) -> list[tuple[str, str, str]]:
-    """(stage label, consumer group, input topic) of every stage, one per model for per-model stages."""
+def _stage_groups(cfg: PipelineConfig) -> list[tuple[str, str, str, str]]:
+    """(stage, stage label, consumer group, input topic) of every stage, one per model for per-model stages."""
     out = []
     for name, stage in cfg.stages.items():
         topic = cfg.topic(stage.input).name
         if stage.kind in PER_MODEL_KINDS:
-            out += [(f"{name}.{m.name}", cfg.group_id(name, m.name), topic) for m in stage.models]
+            out += [(name, f"{name}.{m.name}", cfg.group_id(name, m.name), topic) for m in stage.models]
         else:
-            out.append((name, cfg.group_id(name), topic))
+            out.append((name, name, cfg.group_id(name), topic))
     return out
+
+
+def groups(cfg: PipelineConfig) -> list[tuple[str, str, str]]:
+    """(stage label, consumer group, input topic) of every stage, one per model for per-model stages."""
+    return [(label, group, topic) for _, label, group, topic in _stage_groups(cfg)]
 
 
 class History:
@@ -143,6 +167,63 @@ def _oldest_timestamps(cfg: PipelineConfig, consumer, positions: dict[TopicParti
     return found
 
 
+def state_decoder(cfg: PipelineConfig, stage: str) -> Callable[[bytes], Any] | None:
+    """The `deserialize_state` of `stage`'s kind (its class, as the engine finds it by kind, not
+    instantiated: that would load its model), or None when the kind's is not a staticmethod."""
+    target = BUILTIN.get(cfg.stages[stage].kind, cfg.stages[stage].kind)
+    module, _, attr = target.partition(":")
+    factory = getattr(importlib.import_module(module), attr)
+    if not isinstance(inspect.getattr_static(factory, "deserialize_state", None), staticmethod):
+        return None
+    return factory.deserialize_state
+
+
+def changelog_state(cfg: PipelineConfig, stage: str, *, timeout_s: float = clients.READ_TIMEOUT_S,
+                    client=None) -> dict[bytes, Any]:
+    """The latest state per key of `stage`'s changelog, decoded by its kind; keys whose latest
+    write is a tombstone are left out. Read to its end, read_committed (a `client` must be too).
+
+    Raises KeyError when the stage keeps no changelog, or its topic does not exist yet (the stage
+    never ran); ReadTimeout past `timeout_s`; ValueError when its kind cannot decode state here."""
+    topic = cfg.topic(changelog_topics(cfg)[stage]).name
+    decode = state_decoder(cfg, stage)
+    if decode is None:
+        raise ValueError(f"stages.{stage}.kind: {cfg.stages[stage].kind}'s deserialize_state is not a "
+                         "staticmethod, so its state cannot be read outside a worker")
+    latest: dict[bytes, bytes | None] = {}
+    for rec in clients.read_range(cfg, topic, timeout_s=timeout_s, client=client):
+        latest[rec.key] = rec.value
+    return {k: decode(v) for k, v in latest.items() if v is not None}
+
+
+def open_joins(state: dict[bytes, Any], now_ms: float) -> tuple[int, float | None]:
+    """(open joins, age in seconds of the oldest; None without one) in a stage's state."""
+    firsts = [v.first_ms for v in state.values() if isinstance(getattr(v, "first_ms", None), int)]
+    return len(firsts), (now_ms - min(firsts)) / 1000 if firsts else None
+
+
+def _open_joins_by_stage(cfg: PipelineConfig, now: float) -> dict[str, tuple[int | None, float | None]]:
+    """stage -> (open joins, oldest age s) of every stage keeping a changelog; (None, None) when
+    its state could not be read in CHANGELOG_READ_S or decoded here."""
+    stages = changelog_topics(cfg)
+    if not stages:
+        return {}
+    reader = clients.consumer(cfg, None, isolation_level="read_committed", enable_auto_commit=False)
+    out: dict[str, tuple[int | None, float | None]] = {}
+    try:
+        for stage in stages:
+            try:
+                out[stage] = open_joins(changelog_state(cfg, stage, timeout_s=CHANGELOG_READ_S, client=reader),
+                                        now * 1000)
+            except clients.UnknownTopicOrPartition:  # no changelog topic yet: the stage never ran
+                out[stage] = (0, None)
+            except (clients.ReadTimeout, ValueError, ImportError):  # slow, undecodable, or a plugin not here
+                out[stage] = (None, None)
+    finally:
+        reader.close()
+    return out
+
+
 def measure(cfg: PipelineConfig, *, stuck_after_s: float = DEFAULT_STUCK_AFTER_S,
             history: History | None = None) -> list[GroupLag]:
     """The lag of every stage group, now."""
@@ -151,9 +232,10 @@ def measure(cfg: PipelineConfig, *, stuck_after_s: float = DEFAULT_STUCK_AFTER_S
     now = time.time()
     try:
         result = []
-        stage_groups = groups(cfg)
-        described = admin.describe_groups([g for _, g, _ in stage_groups])
-        for stage, group, topic in stage_groups:
+        stage_groups = _stage_groups(cfg)
+        described = admin.describe_groups([g for _, _, g, _ in stage_groups])
+        joins = _open_joins_by_stage(cfg, now)
+        for name, stage, group, topic in stage_groups:
             tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
             end = consumer.end_offsets(tps)
             offsets = admin.list_group_offsets({group: None}).get(group, {})
@@ -167,7 +249,8 @@ def measure(cfg: PipelineConfig, *, stuck_after_s: float = DEFAULT_STUCK_AFTER_S
                 idle = history.unchanged_for(f"{group}/{tp.topic}/{tp.partition}", c, now) if history else 0.0
                 parts.append(PartitionLag(tp.partition, c, end[tp], age, idle >= stuck_after_s and tp in behind))
             members = len((described.get(group) or {}).get("members") or [])
-            result.append(GroupLag(stage, group, topic, tuple(parts), members))
+            n_open, oldest = joins.get(name, (None, None))
+            result.append(GroupLag(stage, group, topic, tuple(parts), members, n_open, oldest))
         if history:
             history.save()
         return result
@@ -188,4 +271,7 @@ def format_table(lags: list[GroupLag]) -> str:
         age = "-" if g.time_lag_s is None else f"{g.time_lag_s:.1f}"
         lines.append(f"{g.stage + ' total':<20}{'':>10}{'':>12}{'':>10}{g.total:>8}{age:>12}  "
                      f"{g.state.upper()} ({g.members} member{'' if g.members == 1 else 's'})")
+        if g.open_joins is not None:
+            oldest = "" if g.oldest_open_join_s is None else f", oldest {g.oldest_open_join_s:.1f} s"
+            lines.append(f"{g.stage + ' open joins':<20}{g.open_joins:>10}{oldest}")
     return "\n".join(lines)

@@ -16,10 +16,10 @@ from typing import Any
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CoordinatorLoadInProgressError, CoordinatorNotAvailableError, NotCoordinatorError
 
-from tensorline.config import CHANGELOG, PipelineConfig
+from tensorline.config import PipelineConfig
 from tensorline.engine import clients
-from tensorline.fusion.stage import Join, deserialize_state
-from tensorline.ops import dlq, topics
+from tensorline.fusion.stage import Join
+from tensorline.ops import dlq, lag, topics
 from tensorline.schemas import FusedResult, decode_detection, decode_result
 
 # A coordinator comes up within seconds of the offsets topic's creation on a local broker.
@@ -148,14 +148,11 @@ def _committed(cfg: PipelineConfig, group: str, topic: str) -> dict[int, int]:
 def _open_joins(cfg: PipelineConfig) -> Counter[tuple[str, str]]:
     """(record id, model) of every detection in a join fusion holds open: the latest state per key
     of its changelog (read_committed, as a restoring worker reads it)."""
-    latest: dict[bytes, bytes | None] = {}
     try:
-        for rec in clients.read_range(cfg, cfg.topic(CHANGELOG).name):
-            latest[rec.key] = rec.value
+        state = lag.changelog_state(cfg, FUSION)
     except KeyError:  # no changelog yet: fusion never ran
         return Counter()
-    joins = (deserialize_state(v) for v in latest.values() if v is not None)
-    return Counter((j.record_id, m) for j in joins if isinstance(j, Join) for m in j.detections)
+    return Counter((j.record_id, m) for j in state.values() if isinstance(j, Join) for m in j.detections)
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -1,5 +1,6 @@
 """The dashboard: state JSON from canned lag data, throughput math, a down broker, and on the real
-broker the page as headless Chromium renders it, checked against `tensorline lag --json`."""
+broker the page as headless Chromium renders it, checked against `tensorline lag --json`; a worker
+whose metrics say it holds its input is HELD."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ import sys
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from tensorline import config
 from tensorline.engine import clients
@@ -49,7 +52,7 @@ class CannedProbe:
         assert [g for _, g, _ in groups] == ["dash.a", "dash.b"]
         return {"groups": {"dash.a": {"group_state": "Stable", "workers": [
                     {"member": "h-0", "device": "gpu:0", "client_id": "dash.a.h-0.gpu:0", "host": "127.0.0.1",
-                     "partitions": [0, 1], "metrics": "127.0.0.1:9100", "pid": 42}]}},
+                     "partitions": [0, 1], "metrics": "127.0.0.1:9100", "pid": 42, "held": False}]}},
                 "latency": [{"stage": "b", "topic": "dash.out", "samples": 3, "p50_ms": 20.0, "p95_ms": 29.0, "p99_ms": 29.8}],
                 "dlq": {"topic": "dash.dlq", "total": 2, "complete": True,
                         "counts": [{"stage": "a", "reason": "ValueError", "count": 2}]}}
@@ -87,12 +90,12 @@ def test_state_from_canned_lag_data():
     assert state["pipeline"] == "dash" and state["measured_at"] == state["checked_at"] == 1002.0
     a, b = state["stages"]
     assert a == {"stage": "a", "group": "dash.a", "topic": "dash.in", "lag": 90, "time_lag_s": 9.0, "stuck": False,
-                 "members": 1, "state": "ok",
+                 "members": 1, "state": "ok", "open_joins": None, "oldest_open_join_s": None,
                  "partitions": [{"partition": 0, "committed": 30, "log_end": 100, "lag": 70, "time_lag_s": 3.5, "stuck": False},
                                 {"partition": 1, "committed": None, "log_end": 20, "lag": 20, "time_lag_s": 9.0, "stuck": False}],
-                 "throughput": 10.0, "group_state": "Stable", "workers": [
+                 "throughput": 10.0, "group_state": "Stable", "held": False, "workers": [
                      {"member": "h-0", "device": "gpu:0", "client_id": "dash.a.h-0.gpu:0", "host": "127.0.0.1",
-                      "partitions": [0, 1], "metrics": "127.0.0.1:9100", "pid": 42}]}
+                      "partitions": [0, 1], "metrics": "127.0.0.1:9100", "pid": 42, "held": False}]}
     assert b["lag"] == 0 and b["throughput"] == 2.0 and b["workers"] == [] and b["group_state"] is None
     assert b["state"] == "idle"
     assert state["history"] == {"t": [1000.0, 1002.0], "lag": {"a": [110, 90], "b": [0, 0]}}
@@ -100,9 +103,11 @@ def test_state_from_canned_lag_data():
 
 
 def down_sampler() -> dashboard.Sampler:
-    """Stage a has input waiting and no member: its workers were given up, or never started."""
+    """Stage a has input waiting and no member: its workers were given up, or never started. Stage
+    b holds two open joins."""
     down = [GroupLag("a", "dash.a", "dash.in", (PartitionLag(0, 10, 100, 30.0),), members=0),
-            GroupLag("b", "dash.b", "dash.mid", (PartitionLag(0, 10, 10),), members=0)]
+            GroupLag("b", "dash.b", "dash.mid", (PartitionLag(0, 10, 10),), members=0, open_joins=2,
+                     oldest_open_join_s=12.5)]
     return dashboard.Sampler(CFG, measure=lambda: down, probe=CannedProbe(), clock=Clock())
 
 
@@ -275,6 +280,9 @@ def test_page_shows_a_down_stage(tmp_path):
         cells = render(dash.url, tmp_path)
     assert cells.get(stage="a", field="state") == "DOWN"
     assert cells.get(stage="b", field="state") == "IDLE"
+    assert (cells.get(stage="b", field="open_joins"), cells.get(stage="b", field="oldest_open_join_s")) == ("2", "12.5")
+    with pytest.raises(KeyError):  # a stage without state has no joins column
+        cells.get(stage="a", field="open_joins")
 
 
 # -- real broker, headless Chromium -----------------------------------------------------------------
@@ -291,6 +299,36 @@ def produce(cfg: config.PipelineConfig, ids: range, poison: set[int] = frozenset
     producer.close()
 
 
+@contextmanager
+def live_member(cfg: config.PipelineConfig, state_dir: Path, metrics: str):
+    """A live member of the scale group with a worker's client id and slot file (metrics at
+    `metrics`), assigned every partition: it reads but never commits, so no offset moves."""
+    group = cfg.group_id("scale")
+    member = f"{socket.gethostname()}-0"
+    (state_dir / "workers").mkdir(parents=True, exist_ok=True)
+    (state_dir / "workers" / f"{group}.0.lock").write_text(json.dumps(
+        {"group": group, "member": member, "device": "cpu", "metrics": metrics, "pid": 1}))
+    consumer = clients.consumer(cfg, group, cfg.topic("in").name, client_id=f"{group}.{member}.cpu")
+    try:
+        deadline = time.monotonic() + 30
+        while not consumer.assignment():
+            assert time.monotonic() < deadline, "the member never got partitions"
+            consumer.poll(timeout_ms=200)
+        yield member
+    finally:
+        consumer.close()
+
+
+def sampled(dash: dashboard.Dashboard, done, what: str) -> dict:
+    deadline = time.monotonic() + 30
+    while True:
+        state = dash.sampler.state()
+        if state["ok"] and done(state):
+            return state
+        assert time.monotonic() < deadline, f"{what}: {state}"
+        time.sleep(0.3)
+
+
 @pytest.mark.broker
 def test_page_shows_the_lag_tensorline_lag_reports(tmp_path, write_pipeline, monkeypatch):
     monkeypatch.setenv("TENSORLINE_STATE_DIR", str(tmp_path / "state"))
@@ -299,31 +337,14 @@ def test_page_shows_the_lag_tensorline_lag_reports(tmp_path, write_pipeline, mon
     produce(cfg, range(30), poison={7})
     worker.run(cfg, "scale", until_idle_s=2.0, stop=threading.Event(), metrics_port=None)
     produce(cfg, range(30, 42))  # not processed: the lag, stable now that the worker stopped
-    # A live member that reads but never commits: the workers column without moving any offset.
-    group = cfg.group_id("scale")
-    member = f"{socket.gethostname()}-0"
-    (tmp_path / "state" / "workers").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "state" / "workers" / f"{group}.0.lock").write_text(json.dumps(
-        {"group": group, "member": member, "device": "cpu", "metrics": "127.0.0.1:9", "pid": 1}))
-    member_consumer = clients.consumer(cfg, group, cfg.topic("in").name, client_id=f"{group}.{member}.cpu")
-    try:
-        deadline = time.monotonic() + 30
-        while not member_consumer.assignment():
-            assert time.monotonic() < deadline, "the member never got partitions"
-            member_consumer.poll(timeout_ms=200)
-        with dashboard.Dashboard(cfg, interval_s=1.0) as dash:
-            deadline = time.monotonic() + 30
-            while True:
-                state = dash.sampler.state()
-                if state["ok"] and state["stages"][0]["workers"] and len(state["history"]["t"]) >= 2:
-                    break
-                assert time.monotonic() < deadline, f"no complete sample: {state}"
-                time.sleep(0.3)
-            cli = subprocess.run([sys.executable, "-m", "tensorline.cli", "lag", "-c", str(path), "--json"],
-                                 capture_output=True, text=True, timeout=60, check=True)
-            cells = render(dash.url, tmp_path)
-    finally:
-        member_consumer.close()
+    # A live member that reads but never commits: the workers column without moving any offset;
+    # nothing serves its metrics.
+    with live_member(cfg, tmp_path / "state", "127.0.0.1:9") as member, \
+            dashboard.Dashboard(cfg, interval_s=1.0) as dash:
+        sampled(dash, lambda s: s["stages"][0]["workers"] and len(s["history"]["t"]) >= 2, "no complete sample")
+        cli = subprocess.run([sys.executable, "-m", "tensorline.cli", "lag", "-c", str(path), "--json"],
+                             capture_output=True, text=True, timeout=60, check=True)
+        cells = render(dash.url, tmp_path)
     [expected] = json.loads(cli.stdout)["stages"]
     assert expected["lag"] == 12
     assert cells.get(field="banner") == ""
@@ -339,7 +360,31 @@ def test_page_shows_the_lag_tensorline_lag_reports(tmp_path, write_pipeline, mon
     assert cells.get(stage="scale", member=member, field="device") == "cpu"
     assert cells.get(stage="scale", member=member, field="partitions") == "0,1,2"
     assert cells.get(stage="scale", member=member, field="metrics") == "127.0.0.1:9"
+    assert cells.get(stage="scale", member=member, field="held") == "-"  # its metrics could not be read
     assert cells.get(latency_stage="scale", field="samples") == "29"  # every output, poison excluded
     assert float(cells.get(latency_stage="scale", field="p50_ms")) >= 0
     assert cells.get(dlq_stage="scale", reason="ValueError", field="count") == "1"
     assert cells.get(field="dlq_total") == "1"
+
+
+@pytest.mark.broker
+def test_a_worker_holding_its_input_after_dead_letters_is_held(tmp_path, write_pipeline, monkeypatch):
+    monkeypatch.setenv("TENSORLINE_STATE_DIR", str(tmp_path / "state"))
+    cfg = write_pipeline(tmp_path / "pipeline.toml", scale_pipeline_body())
+    # The worker's metrics as the runtime sets them while it holds its input (`_pause`).
+    registry = CollectorRegistry()
+    Gauge("tensorline_dlq_paused", "holds its input", ["stage", "model"], registry=registry).labels("scale", "").set(1)
+    server, _ = start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        with live_member(cfg, tmp_path / "state", f"127.0.0.1:{server.server_address[1]}") as member, \
+                dashboard.Dashboard(cfg, interval_s=60.0) as dash:  # one sample, at start
+            sampled(dash, lambda s: s["stages"][0]["workers"], "no sample with the worker")
+            [stage] = json.loads(get(dash.url + "api/state")[1])["stages"]
+            cells = render(dash.url, tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert stage["held"] is True and [w["held"] for w in stage["workers"]] == [True]
+    assert stage["state"] == "ok"  # as `tensorline lag` says: the broker does not know
+    assert cells.get(stage="scale", field="state") == "HELD (dead letters)"
+    assert cells.get(stage="scale", member=member, field="held") == "HELD (dead letters)"

@@ -1,9 +1,10 @@
 """Lag on a transactional topic agrees with Kafka's own kafka-consumer-groups; time lag; stuck; a group
-with no members and pending input is down."""
+with no members and pending input is down; fusion's open joins from its changelog."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import threading
 import time
@@ -14,7 +15,7 @@ import pytest
 from tensorline import cli, config
 from tensorline.engine import clients
 from tensorline.ops import broker, lag
-from tensorline.schemas import Record, encode_record
+from tensorline.schemas import Detection, ModelRef, Record, encode_detection, encode_record
 from tensorline.engine import worker
 from tensorline.stages.testing import scale_pipeline_body
 
@@ -63,6 +64,7 @@ def test_lag_matches_kafka_consumer_groups_on_a_transactional_topic(cfg):
     worker.run(cfg, "scale", until_idle_s=2.0, stop=threading.Event(), metrics_port=None)
     [drained] = lag.measure(cfg)
     assert drained.total == 0  # the commit markers are stepped over
+    assert drained.open_joins is None and drained.to_dict()["open_joins"] is None  # a stage without state
     produce_in_transactions(cfg, 1, 12, start=30)
     [behind] = lag.measure(cfg)
     tool = kafka_tool(cfg, behind.group)
@@ -108,3 +110,39 @@ def test_a_group_without_members_and_with_pending_input_is_down(tmp_path, write_
     assert (shown["state"], shown["members"], shown["lag"]) == ("down", 0, down.total)
     assert cli.main(["lag", "-c", str(path)]) == 0
     assert "DOWN" in capsys.readouterr().out
+
+
+FUSION_BODY = """
+[topics]
+detections = { partitions = 2 }
+results = { partitions = 2 }
+dlq = { partitions = 1 }
+[fusion]
+input = "detections"
+output = "results"
+expected_models = ["cnn", "mlp"]
+join_timeout_ms = 600000
+"""
+
+
+def test_open_fusion_joins_and_the_oldest_age_from_the_changelog(tmp_path, write_pipeline, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the lag history file of the CLI
+    monkeypatch.setenv("TENSORLINE_STATE_DIR", str(tmp_path / "state"))
+    path = tmp_path / "p.toml"
+    c = write_pipeline(path, FUSION_BODY)
+    producer = clients.producer(c)
+    for rid, model in [("open", "cnn"), ("done", "cnn"), ("done", "mlp")]:  # "done" is joined and emitted
+        d = Detection(record_id=rid, source="t", ingest_ts_ms=int(time.time() * 1000), model=ModelRef(model, "1"),
+                      classes=("normal", "nodule"), scores=(0.3, 0.7))
+        producer.send(c.topic("detections").name, key=rid.encode(), value=bytes(encode_detection(d)))
+    producer.flush()
+    producer.close()
+    started = time.time()
+    worker.run(c, "fusion", until_idle_s=1.0, stop=threading.Event(), metrics_port=None)
+    capsys.readouterr()  # the worker's log lines
+    assert cli.main(["lag", "-c", str(path), "--json"]) == 0
+    [shown] = json.loads(capsys.readouterr().out)["stages"]
+    assert shown["stage"] == "fusion" and shown["lag"] == 0 and shown["open_joins"] == 1
+    assert 0 < shown["oldest_open_join_s"] <= time.time() - started + 1
+    assert cli.main(["lag", "-c", str(path)]) == 0
+    assert re.search(r"^fusion open joins +1, oldest \d+\.\d s$", capsys.readouterr().out, re.M)
