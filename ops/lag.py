@@ -233,12 +233,12 @@ def measure(cfg: PipelineConfig, *, stuck_after_s: float = DEFAULT_STUCK_AFTER_S
     try:
         result = []
         stage_groups = _stage_groups(cfg)
-        described = admin.describe_groups([g for _, _, g, _ in stage_groups])
+        described = clients.with_coordinator(lambda: admin.describe_groups([g for _, _, g, _ in stage_groups]))
         joins = _open_joins_by_stage(cfg, now)
         for name, stage, group, topic in stage_groups:
             tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
             end = consumer.end_offsets(tps)
-            offsets = admin.list_group_offsets({group: None}).get(group, {})
+            offsets = clients.with_coordinator(lambda: admin.list_group_offsets({group: None})).get(group, {})
             committed = {tp: offsets[tp].offset for tp in tps if tp in offsets and offsets[tp].offset >= 0}
             behind = {tp: committed.get(tp, 0) for tp in tps if end[tp] > committed.get(tp, 0)}
             oldest = _oldest_timestamps(cfg, consumer, behind, end)

@@ -8,13 +8,11 @@ the detections fusion dropped as duplicates (`duplicates_dropped`).
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CoordinatorLoadInProgressError, CoordinatorNotAvailableError, NotCoordinatorError
 
 from tensorline.config import PipelineConfig
 from tensorline.engine import clients
@@ -22,9 +20,6 @@ from tensorline.fusion.stage import Join
 from tensorline.ops import dlq, lag, topics
 from tensorline.schemas import FusedResult, decode_detection, decode_result
 
-# A coordinator comes up within seconds of the offsets topic's creation on a local broker.
-COORDINATOR_WAIT_S = 15.0
-COORDINATOR_RETRY_S = 0.2
 FUSION = "fusion"  # the fusion stage's name: its consumer group and its dead letters' tl.dlq.stage
 
 
@@ -125,21 +120,11 @@ def duplicates_dropped(cfg: PipelineConfig, detections: list[ConsumerRecord], re
 
 
 def _committed(cfg: PipelineConfig, group: str, topic: str) -> dict[int, int]:
-    """The group's committed offset per partition of `topic` (none: it never committed).
-
-    The group coordinator may be unavailable for a moment (a broker whose offsets topic is being
-    created by this very lookup, a coordinator moving): retried for up to COORDINATOR_WAIT_S."""
+    """The group's committed offset per partition of `topic` (none: it never committed); the
+    coordinator may be coming up (a fresh broker): see `clients.with_coordinator`."""
     admin = clients.admin(cfg)
-    deadline = time.monotonic() + COORDINATOR_WAIT_S
     try:
-        while True:
-            try:
-                offsets = admin.list_group_offsets({group: None}).get(group, {})
-                break
-            except (CoordinatorNotAvailableError, NotCoordinatorError, CoordinatorLoadInProgressError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(COORDINATOR_RETRY_S)
+        offsets = clients.with_coordinator(lambda: admin.list_group_offsets({group: None})).get(group, {})
     finally:
         admin.close()
     return {tp.partition: o.offset for tp, o in offsets.items() if tp.topic == topic and o.offset >= 0}

@@ -8,13 +8,14 @@ way to read a range of a topic (by default all of it, up to its log-end offset) 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, TypeVar
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import (CoordinatorLoadInProgressError, CoordinatorNotAvailableError, NotCoordinatorError,
+                          TopicAlreadyExistsError)
 
 from tensorline.config import COMPACTED_TOPIC_CONFIGS, PipelineConfig
 from tensorline.engine import compat, local
@@ -201,3 +202,22 @@ def read_range(cfg: PipelineConfig, topic: str, *, partitions: Iterable[int] | N
             reader.close()
         elif paused:
             reader.resume(*paused)
+
+
+T = TypeVar("T")
+# A group coordinator comes up within seconds of the offsets topic's creation on a local broker.
+COORDINATOR_WAIT_S = 15.0
+COORDINATOR_RETRY_S = 0.2
+
+
+def with_coordinator(call: Callable[[], T], wait_s: float = COORDINATOR_WAIT_S) -> T:
+    """`call()` (an admin request answered by a group coordinator), retried while the coordinator
+    is not there yet or moving (a fresh broker, a leader change) for up to `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return call()
+        except (CoordinatorNotAvailableError, NotCoordinatorError, CoordinatorLoadInProgressError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(COORDINATOR_RETRY_S)  # backoff until the coordinator answers
