@@ -1,12 +1,16 @@
 """The pipeline file (TOML) loaded into one validated, frozen configuration object.
 
-Every error names the file, the key and what was expected. Environment variables override the
-bootstrap address (``TENSORLINE_BOOTSTRAP``) and the Kafka secrets (``TENSORLINE_SASL_PLAIN_PASSWORD``,
+Every error names the file, the key and what was expected; a key a table does not have is an error
+with the closest allowed key as a suggestion (a typo must not silently become a default). The files
+the pipeline names are checked apart, when a command starts (`require_files`), so the demo can
+still train into its own default paths. Environment variables override the bootstrap address
+(``TENSORLINE_BOOTSTRAP``) and the Kafka secrets (``TENSORLINE_SASL_PLAIN_PASSWORD``,
 ``TENSORLINE_SSL_PASSWORD``), so secrets need not live in the file.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -45,6 +49,11 @@ DUPLICATE_ACTIONS = ("drop", "reprocess")
 # What detection scores are: one distribution over the classes, or each class on its own.
 SCORE_KINDS = ("softmax", "sigmoid")
 BAD_FILE_ACTIONS = ("dlq", "skip")
+# fusion.strategy: fusion's STRATEGIES (fusion/strategies.py) and "stacking" (fusion/stacking.py),
+# named here so a typo fails at load; the engine imports no plugin (a test keeps the two equal).
+FUSION_STRATEGIES = ("weighted_average", "soft_vote", "majority_vote", "threshold", "max_confidence", "stacking")
+# The builtin stage kinds (engine/plugins.py BUILTIN); any other kind is "package.module:Factory".
+BUILTIN_KINDS = ("preprocess", "features", "detection", "fusion")
 
 # Kafka client settings the pipeline file may pass through to kafka-python ([kafka] table).
 KAFKA_PASSTHROUGH = frozenset({
@@ -60,14 +69,53 @@ BOOTSTRAP_ENV = "TENSORLINE_BOOTSTRAP"
 CHANGELOG = "fusion-changelog"
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
+# The keys each table may have; anything else is an UnknownKey. Tables of names (topics, stages,
+# models, capacity) and the plugins' own `params` tables are free-form and checked otherwise.
+ROOT_KEYS = ("pipeline", "topics", "stages", "fusion", "kafka")
+PIPELINE_KEYS = ("name", "bootstrap", "dlq", "delivery", "max_message_bytes", "on_bad_file", "classes")
+TOPIC_KEYS = ("name", "partitions", "retention_ms")
+MODEL_KEYS = ("path", "version", "input")
+# The runtime settings a stage table and the [fusion] table share.
+RUNTIME_KEYS = ("max_batch", "max_delay_ms", "commit_interval_ms", "dlq_max_ratio", "dlq_window", "workers")
+STAGE_KEYS = ("input", "output", "kind", "models", "changelog", "devices", "params", "capacity", *RUNTIME_KEYS)
+FUSION_KEYS = ("input", "output", "expected_models", "emit", "quorum", "deadline_ms", "strategy", "params",
+               "join_timeout_ms", "dedup_window_ms", "on_duplicate", "scores", *RUNTIME_KEYS)
+
+
+def did_you_mean(word: str, allowed: Any) -> str | None:
+    """The allowed word closest to `word` (difflib's ratio, at least 0.6), or None."""
+    found = difflib.get_close_matches(word, sorted(allowed), n=1)
+    return found[0] if found else None
+
 
 class ConfigError(ValueError):
     """The pipeline file is wrong; the message names the file, the key and what was expected."""
 
-    def __init__(self, path: str | Path, key: str, expected: str, got: Any = None):
-        self.path, self.key = str(path), key
+    def __init__(self, path: str | Path, key: str, expected: str, got: Any = None, suggestion: str | None = None):
+        self.path, self.key, self.suggestion = str(path), key, suggestion
         shown = "" if got is None else f", got {got!r}"
-        super().__init__(f"{path}: {key}: expected {expected}{shown}")
+        hint = f" (did you mean {suggestion!r}?)" if suggestion else ""
+        super().__init__(f"{path}: {key}: expected {expected}{shown}{hint}")
+
+
+class UnknownKey(ConfigError):
+    """A key its table does not have, most often a typo: named with the closest allowed key."""
+
+    def __init__(self, path: str | Path, key: str, allowed: tuple[str, ...]):
+        self.path, self.key = str(path), key
+        self.suggestion = did_you_mean(key.rpartition(".")[2], allowed)
+        hint = (f"did you mean {self.suggestion!r}?" if self.suggestion
+                else f"this table has {', '.join(allowed)}")
+        ValueError.__init__(self, f"{path}: {key}: unknown key ({hint})")
+
+
+class MissingFile(ConfigError):
+    """A file the pipeline names (a model, the stacker) is not there."""
+
+    def __init__(self, path: str | Path, key: str, file: str):
+        self.path, self.key, self.suggestion, self.file = str(path), key, None, file
+        ValueError.__init__(self, f"{path}: {key}: no such file {file!r} (relative to {Path.cwd()}; "
+                                  f"`tensorline train` writes the demo models where the pipeline file says)")
 
 
 # A state changelog (compacted) must not keep history, or restore time grows with it. The cleaner
@@ -214,6 +262,13 @@ class _Reader:
     def key(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
 
+    def only(self, allowed: tuple[str, ...]) -> "_Reader":
+        """Fail on the first key (in file order) that is not one of `allowed`."""
+        for name in self.table:
+            if name not in allowed:
+                raise UnknownKey(self.path, self.key(name), allowed)
+        return self
+
     def sub(self, name: str, required: bool = False) -> "_Reader":
         if name not in self.table and not required:
             return _Reader(self.path, self.key(name), {})
@@ -236,7 +291,11 @@ class _Reader:
         return self.get(name, int, default, lambda v: v > 0, "a positive integer")
 
     def choice(self, name: str, choices: tuple[str, ...], default: Any = ...) -> str:
-        return self.get(name, str, default, lambda v: v in choices, f"one of {', '.join(choices)}")
+        value = self.get(name, str, default)
+        if value not in choices:
+            raise ConfigError(self.path, self.key(name), f"one of {', '.join(choices)}", value,
+                              did_you_mean(value, choices))
+        return value
 
     def strings(self, name: str, default: Any = ...) -> tuple[str, ...]:
         value = self.get(name, list, default, lambda v: all(isinstance(s, str) for s in v),
@@ -247,7 +306,7 @@ class _Reader:
 def _topics(r: _Reader, pipeline: str) -> dict[str, TopicConfig]:
     topics = {}
     for key in r.table:
-        t = r.sub(key, required=True)
+        t = r.sub(key, required=True).only(TOPIC_KEYS)
         name = t.get("name", str, f"{pipeline}.{key}", _NAME.match, "a topic name ([A-Za-z0-9._-])")
         topics[key] = TopicConfig(key, name, t.positive("partitions", DEFAULT_PARTITIONS),
                                   t.positive("retention_ms", DEFAULT_RETENTION_MS))
@@ -259,7 +318,7 @@ def _topics(r: _Reader, pipeline: str) -> dict[str, TopicConfig]:
 def _models(r: _Reader) -> tuple[ModelConfig, ...]:
     models = []
     for name in r.table:
-        m = r.sub(name, required=True)
+        m = r.sub(name, required=True).only(MODEL_KEYS)
         version = m.table.get("version", "1")
         if isinstance(version, bool) or not isinstance(version, (str, int)):
             raise ConfigError(r.path, m.key("version"), "a version string or integer", version)
@@ -267,7 +326,21 @@ def _models(r: _Reader) -> tuple[ModelConfig, ...]:
     return tuple(models)
 
 
+def _kind(r: _Reader, name: str) -> str:
+    """A builtin stage kind or 'package.module:Factory'; defaults to the stage's name, which the
+    worker resolves (a stage named after no builtin needs an explicit kind to run)."""
+    expected = f"a builtin stage ({', '.join(BUILTIN_KINDS)}) or 'package.module:Factory'"
+    if "kind" not in r.table:
+        return name
+    kind = r.get("kind", str, check=lambda v: bool(re.fullmatch(r"[a-z_]+|[\w.]+:\w+", v)), expected=expected)
+    if ":" not in kind and kind not in BUILTIN_KINDS:
+        raise ConfigError(r.path, r.key("kind"), expected, kind, did_you_mean(kind, BUILTIN_KINDS))
+    return kind
+
+
 def _stage(r: _Reader, name: str, topics: Mapping[str, TopicConfig]) -> StageConfig:
+    r.only(STAGE_KEYS)
+
     def topic_key(field_name: str) -> str:
         return r.get(field_name, str, check=lambda v: v in topics,
                      expected=f"a topic key declared under [topics] ({', '.join(topics)})")
@@ -278,8 +351,7 @@ def _stage(r: _Reader, name: str, topics: Mapping[str, TopicConfig]) -> StageCon
             raise ConfigError(r.path, r.key("devices"), "devices like 'cpu' or 'gpu:0'", d)
     return StageConfig(
         name=name, input=topic_key("input"), output=topic_key("output"),
-        kind=r.get("kind", str, name, lambda v: bool(re.fullmatch(r"[a-z_]+|[\w.]+:\w+", v)),
-                   "a builtin stage (preprocess, features, detection) or 'package.module:Factory'"),
+        kind=_kind(r, name),
         models=_models(r.sub("models")),
         max_batch=r.positive("max_batch", DEFAULT_MAX_BATCH),
         max_delay_ms=r.get("max_delay_ms", int, DEFAULT_MAX_DELAY_MS, lambda v: v >= 0,
@@ -312,6 +384,7 @@ def _capacity(r: _Reader) -> dict[str, float]:
 
 
 def _fusion(r: _Reader, topics: Mapping[str, TopicConfig]) -> FusionConfig:
+    r.only(FUSION_KEYS)
     expected = r.strings("expected_models")
     if not expected:
         raise ConfigError(r.path, r.key("expected_models"), "at least one model name")
@@ -319,13 +392,18 @@ def _fusion(r: _Reader, topics: Mapping[str, TopicConfig]) -> FusionConfig:
     quorum = r.get("quorum", int, len(expected), lambda v: 1 <= v <= len(expected),
                    f"an integer from 1 to {len(expected)}")
     in_topics = lambda v: v in topics  # noqa: E731
+    strategy = r.choice("strategy", FUSION_STRATEGIES, "soft_vote")
+    params = r.sub("params")
+    if strategy == "stacking":
+        params.get("path", str, expected="the stacker's file (required with strategy \"stacking\"; "
+                                         "`tensorline train` fits it)")
     return FusionConfig(
         input=r.get("input", str, check=in_topics, expected="a topic key declared under [topics]"),
         output=r.get("output", str, check=in_topics, expected="a topic key declared under [topics]"),
         expected_models=expected, emit=emit, quorum=quorum,
         deadline_ms=r.positive("deadline_ms", 5000),
-        strategy=r.get("strategy", str, "soft_vote"),
-        params=dict(r.sub("params").table),
+        strategy=strategy,
+        params=dict(params.table),
         join_timeout_ms=r.positive("join_timeout_ms", 15_000),
         dedup_window_ms=r.positive("dedup_window_ms", 600_000),
         on_duplicate=r.choice("on_duplicate", DUPLICATE_ACTIONS, "drop"),
@@ -334,10 +412,11 @@ def _fusion(r: _Reader, topics: Mapping[str, TopicConfig]) -> FusionConfig:
 
 
 def _kafka(r: _Reader) -> dict[str, Any]:
-    unknown = set(r.table) - KAFKA_PASSTHROUGH
+    unknown = [k for k in r.table if k not in KAFKA_PASSTHROUGH]
     if unknown:
-        raise ConfigError(r.path, r.key(sorted(unknown)[0]),
-                          f"one of the kafka-python settings {', '.join(sorted(KAFKA_PASSTHROUGH))}")
+        raise ConfigError(r.path, r.key(unknown[0]),
+                          f"one of the kafka-python settings {', '.join(sorted(KAFKA_PASSTHROUGH))}",
+                          suggestion=did_you_mean(unknown[0], KAFKA_PASSTHROUGH))
     settings = dict(r.table)
     for key, env in SECRET_ENV.items():
         if os.environ.get(env):
@@ -348,8 +427,8 @@ def _kafka(r: _Reader) -> dict[str, Any]:
 def parse(data: Mapping[str, Any], path: str | Path = "<pipeline>") -> PipelineConfig:
     """Validate an already-parsed pipeline table."""
     path = str(path)
-    root = _Reader(path, "", dict(data))
-    p = root.sub("pipeline", required=True)
+    root = _Reader(path, "", dict(data)).only(ROOT_KEYS)
+    p = root.sub("pipeline", required=True).only(PIPELINE_KEYS)
     name = p.get("name", str, check=_NAME.match, expected="a pipeline name ([A-Za-z0-9._-])")
     topics = _topics(root.sub("topics"), name)
     stages_r = root.sub("stages")
@@ -402,3 +481,29 @@ def changelog_topics(cfg: PipelineConfig) -> dict[str, str]:
     `changelog` key; [fusion] sets it). Its state is per input partition, so the changelog is
     co-partitioned with the stage's input."""
     return {name: s.changelog for name, s in cfg.stages.items() if s.changelog}
+
+
+def referenced_files(cfg: PipelineConfig, stage: str | None = None, model: str | None = None) -> list[tuple[str, str]]:
+    """(key, path) of every file the pipeline (or one stage, one model of it) reads: each model's
+    path and, with strategy "stacking", the stacker's (fusion.params.path)."""
+    files = []
+    for name, st in cfg.stages.items():
+        if stage not in (None, name):
+            continue
+        files += [(f"stages.{name}.models.{m.name}.path", m.path) for m in st.models if model in (None, m.name)]
+    if cfg.fusion is not None and stage in (None, "fusion") and cfg.fusion.strategy == "stacking":
+        files.append(("fusion.params.path", str(cfg.fusion.params["path"])))
+    return files
+
+
+def missing_files(cfg: PipelineConfig, stage: str | None = None, model: str | None = None) -> list[tuple[str, str]]:
+    """The referenced files (see `referenced_files`) that do not exist. Not part of loading: the
+    demo trains into its own default paths after loading the pipeline that names them."""
+    return [(key, path) for key, path in referenced_files(cfg, stage, model) if not Path(path).exists()]
+
+
+def require_files(cfg: PipelineConfig, stage: str | None = None, model: str | None = None) -> None:
+    """Raise MissingFile naming the first missing referenced file: `run` and `up` call it when they
+    start, before any worker does (`demo` decides what it may train: ops/train.py `untrained`)."""
+    for key, path in missing_files(cfg, stage, model):
+        raise MissingFile(cfg.path, key, path)

@@ -106,3 +106,106 @@ def test_a_stage_names_its_changelog_and_gets_it_compacted_and_co_partitioned():
     with pytest.raises(config.ConfigError, match="stages.count.changelog"):
         config.parse({"pipeline": {"name": "p"}, "topics": {"in": {}, "out": {}},
                "stages": {"count": {"input": "in", "output": "out", "changelog": "in"}}})
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda t: t["topics"]["raw"].update(partitons=4),
+     "pipeline.toml: topics.raw.partitons: unknown key (did you mean 'partitions'?)"),
+    (lambda t: t["pipeline"].update(delivey="at_least_once"),
+     "pipeline.toml: pipeline.delivey: unknown key (did you mean 'delivery'?)"),
+    (lambda t: t["stages"]["pre"].update(max_bacth=8),
+     "pipeline.toml: stages.pre.max_bacth: unknown key (did you mean 'max_batch'?)"),
+    (lambda t: t["topics"]["out"].update(retention=1000),
+     "pipeline.toml: topics.out.retention: unknown key (did you mean 'retention_ms'?)"),
+])
+def test_a_typo_is_an_unknown_key_naming_file_key_and_the_closest_one(mutate, message):
+    t = table()
+    mutate(t)
+    with pytest.raises(config.UnknownKey) as err:
+        config.parse(t, "pipeline.toml")
+    assert str(err.value) == message
+
+
+def test_a_typo_in_a_pipeline_file_names_the_file_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("pipeline.toml").write_text('[pipeline]\nname = "p"\n[topics]\nraw = { partitons = 4 }\n')
+    with pytest.raises(config.ConfigError) as err:
+        config.load("pipeline.toml")
+    assert str(err.value) == "pipeline.toml: topics.raw.partitons: unknown key (did you mean 'partitions'?)"
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda t: t.update(fusoin={}), "fusoin"),
+    (lambda t: t["stages"]["pre"]["models"]["m"].update(pth="x"), "stages.pre.models.m.pth"),
+    (lambda t: t.update(fusion={"input": "raw", "output": "out", "expected_models": ["a"], "quourm": 1}),
+     "fusion.quourm"),
+    (lambda t: t.update(kafka={"sasl_mechansim": "PLAIN"}), "kafka.sasl_mechansim"),
+])
+def test_every_table_rejects_unknown_keys(mutate, key):
+    t = table()
+    mutate(t)
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(t, "bad.toml")
+    assert err.value.key == key and "did you mean" in str(err.value)
+
+
+def test_free_form_tables_take_any_name():
+    t = table()
+    t["stages"]["pre"]["params"] = {"anything": 1}
+    t["stages"]["pre"]["capacity"] = {"gpu:3": 2.0}
+    cfg = config.parse(t)
+    assert cfg.stages["pre"].params == {"anything": 1} and cfg.stages["pre"].capacity == {"gpu:3": 2.0}
+
+
+def fusion(**over: object) -> dict:
+    return table(fusion={"input": "raw", "output": "out", "expected_models": ["a", "b"], **over})
+
+
+def test_fusion_strategy_is_checked_at_load_with_a_suggestion():
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(fusion(strategy="stackng"), "bad.toml")
+    assert err.value.key == "fusion.strategy" and err.value.suggestion == "stacking"
+    assert str(err.value).endswith("got 'stackng' (did you mean 'stacking'?)")
+
+
+def test_stacking_needs_the_stacker_path():
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(fusion(strategy="stacking"), "bad.toml")
+    assert err.value.key == "fusion.params.path" and "required" in str(err.value)
+    cfg = config.parse(fusion(strategy="stacking", params={"path": "s.json"}))
+    assert cfg.fusion.strategy == "stacking" and cfg.fusion.params["path"] == "s.json"
+
+
+def test_the_known_strategies_are_fusions_own():
+    from tensorline.fusion.strategies import STRATEGIES
+
+    assert sorted(config.FUSION_STRATEGIES) == sorted([*STRATEGIES, "stacking"])
+
+
+def test_an_explicit_stage_kind_is_checked_at_load():
+    from tensorline.engine.plugins import BUILTIN
+
+    assert sorted(config.BUILTIN_KINDS) == sorted(BUILTIN)
+    t = table()
+    t["stages"]["pre"]["kind"] = "preprocces"
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(t, "bad.toml")
+    assert err.value.key == "stages.pre.kind" and err.value.suggestion == "preprocess"
+    t["stages"]["pre"]["kind"] = "my.package:Stage"
+    assert config.parse(t).stages["pre"].kind == "my.package:Stage"
+
+
+def test_missing_model_and_stacker_files_are_named_when_a_command_starts(tmp_path):
+    t = fusion(strategy="stacking", params={"path": str(tmp_path / "stacker.json")})
+    t["stages"]["pre"]["models"] = {"m": {"path": str(tmp_path / "m.keras")},
+                                    "n": {"path": str(tmp_path / "n.keras")}}
+    cfg = config.parse(t, "p.toml")  # loading does not look for files
+    (tmp_path / "n.keras").write_bytes(b"")
+    assert config.missing_files(cfg) == [("stages.pre.models.m.path", str(tmp_path / "m.keras")),
+                                         ("fusion.params.path", str(tmp_path / "stacker.json"))]
+    assert config.missing_files(cfg, "pre", "n") == [] and config.missing_files(cfg, "fusion") == \
+        [("fusion.params.path", str(tmp_path / "stacker.json"))]
+    with pytest.raises(config.MissingFile) as err:
+        config.require_files(cfg, "pre")
+    assert err.value.key == "stages.pre.models.m.path"
+    assert str(err.value).startswith(f"p.toml: stages.pre.models.m.path: no such file '{tmp_path / 'm.keras'}'")
