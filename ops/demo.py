@@ -1,10 +1,12 @@
 """`tensorline demo`: the whole pipeline end to end on the demo set, as real use runs it.
 
 Starts the local broker if no bootstrap is configured, resets and creates the pipeline's topics,
-trains the demo models on first run, writes the demo test set as DICOM files, starts one worker
-process per stage (and per detection model), sends the files with the DICOM producer, waits for
-every record's fused result, prints the evaluation, throughput, end-to-end latency and the final
-consumer lag per stage, then stops everything (also on Ctrl-C).
+trains the demo models on first run (only into its own folder, .tensorline/models: a model missing
+elsewhere is an error before anything starts, and nothing is retrained), writes the demo test set
+as DICOM files, starts one worker process per stage (and per detection model), sends the files
+with the DICOM producer, waits for every record's fused result, prints the evaluation,
+throughput, end-to-end latency and the final consumer lag per stage, then stops everything (also
+on Ctrl-C).
 """
 
 from __future__ import annotations
@@ -59,15 +61,17 @@ def _test_dicoms(folder: Path) -> list[Path]:
 
 
 def main(path: str, *, json_out: bool = False, limit: int | None = None) -> int:
+    from tensorline.ops import train
+
     log = logs.get(stage="demo")
     cfg = config.load(path)
+    train.untrained(cfg)  # a missing model outside the demo's folder stops here, before any reset
     started_broker = None
     if not cfg.bootstrap and not broker.local_bootstrap():
         print("starting the local Kafka broker ...", file=sys.stderr)
         started_broker = broker.start()
     workers: Supervisor | None = None
     try:
-        from tensorline.ops import train
         from tensorline.producers import publish
 
         bootstrap = clients.bootstrap(cfg)

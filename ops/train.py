@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from tensorline import config
 from tensorline.config import ModelConfig, PipelineConfig
 from tensorline.fusion.stacking import Stacker, fit_stacker
 from tensorline.fusion.stage import combine
@@ -37,6 +38,9 @@ from tensorline.stages.preprocess import VIEWS, Preprocess
 # The strategies scored offline; "threshold" is left out: it needs hand-picked parameters.
 FUSION_STRATEGIES = ("soft_vote", "weighted_average", "majority_vote", "max_confidence", "stacking")
 STRATEGIES_NEEDING_A_FILE = frozenset({"stacking"})
+# The demo's own folder (pipeline.toml's default model paths): the only place `tensorline demo`
+# trains into on its own; a model missing anywhere else is the user's, and an error.
+DEMO_MODEL_DIR = Path(".tensorline/models")
 LESIONS = "lesions are synthetic Gaussian blobs implanted in real DICOM images"
 EMBEDDING_DIM = 64
 # Validation accuracy is flat after a few epochs (seed 7); the training loss keeps falling, so
@@ -400,13 +404,46 @@ def required_files(cfg: PipelineConfig) -> list[Path]:
     return files
 
 
-def ensure(cfg: PipelineConfig, *, seed: int = 7, epochs: int | None = None, limit: int | None = None) -> None:
-    """Train (see `train`) only when a file the pipeline needs is missing."""
-    missing = [p for p in required_files(cfg) if not p.exists()]
+def written_files(cfg: PipelineConfig) -> list[Path]:
+    """Every file `train` writes: each model and its card, the stacker and the fusion card."""
+    models = [Path(m.path) for stage in ("features", "detection") if stage in cfg.stages
+              for m in cfg.stages[stage].models]
+    stacker = stacker_path(cfg)
+    return [*models, *(Path(f"{m}.card.json") for m in models), stacker, stacker.with_name("fusion.card.json")]
+
+
+def _inside(path: str | Path, folder: Path) -> bool:
+    return Path(path).resolve().is_relative_to(folder.resolve())
+
+
+def untrained(cfg: PipelineConfig, *, own: Path = DEMO_MODEL_DIR) -> list[tuple[str, str]]:
+    """The missing files (key, path) the demo is to train: [] when every file the pipeline reads
+    exists. Training writes every model and the stacker, so it is allowed only when each file it
+    writes lies in the demo's own folder `own`: a missing file elsewhere raises MissingFile naming
+    it, and a file elsewhere that training would overwrite raises ConfigError; nothing is trained."""
+    missing = config.missing_files(cfg)
+    if not missing:
+        return []
+    for key, path in missing:
+        if not _inside(path, own):
+            raise config.MissingFile(cfg.path, key, path)
+    for path in written_files(cfg):
+        if not _inside(path, own):
+            key, file = missing[0]
+            raise config.ConfigError(cfg.path, key, f"an existing file: {file!r} is missing, and training the demo "
+                                     f"models into {own} would also overwrite {str(path)!r}, outside it; train them "
+                                     f"with `tensorline train` or point the pipeline at existing files")
+    return missing
+
+
+def ensure(cfg: PipelineConfig, *, own: Path = DEMO_MODEL_DIR, seed: int = 7, epochs: int | None = None,
+           limit: int | None = None) -> None:
+    """Train (see `train`) only when a file the pipeline reads is missing, and only into the demo's
+    own folder (see `untrained`)."""
+    missing = untrained(cfg, own=own)
     if not missing:
         return
-    folders = sorted({str(p.parent) for p in required_files(cfg)})
-    print(f"training the demo models ({missing[0]} is missing) into {', '.join(folders)} ...", file=sys.stderr)
+    print(f"training the demo models ({missing[0][1]} is missing) into {own} ...", file=sys.stderr)
     train(cfg, seed=seed, epochs=epochs, limit=limit)
 
 

@@ -60,6 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _pipeline(args)
     if args.stage not in cfg.stages:
         raise config.ConfigError(cfg.path, f"stages.{args.stage}", f"one of the stages {', '.join(cfg.stages)}")
+    config.require_files(cfg, args.stage, args.model)
     if args.workers is None and args.devices is None:
         from tensorline.engine.errors import FATAL_EXIT_CODE, Fatal
 
@@ -81,6 +82,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from tensorline.ops import supervisor
 
     cfg = _pipeline(args)
+    config.require_files(cfg)
     return supervisor.Supervisor(args.config, supervisor.pipeline_specs(cfg)).run_forever(keep_going=args.keep_going)
 
 

@@ -100,18 +100,18 @@ def test_one_demo_patch_runs_through_preprocess_features_and_each_detection_mode
 def test_ensure_trains_only_what_is_missing_and_the_same_seed_gives_the_same_models(tmp_path, capsys):
     cfg = pipeline_in(tmp_path, strategy="stacking")
     assert train.stacker_path(cfg) in train.required_files(cfg)
-    train.ensure(cfg, **FAST)
+    train.ensure(cfg, own=tmp_path, **FAST)
     assert str(tmp_path) in capsys.readouterr().err
     files = train.required_files(cfg)
     mtimes = {p: p.stat().st_mtime_ns for p in files}
     cards = {m.name: train.card_path(m).read_text() for m in model_configs(cfg)}
 
-    train.ensure(cfg, **FAST)
+    train.ensure(cfg, own=tmp_path, **FAST)
     assert {p: p.stat().st_mtime_ns for p in files} == mtimes
     assert capsys.readouterr().err == ""
 
     Path(cfg.model("detection", "mlp").path).unlink()
-    train.ensure(cfg, **FAST)
+    train.ensure(cfg, own=tmp_path, **FAST)
     assert "mlp.keras is missing" in capsys.readouterr().err
     assert {m.name: train.card_path(m).read_text() for m in model_configs(cfg)} == cards
 
@@ -146,3 +146,74 @@ def test_a_detection_model_without_a_recipe_is_rejected_before_training(tmp_path
     with pytest.raises(ValueError, match="no training recipe for svm"):
         train.train(dataclasses.replace(cfg, stages=stages))
     assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture
+def trainer(monkeypatch) -> list[config.PipelineConfig]:
+    """`train.train` replaced by a recorder: the pipelines it would have trained."""
+    calls: list[config.PipelineConfig] = []
+    monkeypatch.setattr(train, "train", lambda cfg, **kw: calls.append(cfg))
+    return calls
+
+
+def with_model_path(cfg: config.PipelineConfig, name: str, path: Path) -> config.PipelineConfig:
+    models = tuple(dataclasses.replace(m, path=str(path)) if m.name == name else m for m in cfg.stages["detection"].models)
+    return dataclasses.replace(cfg, stages={**cfg.stages, "detection": dataclasses.replace(cfg.stages["detection"],
+                                                                                          models=models)})
+
+
+def write_all(cfg: config.PipelineConfig) -> None:
+    for path in train.written_files(cfg):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"trained before")
+
+
+def test_the_demo_trains_into_its_own_folder_when_a_model_there_is_missing(tmp_path, trainer):
+    own = tmp_path / ".tensorline" / "models"
+    cfg = pipeline_in(own, strategy="stacking")
+    assert [key for key, _ in train.untrained(cfg, own=own)] == [
+        "stages.features.models.backbone.path", "stages.detection.models.cnn.path",
+        "stages.detection.models.mlp.path", "stages.detection.models.logreg.path", "fusion.params.path"]
+    train.ensure(cfg, own=own)
+    assert trainer == [cfg]
+    write_all(cfg)
+    train.ensure(cfg, own=own)
+    assert train.untrained(cfg, own=own) == [] and trainer == [cfg]  # nothing missing: no training
+
+
+def test_a_model_missing_outside_the_demo_folder_is_an_error_and_nothing_is_trained(tmp_path, trainer):
+    own = tmp_path / ".tensorline" / "models"
+    mine = tmp_path / "mine" / "cnn.keras"
+    cfg = with_model_path(pipeline_in(own, strategy="stacking"), "cnn", mine)
+    with pytest.raises(config.MissingFile) as err:
+        train.ensure(cfg, own=own)
+    assert err.value.key == "stages.detection.models.cnn.path" and str(mine) in str(err.value)
+    assert trainer == []
+
+
+def test_the_demo_never_overwrites_a_model_outside_its_folder(tmp_path, trainer):
+    own = tmp_path / ".tensorline" / "models"
+    mine = tmp_path / "mine" / "mlp.keras"
+    cfg = with_model_path(pipeline_in(own, strategy="stacking"), "mlp", mine)
+    write_all(cfg)
+    Path(cfg.model("detection", "cnn").path).unlink()  # a demo model is missing, the user's mlp is not
+    with pytest.raises(config.ConfigError) as err:
+        train.ensure(cfg, own=own)
+    assert err.value.key == "stages.detection.models.cnn.path" and f"overwrite '{mine}'" in str(err.value)
+    assert trainer == [] and mine.read_bytes() == b"trained before"
+
+
+def test_the_demo_checks_its_models_before_it_starts_anything(tmp_path, monkeypatch, trainer):
+    from tensorline.ops import broker, demo, topics
+
+    pipeline = PIPELINE.read_text().replace(".tensorline/models/cnn.keras", str(tmp_path / "mine" / "cnn.keras"))
+    (tmp_path / "pipeline.toml").write_text(pipeline)
+    monkeypatch.chdir(tmp_path)
+
+    def started(*args, **kw):
+        raise AssertionError("the demo started before checking its models")
+    for module, name in ((broker, "start"), (broker, "local_bootstrap"), (topics, "reset")):
+        monkeypatch.setattr(module, name, started)
+    with pytest.raises(config.MissingFile, match="stages.detection.models.cnn.path"):
+        demo.main("pipeline.toml")
+    assert trainer == []
