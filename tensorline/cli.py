@@ -181,14 +181,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from tensorline.engine.plugins import quiet_tensorflow
     from tensorline.ops import train
+
+    quiet_tensorflow()  # TensorFlow runs in this process
 
     train.train(_pipeline(args), seed=args.seed)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from tensorline.engine.plugins import quiet_tensorflow
     from tensorline.ops import demo
+
+    quiet_tensorflow()  # TensorFlow trains in this process; the workers pin their own devices
 
     return demo.main(args.config, json_out=args.json, limit=args.limit)
 

@@ -17,11 +17,14 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import (CoordinatorLoadInProgressError, CoordinatorNotAvailableError, NotCoordinatorError,
                           TopicAlreadyExistsError)
 
+from tensorline import logs
 from tensorline.config import COMPACTED_TOPIC_CONFIGS, PipelineConfig
 from tensorline.engine import compat, local
 
 # Every client the project builds reads foreign records as the Java client does (see compat).
 compat.lenient_header_keys()
+# A client's close() cancels its requests in flight; kafka-python logs some as errors (see logs).
+logs.quiet_close("kafka")
 
 
 # A full topic read on a local broker takes well under this; a remote cluster may need more.
