@@ -33,8 +33,14 @@ class _Source:
 
 
 def joined(pipeline, group: str, topic: str) -> KafkaConsumer:
-    consumer = clients.consumer(pipeline, group, topic)
+    """A member of `group` that owns partitions of `topic`. It subscribes once its metadata shows
+    the (just created) topic: a leader assigning without it gives an empty assignment."""
+    consumer = clients.consumer(pipeline, group)
     deadline = time.monotonic() + 60
+    while not consumer.partitions_for_topic(topic):
+        assert time.monotonic() < deadline, f"the consumer never saw topic {topic}"
+        time.sleep(0.1)  # poll of the metadata
+    consumer.subscribe([topic])
     while not consumer.assignment():
         assert time.monotonic() < deadline, "the consumer never joined its group"
         consumer.poll(timeout_ms=200)
