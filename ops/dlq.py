@@ -113,7 +113,7 @@ def marker_topic(cfg: PipelineConfig) -> str:
     return cfg.topic(cfg.dlq).name + REDRIVEN_SUFFIX
 
 
-def _redriven(cfg: PipelineConfig) -> set[str]:
+def redriven_markers(cfg: PipelineConfig) -> set[str]:
     """The markers of every dead letter redriven so far (none if no redrive ever ran)."""
     try:
         return {r.key.decode() for r in topics.read_all(cfg, marker_topic(cfg)) if r.value is not None}
@@ -123,7 +123,7 @@ def _redriven(cfg: PipelineConfig) -> set[str]:
 
 def letters(cfg: PipelineConfig, reason: str | None = None, stage: str | None = None) -> list[Letter]:
     """The dead letters (read_committed, in DLQ order), those of `reason` and `stage` if given."""
-    done = _redriven(cfg)
+    done = redriven_markers(cfg)
     return [letter for letter in (to_letter(r, done) for r in topics.read_all(cfg, cfg.topic(cfg.dlq).name))
             if (reason is None or letter.reason == reason) and (stage is None or letter.stage == stage)]
 

@@ -33,6 +33,10 @@ from tensorline.schemas import Record, encode_record
 from tensorline.engine.runtime import INGEST_MS, TRACE_ID, dead_letter_headers
 
 RAW = "raw"  # the topic key producers write to
+# The item's source (file path, '#frame=N' for one of many) as a header, carried by every stage to
+# its outputs and dead letters: it names the file of a dead letter whose bytes do not decode (cut
+# to fit the size limit, or not Avro). A decodable message says it in its `source` field.
+SOURCE = "tl.source"
 # Unacknowledged bytes allowed: 64 MiB holds four of the largest records; beyond it, send() waits.
 IN_FLIGHT_BYTES = 64 * 1024 * 1024
 # A bad file larger than this goes to the DLQ without its bytes (the headers still name it).
@@ -251,7 +255,8 @@ class Publisher:
         record = Record(record_id=item.record_id, source=item.source, ingest_ts_ms=int(time.time() * 1000),
                         tensors=item.tensors, stage="producer", attributes=item.attributes, label=item.label)
         value = encode_record(record)
-        headers = [(TRACE_ID, uuid.uuid4().hex.encode()), (INGEST_MS, str(record.ingest_ts_ms).encode())]
+        headers = [(TRACE_ID, uuid.uuid4().hex.encode()), (INGEST_MS, str(record.ingest_ts_ms).encode()),
+                   (SOURCE, item.source.encode(errors="replace"))]
         self._wait_for_room(len(value))
         future = self.producer.send(self.topic, key=item.key.encode(), value=bytes(value), headers=headers)
         self._in_flight.append((future, len(value)))

@@ -180,6 +180,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    from contextlib import closing
+
+    from tensorline.ops import results
+
+    cfg = _pipeline(args)
+    fmt = "json" if args.json else "csv" if args.csv else "table"
+    models = cfg.fusion.expected_models if cfg.fusion else ()
+    with closing(results.rows(cfg, record_id=args.id, source=args.source, limit=args.limit,
+                              follow=args.follow)) as rows:
+        for line in results.lines(rows, fmt, classes=cfg.classes, models=models):
+            print(line, flush=args.follow)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tensorline.engine.plugins import quiet_tensorflow
     from tensorline.ops import train
@@ -197,6 +212,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     quiet_tensorflow()  # TensorFlow trains in this process; the workers pin their own devices
 
     return demo.main(args.config, json_out=args.json, limit=args.limit)
+
+
+def _count(text: str) -> int:
+    """A non-negative integer argument."""
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a count of 0 or more, got {n}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,6 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
     rp = with_config(sub.add_parser("report", help="precision, recall, F1 per class for each model and the fused result"))
     rp.add_argument("--json", action="store_true", help="print one JSON object")
     rp.set_defaults(func=cmd_report)
+
+    rs = with_config(sub.add_parser("results", help="what happened to each record: its fused decision, scores and "
+                                                    "latency, or its dead letters' stage and reason"))
+    rs.add_argument("--follow", action="store_true", help="then print new results and dead letters until Ctrl-C")
+    rs.add_argument("--id", help="only this record id")
+    rs.add_argument("--source", metavar="PATH",
+                    help="only records of this file, or of files under this folder (a path as given to produce, "
+                         "or its last components: img.png)")
+    rs.add_argument("--limit", type=_count, metavar="N", help="only the N most recent rows (then, with --follow, "
+                                                              "every new one)")
+    shape = rs.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="one JSON object per line")
+    shape.add_argument("--csv", action="store_true", help="CSV, with a header line")
+    rs.set_defaults(func=cmd_results)
 
     tr = with_config(sub.add_parser("train", help="train the demo models named in the pipeline file"))
     tr.add_argument("--seed", type=int, default=7, help="seed of the demo set and the models (default: %(default)s)")
