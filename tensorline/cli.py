@@ -54,6 +54,18 @@ def cmd_topics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    import json
+
+    from tensorline.engine.plugins import pin_device
+    from tensorline.ops import check
+
+    pin_device("cpu")  # models load to be looked at, not served: no GPU memory taken
+    report = check.check(args.config, topics=not args.no_topics)
+    print(json.dumps(report.to_dict()) if args.json else report.format())
+    return 0 if report.ok else 1
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from tensorline.engine import worker
 
@@ -241,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = with_config(sub.add_parser("topics", help="create (idempotent) or describe the pipeline's topics"))
     t.add_argument("action", choices=["create", "describe"])
     t.set_defaults(func=cmd_topics)
+
+    ck = with_config(sub.add_parser("check", help="check the pipeline file, its models' shapes, the stacker and "
+                                                   "(with a broker) the topics, without starting a worker"))
+    ck.add_argument("--json", action="store_true", help="print one JSON object")
+    ck.add_argument("--no-topics", action="store_true", help="leave the broker alone: do not check the topics")
+    ck.set_defaults(func=cmd_check)
 
     r = with_config(sub.add_parser("run", help="run one worker of a stage until stopped"))
     r.add_argument("stage", help="a stage of the pipeline file")
