@@ -1,11 +1,20 @@
 """What the worker-process benchmarks share: a broker in a temp dir, the Keras backbone, the image
-stream, waiting on groups, and reading trace headers. Imported as `_common` by scripts in bench/."""
+stream, waiting on groups, and reading trace headers. Imported as `_common` by scripts in bench/.
+
+A bench measures only what it sent: every run works on a pipeline of its own (`run_name`: fresh
+topics and consumer groups, checked empty by `require_fresh`), on the broker `local_broker`
+started (an inherited $TENSORLINE_BOOTSTRAP does not redirect it to a used one), and prints a
+ratio only when the records it measured are the records it sent (`Measured`); otherwise the
+ratio prints as n/a with the reason.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,15 +38,103 @@ STREAM_TIMEOUT_S = 300.0
 
 @contextmanager
 def local_broker() -> Iterator[tuple[Path, broker.BrokerStatus]]:
-    """A temp folder and the project's own broker running under it, stopped on the way out."""
+    """A temp folder and the project's own broker running under it, stopped on the way out. Every
+    pipeline of the bench and every worker it starts use that broker meanwhile (see `bootstrap_pinned`)."""
     with tempfile.TemporaryDirectory(prefix="tensorline-bench-") as tmp:
         folder = Path(tmp)
         data_dir = folder / "broker"
         status = broker.start(data_dir, broker.free_port())
         try:
-            yield folder, status
+            with bootstrap_pinned(status.bootstrap):
+                yield folder, status
         finally:
             broker.stop(data_dir)
+
+
+@contextmanager
+def bootstrap_pinned(bootstrap: str) -> Iterator[None]:
+    """$TENSORLINE_BOOTSTRAP set to `bootstrap` within (restored after): it overrides a pipeline
+    file's bootstrap, so one inherited from the shell would send the bench, and the workers it
+    starts, to another broker, whose topics may hold an earlier run's records."""
+    before = os.environ.get(config.BOOTSTRAP_ENV)
+    os.environ[config.BOOTSTRAP_ENV] = bootstrap
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(config.BOOTSTRAP_ENV, None)
+        else:
+            os.environ[config.BOOTSTRAP_ENV] = before
+
+
+def run_name(prefix: str) -> str:
+    """A pipeline name no earlier run used: its topics and consumer groups are new."""
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+class UsedTopics(RuntimeError):
+    """A bench's pipeline already has records or committed offsets: what it measured would count them."""
+
+
+def require_fresh(cfg: config.PipelineConfig) -> None:
+    """Raise UsedTopics unless every topic of `cfg` is empty and no consumer group of it exists
+    (call after creating the topics, before sending anything)."""
+    from kafka import TopicPartition
+
+    consumer = clients.consumer(cfg, None)
+    try:
+        tps = [TopicPartition(t.name, p) for t in cfg.topics.values()
+               for p in sorted(consumer.partitions_for_topic(t.name) or ())]
+        used = [f"{tp.topic}[{tp.partition}] ends at offset {end}" for tp, end in consumer.end_offsets(tps).items()
+                if end]
+    finally:
+        consumer.close()
+    admin = clients.admin(cfg)
+    try:
+        used += [f"group {g['group_id']} exists" for g in clients.with_coordinator(admin.list_groups)
+                 if g["group_id"].startswith(f"{cfg.name}.")]
+    finally:
+        admin.close()
+    if used:
+        raise UsedTopics(f"pipeline {cfg.name} is not fresh ({'; '.join(sorted(used))}): "
+                         f"a bench run needs a name of its own (run_name)")
+
+
+class Measured:
+    """What a bench measured, checked before it prints a ratio. Each measurement names the records
+    it saw against the records sent for it (`count`), or is refused with a reason (`refuse`); a
+    value or ratio that rests on a refused measurement, or is not a finite number, prints as
+    "n/a", and `reasons` says why."""
+
+    def __init__(self) -> None:
+        self.refused: dict[str, str] = {}
+
+    def count(self, name: str, sent: int, seen: int, what: str = "records") -> bool:
+        """Whether measurement `name` saw exactly the `sent` records; refused otherwise."""
+        if seen != sent:
+            self.refuse(name, f"{what}: {seen} measured, {sent} sent")
+        return seen == sent
+
+    def refuse(self, name: str, reason: str) -> None:
+        self.refused.setdefault(name, reason)
+
+    def ok(self, *names: str) -> bool:
+        return not any(n in self.refused for n in names)
+
+    def value(self, value: float | None, *names: str, fmt: str = ".2f") -> str:
+        """`value` formatted, or "n/a" when a measurement it rests on (`names`) was refused."""
+        if value is None or not self.ok(*names) or not math.isfinite(value):
+            return "n/a"
+        return format(value, fmt)
+
+    def ratio(self, num: float | None, den: float | None, *names: str, fmt: str = ".2f") -> str:
+        """num / den formatted, or "n/a" (a refused measurement, a missing or zero denominator)."""
+        if num is None or den is None or den == 0:
+            return "n/a"
+        return self.value(num / den, *names, fmt=fmt)
+
+    def reasons(self) -> list[str]:
+        return [f"n/a: {name}: {reason}" for name, reason in self.refused.items()]
 
 
 def machine_load() -> str:

@@ -18,6 +18,9 @@ Shares: `assign` on its own for a few capacities, then one stage with two worker
 capacity 3 (device cpu) and 1 (device gpu:0, which runs on the CPU of a CPU-only machine) on an
 8-partition topic: the assignment read from the group description, and the records each worker
 processed from its "worker stopped" log line.
+
+Every namespace is new to the broker (`run_name`, checked empty); a run whose outputs are not
+exactly the records sent, or whose window is empty, is not reported: its figures print as n/a.
 """
 
 from __future__ import annotations
@@ -42,9 +45,9 @@ from tensorline.stages.base import Model
 from tensorline.engine.runtime import INGEST_MS
 from tensorline.engine.worker import group_id
 
-from _common import (IMAGE, MAX_BATCH, MAX_DELAY_MS, STREAM_TIMEOUT_S, WORKER_START_S, build_backbone, committed,
-                     cpu_seconds, images, machine_busy_seconds, machine_load, local_broker, ms, produce, record,
-                     wait_for)
+from _common import (IMAGE, MAX_BATCH, MAX_DELAY_MS, STREAM_TIMEOUT_S, WORKER_START_S, Measured, build_backbone,
+                     committed, cpu_seconds, images, machine_busy_seconds, machine_load, local_broker, ms, produce,
+                     record, require_fresh, run_name, wait_for)
 
 N_STREAM = 2400  # ~5 s for one worker at ~500 rec/s on 2 cores: a batch boundary is noise
 N_WARMUP = 128  # ~32 per partition: every worker's first model calls (oneDNN set-up) fall outside the window
@@ -85,16 +88,18 @@ class Run:
 
     label: str
     workers: int
-    rps: float
+    rps: float | None  # None: not measured (see Measured)
     window_s: float
     cpu: dict[str, float]  # cores used during the window: per worker, broker, this process
     stats: list[dict]  # each worker's "worker stopped" counters
 
 
 # -- namespaces and workers ------------------------------------------------------------------
-def pipeline(folder: Path, bootstrap: str, name: str, *, partitions: int, devices: tuple[str, ...] = ("cpu",),
+def pipeline(folder: Path, bootstrap: str, label: str, *, partitions: int, devices: tuple[str, ...] = ("cpu",),
              capacity: dict[str, float] | None = None) -> config.PipelineConfig:
-    """A pipeline file of its own (topics, group, worker logs) under folder/name; topics created."""
+    """A pipeline file of its own under folder/<name>, named after `label` and new to the broker
+    (topics created and checked empty, its group not there yet)."""
+    name = run_name(f"{label}-")
     home = folder / name
     home.mkdir()
     declared = ""
@@ -106,6 +111,7 @@ def pipeline(folder: Path, bootstrap: str, name: str, *, partitions: int, device
                                     capacity=declared, model=folder / "backbone.keras"))
     cfg = config.load(path)
     clients.create_topics(cfg)
+    require_fresh(cfg)
     return cfg
 
 
@@ -185,8 +191,13 @@ def ceiling_rps(model: Model, batch: np.ndarray) -> float:
     return len(batch) / (time.perf_counter() - started)
 
 
+def run_key(label: str, n: int) -> str:
+    """The measurement of one throughput run (see Measured)."""
+    return f"{label} x{n}"
+
+
 def throughput(folder: Path, bootstrap: str, broker_pid: int, label: str, n: int, env: dict[str, str],
-               stream: list[tuple[bytes, bytes]]) -> Run:
+               stream: list[tuple[bytes, bytes]], measured: Measured) -> Run:
     cfg = pipeline(folder, bootstrap, f"{label}-{n}w", partitions=PARTITIONS)
     admin = clients.admin(cfg)
     group = group_id(cfg, "features", None)
@@ -228,11 +239,17 @@ def throughput(folder: Path, bootstrap: str, broker_pid: int, label: str, n: int
     finally:
         stats = stop(sup)
         admin.close()
+    key = run_key(label, n)
+    measured.count(key, len(stream), len(seen), "outputs")
+    if set(seen) != {k for k, _ in stream}:
+        measured.refuse(key, f"{len(set(seen) - {k for k, _ in stream})} outputs of records this run did not send")
     first = min(ms(r, "tl.features.received_ms") for r in seen.values())
     last = max(ms(r, "tl.features.produced_ms") for r in seen.values())
     window = (last - first) / 1000
+    if window <= 0:
+        measured.refuse(key, f"the first record received and the last produced are {window:.3f} s apart")
     cpu = {k: (after[k] - before[k]) / elapsed for k in before}
-    return Run(label, n, len(seen) / window, window, cpu, stats)
+    return Run(label, n, len(seen) / window if window > 0 else None, window, cpu, stats)
 
 
 # -- shares ----------------------------------------------------------------------------------
@@ -254,7 +271,7 @@ class Shares:
     leader_line: str
 
 
-def capacity_shares(folder: Path, bootstrap: str) -> Shares:
+def capacity_shares(folder: Path, bootstrap: str, measured: Measured) -> Shares:
     devices = tuple(CAPACITY)
     cfg = pipeline(folder, bootstrap, "capacity", partitions=CAP_PARTITIONS, devices=devices, capacity=CAPACITY)
     admin = clients.admin(cfg)
@@ -276,6 +293,8 @@ def capacity_shares(folder: Path, bootstrap: str) -> Shares:
     held = {device: ps for client, ps in by_client.items() for device in devices if client.endswith(f".{device}")}
     records = {s["device"]: s.get("records_in", 0) for s in stats}
     per_partition = {tp.partition: o.offset for tp, o in offsets.items()}
+    measured.count("capacity offsets", N_CAP, sum(per_partition.values()), "records committed")
+    measured.count("capacity records", N_CAP, sum(records.values()), "records processed by the workers")
     placements = []  # (timestamp, members) of every placement either worker made as group leader
     for s in stats:
         for line in (sup.log_dir / f"{s['label']}.log").read_text().splitlines():
@@ -298,13 +317,15 @@ def main() -> None:
         batch = images(N_STREAM, IMAGE, seed=1)
         ceiling = ceiling_rps(Model(config.ModelConfig("backbone", str(folder / "backbone.keras"))), batch)
         stream = encoded(batch, "r")
-        runs = [throughput(folder, status.bootstrap, status.pid, label, n, env, stream)
+        measured = Measured()
+        runs = [throughput(folder, status.bootstrap, status.pid, label, n, env, stream, measured)
                 for label, env in (("as-is", {}), ("1-thread", ONE_THREAD)) for n in (1, 2)]
-        shares = capacity_shares(folder, status.bootstrap)
-    report(runs, shares, ceiling)
+        shares = capacity_shares(folder, status.bootstrap, measured)
+    report(measured, runs, shares, ceiling)
 
 
-def report(runs: list[Run], shares: Shares, ceiling: float) -> None:
+def report(m: Measured, runs: list[Run], shares: Shares, ceiling: float) -> None:
+    """The tables and the summary line; a figure resting on a refused measurement prints n/a."""
     print(f"stream: {N_STREAM} records of {IMAGE} float32 on {PARTITIONS} partitions, features stage, "
           f"max_batch={MAX_BATCH}, exactly_once; each worker warmed up on its own partitions first")
     print(f"{'threads':<10}{'workers':>8}{'rec/s':>9}{'window s':>10}{'vs 1':>7}   "
@@ -315,7 +336,9 @@ def report(runs: list[Run], shares: Shares, ceiling: float) -> None:
         workers = sum(v for k, v in r.cpu.items() if k not in ours)
         per = " + ".join(f"{v:.2f}" for k, v in r.cpu.items() if k not in ours)
         others = max(0.0, r.cpu["machine"] - workers - r.cpu["broker"] - r.cpu["bench"])
-        print(f"{r.label:<10}{r.workers:>8}{r.rps:>9.1f}{r.window_s:>10.2f}{r.rps / by[r.label, 1].rps:>7.2f}   "
+        key, one = run_key(r.label, r.workers), run_key(r.label, 1)
+        print(f"{r.label:<10}{r.workers:>8}{m.value(r.rps, key, fmt='.1f'):>9}{r.window_s:>10.2f}"
+              f"{m.ratio(r.rps, by[r.label, 1].rps, key, one):>7}   "
               f"{workers:.2f} ({per}) | {r.cpu['broker']:.2f} | {r.cpu['bench']:.2f} | {others:.2f} "
               f"= {r.cpu['machine']:.2f} of {os.cpu_count()}")
     print(f"  backbone alone in the bench process (TensorFlow's threads, no Kafka): {ceiling:.1f} rec/s")
@@ -337,16 +360,20 @@ def report(runs: list[Run], shares: Shares, ceiling: float) -> None:
         ps = shares.held.get(device, [])
         on_mine = sum(shares.per_partition.get(p, 0) for p in ps)
         print(f"  {device:<6} capacity {CAPACITY[device]:.0f}: partitions {ps} ({len(ps)}/{total_p}, "
-              f"ideal {CAPACITY[device] / sum(CAPACITY.values()):.2f}); records processed {shares.records.get(device, 0)} "
+              f"ideal {CAPACITY[device] / sum(CAPACITY.values()):.2f}); records processed "
+              f"{shares.records.get(device, 0)} "
               f"(on its partitions: {on_mine})")
     print(f"  records per input partition: {dict(sorted(shares.per_partition.items()))}")
     print(f"after the bench: {machine_load()}")
+    for reason in m.reasons():
+        print(reason)
     rps_1, rps_2 = by["as-is", 1].rps, by["as-is", 2].rps
-    share_fast = len(shares.held.get(fast, [])) / total_p if total_p else 0.0
-    records_fast = shares.records.get(fast, 0) / total_r if total_r else 0.0
-    print(f"bench scaling: speedup_2_workers={rps_2 / rps_1:.2f} rps_1={rps_1:.1f} rps_2={rps_2:.1f} "
-          f"share_fast={share_fast:.3f} share_fast_ideal={CAPACITY[fast] / sum(CAPACITY.values()):.2f} "
-          f"records_share_fast={records_fast:.3f}")
+    one, two = run_key("as-is", 1), run_key("as-is", 2)
+    print(f"bench scaling: speedup_2_workers={m.ratio(rps_2, rps_1, one, two)} "
+          f"rps_1={m.value(rps_1, one, fmt='.1f')} rps_2={m.value(rps_2, two, fmt='.1f')} "
+          f"share_fast={m.ratio(len(shares.held.get(fast, [])), total_p, fmt='.3f')} "
+          f"share_fast_ideal={CAPACITY[fast] / sum(CAPACITY.values()):.2f} "
+          f"records_share_fast={m.ratio(shares.records.get(fast, 0), total_r, 'capacity records', fmt='.3f')}")
 
 
 if __name__ == "__main__":

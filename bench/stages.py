@@ -12,6 +12,8 @@ timed. CPU per record of every process (workers, broker) over the same window, a
 ceiling's, says how far the two cores allow the Kafka path to go (`cpu_bound_vs_ceiling`).
 Latency comes from the trace headers of the outputs; memory is a worker's RSS after 1,000 and
 after 10,000 records. Goals: vs_ceiling >= 0.9, vs_per_message >= 5, rss_growth <= 0.10.
+Each run has a pipeline of its own (fresh topics and groups); a phase whose outputs are not
+exactly the records sent for it is not reported: its figures print as n/a, with the reason.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from tensorline.engine.testing import MemorySink, MemorySource
 from tensorline.engine.worker import group_id
 
 from _common import (CLASSES, EMBEDDING, IMAGE, MAX_BATCH, MAX_DELAY_MS, STREAM_TIMEOUT_S, WORKER_START_S,
-                     build_backbone, committed, cpu_seconds, group_joined, images, local_broker,
-                     machine_busy_seconds, machine_load, ms, pct, produce, record, wait_for)
+                     Measured, build_backbone, committed, cpu_seconds, group_joined, images, local_broker,
+                     machine_busy_seconds, machine_load, ms, pct, produce, record, require_fresh, run_name,
+                     wait_for)
 
 N_THROUGHPUT = 3000  # records through both stages: ~5 s of steady state on a 2-core machine
 # Records through both stages before the window opens: a fresh broker's JIT compiler alone takes
@@ -56,7 +59,7 @@ CEILING_REPEAT = 2
 
 PIPELINE = """\
 [pipeline]
-name = "bench"
+name = "{name}"
 bootstrap = "{bootstrap}"
 delivery = "exactly_once"
 [topics]
@@ -139,7 +142,7 @@ def own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def in_memory_rps(cfg: config.PipelineConfig, stream: np.ndarray) -> float:
+def in_memory_rps(cfg: config.PipelineConfig, stream: np.ndarray, measured: Measured) -> float:
     """Records/s of the same two stages on the runtime with an in-memory source and sink: the
     runtime's own cost (decode, batching, encode, trace headers) without broker or clients."""
     messages = []
@@ -154,19 +157,22 @@ def in_memory_rps(cfg: config.PipelineConfig, stream: np.ndarray) -> float:
         started = time.perf_counter()
         worker.run(until_idle_s=0)
         elapsed += time.perf_counter() - started
-        messages = [Message("out", 0, i, o.key, o.value, o.headers, 0) for i, o in enumerate(sink.committed)]
+        messages = [Message("out", 0, i, o.key, o.value, o.headers, 0) for i, o in enumerate(sink.topic("out"))]
+        measured.count("in_memory", len(stream), len(messages), f"{stage} outputs")
     return len(stream) / elapsed
 
 
-def per_message_rps(cfg: config.PipelineConfig, backbone: Model, head: Model) -> float:
+def per_message_rps(cfg: config.PipelineConfig, backbone: Model, head: Model, measured: Measured) -> float:
     """Records/s of a Kafka-ML style loop: per record decode, predict on a batch of one, produce,
-    flush, commit. Timed from the first record done (group joined) to the last commit."""
+    flush, commit. Timed from the first record done (group joined) to the last commit; the first
+    N_PER_MESSAGE records of the stream must be the ones it read (the warm-up's, from offset 0)."""
     consumer = clients.consumer(cfg, f"{cfg.name}.per_message", cfg.topic("preprocessed").name)
     producer = clients.producer(cfg)
     out, ref = cfg.topic("per_message").name, ModelRef("head", "1")
-    done, started = 0, 0.0
+    done, started, first = 0, 0.0, []
     try:
         for message in consumer:
+            first += [message.offset] if done == 0 else []
             r = decode_record(message.value)
             scores = head(backbone(r.tensors["image"][None]))[0]
             d = Detection(record_id=r.record_id, source=r.source, ingest_ts_ms=r.ingest_ts_ms, model=ref,
@@ -179,6 +185,9 @@ def per_message_rps(cfg: config.PipelineConfig, backbone: Model, head: Model) ->
                 started = time.perf_counter()
             if done == N_PER_MESSAGE:
                 break
+        if first != [0]:
+            measured.refuse("per_message", f"its first record was at offset {first}, not at the topic's start")
+        measured.count("per_message", N_PER_MESSAGE, done)
         return (done - 1) / (time.perf_counter() - started)
     finally:
         producer.close()
@@ -260,11 +269,14 @@ class Outputs:
             if got:
                 self.progress.append((len(self.records), time.time(), self.cpu()))
 
-    def window(self, first: int) -> tuple[float, dict[str, float]]:
+    def window(self, first: int) -> tuple[float, dict[str, float]] | None:
         """Records/s from when `first` outputs were visible to the last one seen, and the CPU
-        cores each process used meanwhile."""
+        cores each process used meanwhile; None when no time passed between the two (every
+        output was there at once: nothing was measured)."""
         n0, t0, cpu0 = next(p for p in self.progress if p[0] >= first)
         n1, t1, cpu1 = self.progress[-1]
+        if t1 <= t0 or n1 <= n0:
+            return None
         return (n1 - n0) / (t1 - t0), {k: (cpu1[k] - cpu0[k]) / (t1 - t0) for k in cpu1}
 
     def close(self) -> None:
@@ -297,11 +309,13 @@ def main() -> None:
 def run(folder: Path, bootstrap: str, broker_pid: int, workers: Workers) -> None:
     build_models(folder / "models")
     workers.pipeline_file.write_text(PIPELINE.format(
-        bootstrap=bootstrap, models=folder / "models", max_batch=MAX_BATCH, max_delay_ms=MAX_DELAY_MS,
-        classes=json.dumps(list(CLASSES))))
+        name=run_name("bstages"), bootstrap=bootstrap, models=folder / "models", max_batch=MAX_BATCH,
+        max_delay_ms=MAX_DELAY_MS, classes=json.dumps(list(CLASSES))))
     cfg = config.load(workers.pipeline_file)
     clients.create_topics(cfg)
+    require_fresh(cfg)
     admin = clients.admin(cfg)
+    measured = Measured()
 
     stream = images(N_THROUGHPUT, IMAGE, seed=1)
     produce(cfg, "preprocessed", images(WARMUP, IMAGE, seed=4), prefix="w")  # first in every partition
@@ -310,8 +324,8 @@ def run(folder: Path, bootstrap: str, broker_pid: int, workers: Workers) -> None
     # Baselines while no worker competes for the two cores (the ceiling again after the Kafka run).
     backbone, head = Model(cfg.model("features", None)), Model(cfg.model("detection", None))
     ceilings = [ceiling_rps(backbone, head, stream)]
-    in_memory = in_memory_rps(cfg, stream)
-    per_message = per_message_rps(cfg, backbone, head)
+    in_memory = in_memory_rps(cfg, stream, measured)
+    per_message = per_message_rps(cfg, backbone, head, measured)
 
     # Throughput. Both workers start on a backlog of WARMUP + N_THROUGHPUT records; the window
     # opens once WARMUP outputs are visible to a read_committed consumer and closes when the last
@@ -323,13 +337,24 @@ def run(folder: Path, bootstrap: str, broker_pid: int, workers: Workers) -> None
             "broker": broker_pid}
     outputs = Outputs(cfg, lambda: {**{k: cpu_seconds(p) for k, p in pids.items()}, "machine": machine_busy_seconds()})
     outputs.until(WARMUP + N_THROUGHPUT, workers)
-    kafka_rps, cores = outputs.window(WARMUP)
+    sent = {f"w{i}".encode() for i in range(WARMUP)} | {f"r{i}".encode() for i in range(N_THROUGHPUT)}
+    measured.count("kafka", len(sent), len(outputs.records), "outputs")
+    if set(outputs.records) != sent:
+        measured.refuse("kafka", f"{len(set(outputs.records) - sent)} outputs of records this run did not send")
+    window = outputs.window(WARMUP)
+    if window is None:
+        measured.refuse("kafka", "every output was visible at once: no window to time")
+    kafka_rps, cores = window or (None, {})
     saturated = [r for k, r in outputs.records.items() if k.startswith(b"r")]
 
     # Latency at PACE_LOAD of that throughput, one record at a time from a producer.
-    produce(cfg, "preprocessed", images(N_PACED, IMAGE, seed=2), prefix="p", rate=PACE_LOAD * kafka_rps)
+    rate = PACE_LOAD * kafka_rps if measured.ok("kafka") else None
+    if rate is None:
+        measured.refuse("paced", "no measured throughput to pace the records at")
+    produce(cfg, "preprocessed", images(N_PACED, IMAGE, seed=2), prefix="p", rate=rate)
     outputs.until(WARMUP + N_THROUGHPUT + N_PACED, workers)
     paced = [r for k, r in outputs.records.items() if k.startswith(b"p")]
+    measured.count("paced", N_PACED, len(paced), "outputs")
     duplicates = outputs.duplicates
     outputs.close()
     stats = {stage: workers.stop(stage) for stage in ("features", "detection")}
@@ -342,58 +367,73 @@ def run(folder: Path, bootstrap: str, broker_pid: int, workers: Workers) -> None
     mem_group = group_id(cfg, "mem", None)
     wait_for(lambda: committed(admin, mem_group) >= MEM_FIRST, WORKER_START_S, "1,000 records", workers.check)
     rss_1k = rss_mb(pid)
+    measured.count("memory", MEM_FIRST, committed(admin, mem_group), "records committed at the first RSS")
     produce(cfg, "mem_in", mem_stream[MEM_FIRST:], first=MEM_FIRST)
     wait_for(lambda: committed(admin, mem_group) >= MEM_TOTAL, STREAM_TIMEOUT_S, "10,000 records", workers.check)
     rss_10k = rss_mb(pid)
+    measured.count("memory", MEM_TOTAL, committed(admin, mem_group), "records committed at the second RSS")
     workers.stop("mem")
     admin.close()
 
-    report(ceilings, in_memory, per_message, kafka_rps, cores, latencies(saturated), latencies(paced), stats,
-           duplicates, rss_1k, rss_10k)
+    report(measured, ceilings, in_memory, per_message, kafka_rps, cores, latencies(saturated), latencies(paced),
+           stats, duplicates, rss_1k, rss_10k)
 
 
-def report(ceilings: list[tuple[float, float]], in_memory: float, per_message: float, kafka_rps: float,
-           cores: dict[str, float], saturated: dict, paced: dict, stats: dict, duplicates: int, rss_1k: float,
-           rss_10k: float) -> None:
+def report(m: Measured, ceilings: list[tuple[float, float]], in_memory: float, per_message: float,
+           kafka_rps: float | None, cores: dict[str, float], saturated: dict, paced: dict, stats: dict,
+           duplicates: int, rss_1k: float, rss_10k: float) -> None:
+    """The tables and the summary line; a figure resting on a refused measurement prints n/a."""
     ceiling, ceiling_cpu = max(ceilings)
     print(f"stream: {WARMUP} warm-up + {N_THROUGHPUT} timed records of {IMAGE} float32, max_batch={MAX_BATCH}, "
           f"max_delay_ms={MAX_DELAY_MS}, exactly_once; duplicates seen: {duplicates}")
     print(f"{'throughput':<34}{'rec/s':>10}{'kafka x':>10}")
-    for name, rps in (("kafka stages (features+detection)", kafka_rps),
-                      ("ceiling (in-process, batched)", ceiling), ("runtime in memory (no broker)", in_memory),
-                      ("per-message loop (Kafka-ML)", per_message)):
-        print(f"{name:<34}{rps:>10.1f}{kafka_rps / rps:>10.2f}")
+    for name, rps, needs in (("kafka stages (features+detection)", kafka_rps, ()),
+                             ("ceiling (in-process, batched)", ceiling, ()),
+                             ("runtime in memory (no broker)", in_memory, ("in_memory",)),
+                             ("per-message loop (Kafka-ML)", per_message, ("per_message",))):
+        print(f"{name:<34}{m.value(rps, *needs, fmt='.1f'):>10}{m.ratio(kafka_rps, rps, 'kafka', *needs):>10}")
     print(f"  ceiling before / after the Kafka run: {ceilings[0][0]:.1f} / {ceilings[1][0]:.1f} rec/s")
     # CPU per record: what the Kafka path spends beside the model calls, and the throughput these
     # costs allow at best, with every core of the machine busy all the time.
-    kafka_cpu = sum(cores[k] for k in ("features", "detection", "broker")) / kafka_rps
-    cpu_bound = os.cpu_count() / kafka_cpu / ceiling
-    print(f"cpu ms per record: ceiling {1000 * ceiling_cpu:.2f} ({ceiling * ceiling_cpu:.2f} cores busy); kafka "
-          + ", ".join(f"{k} {1000 * cores[k] / kafka_rps:.2f}" for k in ("features", "detection", "broker"))
-          + f" = {1000 * kafka_cpu:.2f} ({kafka_cpu * kafka_rps:.2f} cores busy; machine {cores['machine']:.2f} "
-          f"of {os.cpu_count()}); with every core busy at that cost: {cpu_bound:.2f} of the ceiling")
+    kafka_cpu = cpu_bound = None
+    if m.ok("kafka") and kafka_rps:
+        kafka_cpu = sum(cores[k] for k in ("features", "detection", "broker")) / kafka_rps
+        cpu_bound = os.cpu_count() / kafka_cpu / ceiling
+        print(f"cpu ms per record: ceiling {1000 * ceiling_cpu:.2f} ({ceiling * ceiling_cpu:.2f} cores busy); kafka "
+              + ", ".join(f"{k} {1000 * cores[k] / kafka_rps:.2f}" for k in ("features", "detection", "broker"))
+              + f" = {1000 * kafka_cpu:.2f} ({kafka_cpu * kafka_rps:.2f} cores busy; machine {cores['machine']:.2f} "
+              f"of {os.cpu_count()}); with every core busy at that cost: {cpu_bound:.2f} of the ceiling")
     for stage in ("features", "detection"):
         s = stats.get(stage, {})
         if s.get("batches"):
             print(f"  {stage}: {s['records_in']} records in {s['batches']} batches "
                   f"(mean {s['records_in'] / s['batches']:.1f}), {s['batch_seconds']:.1f} s in batches")
+
+    def ms_at(values: np.ndarray, q: float, measurement: str) -> str:
+        return m.value(pct(values, q) if len(values) else None, measurement, fmt=".0f")
+
     print(f"{'latency ms':<34}{'p50':>10}{'p99':>10}")
     print(f"  saturated (backlog of {N_THROUGHPUT}):")
     for name in ("features", "detection"):
-        print(f"    {name:<30}{pct(saturated[name], 50):>10.0f}{pct(saturated[name], 99):>10.0f}")
+        print(f"    {name:<30}{ms_at(saturated[name], 50, 'kafka'):>10}{ms_at(saturated[name], 99, 'kafka'):>10}")
     print(f"  paced ({N_PACED} records at {PACE_LOAD:.0%} of kafka rec/s):")
     for name in ("features", "detection", "e2e"):
-        print(f"    {name:<30}{pct(paced[name], 50):>10.0f}{pct(paced[name], 99):>10.0f}")
-    growth = (rss_10k - rss_1k) / rss_1k
+        print(f"    {name:<30}{ms_at(paced[name], 50, 'paced'):>10}{ms_at(paced[name], 99, 'paced'):>10}")
+    growth = m.ratio(rss_10k - rss_1k, rss_1k, "memory", fmt=".3f")
     print(f"memory: worker RSS {rss_1k:.0f} MiB after {MEM_FIRST} records, {rss_10k:.0f} MiB after {MEM_TOTAL} "
-          f"({growth:+.1%})")
-    print(f"bench stages: vs_ceiling={kafka_rps / ceiling:.2f} vs_per_message={kafka_rps / per_message:.2f} "
-          f"in_memory_vs_ceiling={in_memory / ceiling:.2f} cpu_bound_vs_ceiling={cpu_bound:.2f} "
-          f"kafka_cpu_vs_ceiling_cpu={kafka_cpu / ceiling_cpu:.2f} "
-          f"kafka_rps={kafka_rps:.1f} ceiling_rps={ceiling:.1f} per_message_rps={per_message:.1f} "
-          f"features_p50_ms={pct(paced['features'], 50):.0f} features_p99_ms={pct(paced['features'], 99):.0f} "
-          f"detection_p50_ms={pct(paced['detection'], 50):.0f} detection_p99_ms={pct(paced['detection'], 99):.0f} "
-          f"e2e_p50_ms={pct(paced['e2e'], 50):.0f} e2e_p99_ms={pct(paced['e2e'], 99):.0f} rss_growth={growth:.3f}")
+          f"({m.ratio(rss_10k - rss_1k, rss_1k, 'memory', fmt='+.1%')})")
+    for reason in m.reasons():
+        print(reason)
+    print(f"bench stages: vs_ceiling={m.ratio(kafka_rps, ceiling, 'kafka')} "
+          f"vs_per_message={m.ratio(kafka_rps, per_message, 'kafka', 'per_message')} "
+          f"in_memory_vs_ceiling={m.ratio(in_memory, ceiling, 'in_memory')} "
+          f"cpu_bound_vs_ceiling={m.value(cpu_bound, 'kafka')} "
+          f"kafka_cpu_vs_ceiling_cpu={m.ratio(kafka_cpu, ceiling_cpu, 'kafka')} "
+          f"kafka_rps={m.value(kafka_rps, 'kafka', fmt='.1f')} ceiling_rps={ceiling:.1f} "
+          f"per_message_rps={m.value(per_message, 'per_message', fmt='.1f')} "
+          + " ".join(f"{name}_p{q}_ms={ms_at(paced[name], q, 'paced')}"
+                     for name in ("features", "detection", "e2e") for q in (50, 99))
+          + f" rss_growth={growth}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ and how many offsets were written against how many records restore read. These a
 settings, squeezed so a minute-long run shows steady state (Kafka 5 will refuse segment.ms under a
 minute, KIP-1030), not production ones: there, delete.retention.ms must outlast a restore's read.
 At a few thousand records a restore's time is mostly a consumer's start (about 0.2 s here).
+A size whose results are not exactly one per record sent is not reported: its ratios print n/a.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from tensorline.engine.state import StateStore
 from tensorline.fusion.stage import deserialize_state, serialize_state
 from tensorline.schemas import Detection, ModelRef, encode_detection
 
-from _common import local_broker, machine_load, wait_for
+from _common import Measured, local_broker, machine_load, require_fresh, run_name, wait_for
 
 SIZES = (10_000, 100_000)
 MODELS = ("cnn", "mlp", "logreg")
@@ -201,14 +202,15 @@ def restore_once(cfg: config.PipelineConfig, topic: str) -> tuple[float, int, in
     return seconds, records, sum(store.count(p) for p in parts)
 
 
-def run_size(folder: Path, bootstrap: str, broker_log: Path, size: int) -> Run:
-    name = f"bstate{os.urandom(4).hex()}n{size}"
+def run_size(folder: Path, bootstrap: str, broker_log: Path, size: int, measured: Measured) -> Run:
+    name = run_name(f"bstate{size}n")
     path = folder / f"{name}.toml"
     path.write_text(PIPELINE.format(name=name, bootstrap=bootstrap, partitions=PARTITIONS, max_batch=MAX_BATCH,
                                     models="[" + ", ".join(f'"{m}"' for m in MODELS) + "]",
                                     join_timeout_ms=JOIN_TIMEOUT_MS, dedup_window_ms=DEDUP_WINDOW_MS))
     cfg = config.load(path)
     clients.create_topics(cfg)
+    require_fresh(cfg)
     set_changelog_configs(cfg)
     detections, changelog = cfg.topic("detections").name, cfg.topic(CHANGELOG).name
 
@@ -239,6 +241,7 @@ def run_size(folder: Path, bootstrap: str, broker_log: Path, size: int) -> Run:
         thread.start()
         wait_for(lambda: results() >= size, FUSE_TIMEOUT_S, f"{size} results", check)
         fuse_s = time.monotonic() - started
+        measured.count(f"n={size}", size, results(), "results after the bulk")
         print(f"  n={size}: fused in {fuse_s:.1f} s ({size / fuse_s:.0f} records/s)", flush=True)
 
         # Tail: the open joins, then a steady stream; the bulk's window passes and the cleaner runs.
@@ -252,6 +255,7 @@ def run_size(folder: Path, bootstrap: str, broker_log: Path, size: int) -> Run:
             check()
             time.sleep(0.05)  # pacing the stream, not waiting for a condition
         wait_for(lambda: results() >= size + i, FUSE_TIMEOUT_S, f"the tail's {i} results", check)
+        measured.count(f"n={size}", size + i, results(), "results after the tail")
     finally:
         stop.set()
         thread.join(60)
@@ -286,7 +290,8 @@ def main() -> None:
     with local_broker() as (folder, status):
         os.environ[worker.STATE_DIR_ENV] = str(folder / "state")
         broker_log = folder / "broker" / "broker.log"
-        by = {n: run_size(folder, status.bootstrap, broker_log, n) for n in (small, large)}
+        measured = Measured()
+        by = {n: run_size(folder, status.bootstrap, broker_log, n, measured) for n in (small, large)}
     print(f"{'records':>9}{'fused s':>9}{'restore s (median)':>20}{'restored records':>18}{'keys':>7}"
           f"{'offsets written':>17}{'log bytes':>11}{'cleaner passes':>16}")
     for r in by.values():
@@ -299,12 +304,17 @@ def main() -> None:
         print("compaction NOT seen on every changelog: restore read what was written (see cleaner passes and "
               "restored records against offsets written)")
     print(f"after the bench: {machine_load()}")
+    for reason in measured.reasons():
+        print(reason)
     s, b = by[small], by[large]
     restore_s, restore_b = statistics.median(s.restore_s), statistics.median(b.restore_s)
     tag = lambda n: f"{n // 1000}k" if n % 1000 == 0 else str(n)  # noqa: E731
-    print(f"bench state: restore_ratio_{tag(large)}_vs_{tag(small)}={restore_b / restore_s:.2f} "
-          f"changelog_ratio={b.records / max(1, s.records):.2f} restore_s_{tag(large)}={restore_b:.3f} "
-          f"restore_s_{tag(small)}={restore_s:.3f} changelog_records_{tag(small)}={s.records} "
+    both = (f"n={small}", f"n={large}")
+    print(f"bench state: restore_ratio_{tag(large)}_vs_{tag(small)}={measured.ratio(restore_b, restore_s, *both)} "
+          f"changelog_ratio={measured.ratio(b.records, s.records, *both)} "
+          f"restore_s_{tag(large)}={measured.value(restore_b, both[1], fmt='.3f')} "
+          f"restore_s_{tag(small)}={measured.value(restore_s, both[0], fmt='.3f')} "
+          f"changelog_records_{tag(small)}={s.records} "
           f"changelog_records_{tag(large)}={b.records} keys_{tag(small)}={s.keys} keys_{tag(large)}={b.keys} "
           f"compaction={'seen' if compacted else 'not_seen'}")
 
