@@ -14,6 +14,20 @@ from tensorline import config
 TEST_BOOTSTRAP_ENV = "TENSORLINE_TEST_BOOTSTRAP"
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Nothing is skipped silently: every skipped test, and why, in a red block at the end."""
+    tr = terminalreporter
+    skipped = tr.stats.get("skipped", [])
+    if not skipped:
+        return
+    tr.write_sep("!", f"{len(skipped)} SKIPPED: these tests did not run", red=True, bold=True)
+    for report in skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        tr.write_line(f"SKIPPED {report.nodeid}: {reason.removeprefix('Skipped: ')}", red=True, bold=True)
+    tr.write_line("Install what is named above and run them again (`./run test` installs Chromium when it is "
+                  "root on Debian/Ubuntu).", red=True)
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The bootstrap address of a real broker: $TENSORLINE_TEST_BOOTSTRAP, else one started here."""
