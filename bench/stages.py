@@ -10,8 +10,12 @@ Baselines measured in the same run, on the same records and the same saved model
 Throughput is steady state: the first WARMUP records (broker JIT, first model calls) are not
 timed. CPU per record of every process (workers, broker) over the same window, against the
 ceiling's, says how far the two cores allow the Kafka path to go (`cpu_bound_vs_ceiling`).
-Latency comes from the trace headers of the outputs; memory is a worker's RSS after 1,000 and
-after 10,000 records. Goals: vs_ceiling >= 0.9, vs_per_message >= 5, rss_growth <= 0.10.
+A stage's latency is its processing time from the trace headers of the outputs (its batch's
+start to the output built); end to end is ingest to the moment the bench's read_committed
+consumer received the output (`time.time()` at the poll; it polls throughout, also while the
+paced records are sent): when the output became visible, its transaction committed. Memory is a
+worker's RSS after 1,000 and after 10,000 records. Goals: vs_ceiling >= 0.9, vs_per_message >= 5,
+rss_growth <= 0.10.
 Each run has a pipeline of its own (fresh topics and groups); a phase whose outputs are not
 exactly the records sent for it is not reported: its figures print as n/a, with the reason.
 """
@@ -23,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +43,7 @@ from tensorline.stages.base import Model
 from tensorline.engine.runtime import INGEST_MS, Message, Worker
 from tensorline.engine.testing import MemorySink, MemorySource
 from tensorline.engine.worker import group_id
+from tensorline.ops import latency
 
 from _common import (CLASSES, EMBEDDING, IMAGE, MAX_BATCH, MAX_DELAY_MS, STREAM_TIMEOUT_S, WORKER_START_S,
                      Measured, build_backbone, committed, cpu_seconds, group_joined, images, local_broker,
@@ -239,8 +245,9 @@ def rss_mb(pid: int) -> float:
 
 
 class Outputs:
-    """A read_committed consumer on the detections topic, noting when records became visible and
-    (`cpu`) the CPU seconds of the processes at that moment."""
+    """A read_committed consumer on the detections topic, noting when records became visible (each
+    kept as a `latency.Seen`, stamped at the poll that returned it) and (`cpu`) the CPU seconds
+    of the processes at that moment."""
 
     def __init__(self, cfg: config.PipelineConfig, cpu: Callable[[], dict[str, float]]):
         from kafka import TopicPartition
@@ -250,7 +257,7 @@ class Outputs:
         tps = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic))]
         self.consumer.assign(tps)
         self.consumer.seek_to_beginning(*tps)
-        self.records: dict[bytes, object] = {}
+        self.records: dict[bytes, latency.Seen] = {}
         self.duplicates = 0
         self.cpu = cpu
         self.progress: list[tuple[int, float, dict[str, float]]] = []  # (outputs seen, when, CPU)
@@ -262,12 +269,13 @@ class Outputs:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(self.records)} of {n} outputs after {STREAM_TIMEOUT_S:.0f} s")
             got = self.consumer.poll(timeout_ms=100).values()
+            visible_s = time.time()
             for batch in got:
                 for r in batch:
                     self.duplicates += r.key in self.records
-                    self.records[r.key] = r
+                    self.records[r.key] = latency.Seen(r, visible_s)
             if got:
-                self.progress.append((len(self.records), time.time(), self.cpu()))
+                self.progress.append((len(self.records), visible_s, self.cpu()))
 
     def window(self, first: int) -> tuple[float, dict[str, float]] | None:
         """Records/s from when `first` outputs were visible to the last one seen, and the CPU
@@ -283,12 +291,21 @@ class Outputs:
         self.consumer.close()
 
 
-def latencies(records: list) -> dict[str, np.ndarray]:
-    """Per record, milliseconds received->produced in each stage and ingest->detection produced."""
+def latencies(outputs: list[latency.Seen]) -> dict[str, np.ndarray]:
+    """Per output, milliseconds received->produced in each stage (its processing, from the trace),
+    and ingest->visible (`e2e`: to when the bench's read_committed consumer received it)."""
+    def e2e(s: latency.Seen) -> float:
+        value = latency.end_to_end_ms(s.headers, s.visible_s)
+        if value is None:
+            raise KeyError(f"output {s.record.key!r} has no header {INGEST_MS}")
+        return value
+
     return {
-        "features": np.array([ms(r, "tl.features.produced_ms") - ms(r, "tl.features.received_ms") for r in records]),
-        "detection": np.array([ms(r, "tl.detection.produced_ms") - ms(r, "tl.detection.received_ms") for r in records]),
-        "e2e": np.array([ms(r, "tl.detection.produced_ms") - ms(r, INGEST_MS) for r in records]),
+        "features": np.array([ms(s.record, "tl.features.produced_ms") - ms(s.record, "tl.features.received_ms")
+                              for s in outputs]),
+        "detection": np.array([ms(s.record, "tl.detection.produced_ms") - ms(s.record, "tl.detection.received_ms")
+                               for s in outputs]),
+        "e2e": np.array([e2e(s) for s in outputs]),
     }
 
 
@@ -351,8 +368,13 @@ def run(folder: Path, bootstrap: str, broker_pid: int, workers: Workers) -> None
     rate = PACE_LOAD * kafka_rps if measured.ok("kafka") else None
     if rate is None:
         measured.refuse("paced", "no measured throughput to pace the records at")
-    produce(cfg, "preprocessed", images(N_PACED, IMAGE, seed=2), prefix="p", rate=rate)
+    # Sent from a thread while this one polls: an output is stamped when it becomes visible, not
+    # once the last record is sent.
+    sender = threading.Thread(target=produce, args=(cfg, "preprocessed", images(N_PACED, IMAGE, seed=2)),
+                              kwargs={"prefix": "p", "rate": rate}, name="paced-producer", daemon=True)
+    sender.start()
     outputs.until(WARMUP + N_THROUGHPUT + N_PACED, workers)
+    sender.join()
     paced = [r for k, r in outputs.records.items() if k.startswith(b"p")]
     measured.count("paced", N_PACED, len(paced), "outputs")
     duplicates = outputs.duplicates

@@ -1,4 +1,5 @@
-"""The main job end to end: `tensorline demo --json` on a small subset, against the real broker."""
+"""The main job end to end: `tensorline demo --json` on a small subset, against the real broker;
+and its latency, ingest to when its read_committed consumer received each result."""
 
 from __future__ import annotations
 
@@ -8,13 +9,30 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from tensorline.engine.runtime import INGEST_MS
+from tensorline.ops import demo, latency
+
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.broker
 
 
+def test_latency_ends_when_the_result_is_received_not_when_fusion_built_it():
+    def result(ingest_ms: int, produced_ms: int, visible_s: float) -> latency.Seen:
+        headers = [(INGEST_MS, str(ingest_ms).encode()), ("tl.fusion.produced_ms", str(produced_ms).encode())]
+        return latency.Seen(SimpleNamespace(headers=headers), visible_s)
+
+    # Built 100 ms after ingest, each seen by the demo's reader 400 ms after ingest.
+    got, rps = demo.end_to_end([result(1000 + 10 * i, 1100 + 10 * i, 1.4 + i / 100) for i in range(5)])
+    assert got == pytest.approx({"p50": 400.0, "p95": 400.0, "p99": 400.0})
+    assert rps == pytest.approx(5 / (1.44 - 1.0))  # results over first ingest to last visible
+    assert demo.end_to_end([]) == ({"p50": 0.0, "p95": 0.0, "p99": 0.0}, 0.0)
+
+
+@pytest.mark.broker
+@pytest.mark.timeout(900)  # as the demo's own: training on a fresh folder takes minutes on a busy 2-core machine
 def test_demo_on_a_subset_reports_every_model_and_the_fused_result(tmp_path, namespace, kafka_bootstrap):
     pipeline = (ROOT / "pipeline.toml").read_text()
     (tmp_path / "pipeline.toml").write_text(re.sub(r'name = "demo"', f'name = "{namespace}"', pipeline, count=1))
