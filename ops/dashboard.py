@@ -1,16 +1,20 @@
-"""The live ops dashboard: one page and `/api/state`, served by the standard library.
+"""The live ops dashboard: static pages (package data, `ops/static/`) and `/api/state`, served
+by the standard library.
 
 A sampler thread measures the pipeline every `interval_s`: each stage group's lag and state
-(`lag.measure`: offsets and seconds; ok, stuck, down or idle) kept as a bounded history,
-throughput from the change of the committed offsets, end-to-end latency from the trace headers
-of the newest results (only the tail of each results partition is read), dead letters by (stage,
-reason) read incrementally, and each group's members with their client id (member, device) and
-assigned partitions (DescribeGroups), and whether each holds its input after too many dead
-letters (`tensorline_dlq_paused`, read from the metrics endpoint in its slot file). A stage
-keeping a changelog shows its open joins and the oldest one's age (`lag.measure`). The page polls
-`/api/state` and draws it; a stage DOWN (no member, input waiting) or HELD (a worker holding its
-input) is shown in red. When the broker is unreachable the server keeps serving the last numbers
-with `"ok": false` and the error; the next good sample clears it.
+(`lag.measure`: offsets and seconds, never negative, with clock skew reported; ok, stuck, down or
+idle) kept as a bounded history, throughput from the change of the committed offsets, dead
+letters by (stage, reason) read incrementally, and each group's members with their client id
+(member, device) and assigned partitions (DescribeGroups), and whether each holds its input after
+too many dead letters (`tensorline_dlq_paused`, read from the metrics endpoint in its slot file).
+A stage keeping a changelog shows its open joins and the oldest one's age (`lag.measure`).
+Latency comes from the pipeline's results as a read_committed reader receives them, followed
+from their end on a thread of its own (`latency.Watch`): end to end (ingest to visible) and its
+spans per stage, over the results that became visible in the last minute, so a stopped run's
+numbers leave and an earlier run's never show. The page polls `/api/state` and draws it; a stage
+DOWN (no member, input waiting) or HELD (a worker holding its input) is shown in red. When the
+broker is unreachable the server keeps serving the last numbers with `"ok": false` and the
+error; the next good sample clears it.
 """
 
 from __future__ import annotations
@@ -26,18 +30,18 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from kafka import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from tensorline import logs
 from tensorline.config import PipelineConfig
 from tensorline.engine import clients
-from tensorline.ops import lag
-from tensorline.engine.runtime import INGEST_MS, header
+from tensorline.ops import lag, latency
+from tensorline.engine.runtime import header
 from tensorline.engine.worker import STATE_DIR_ENV
 
 # Half an hour of lag history: one shift's glance back; at 2 s that is 900 points per stage.
@@ -45,11 +49,8 @@ DEFAULT_HISTORY_S = 30 * 60
 DEFAULT_INTERVAL_S = 2.0
 # Throughput over ~10 s: micro-batches commit in steps, a window of a few samples smooths them.
 THROUGHPUT_WINDOW_S = 10.0
-# Latency percentiles over the newest results: a few hundred give a stable p99.
-LATENCY_SAMPLES = 300
 # One sample reads dead letters for at most this long; a large DLQ is counted over a few samples.
 DLQ_READ_BUDGET_S = 3.0
-TAIL_READ_BUDGET_S = 3.0
 # The dashboard's clients give up on an unreachable broker after 5 s (kafka-python waits 30 s),
 # so the page says so within a few seconds; requests on a live connection get 15 s.
 CLIENT_SETTINGS = {"bootstrap_timeout_ms": 5000, "request_timeout_ms": 15000}
@@ -57,7 +58,11 @@ CLIENT_SETTINGS = {"bootstrap_timeout_ms": 5000, "request_timeout_ms": 15000}
 # as unknown rather than holding up the sample.
 METRICS_READ_S = 1.0
 DLQ_PAUSED = "tensorline_dlq_paused"  # 1 while a worker holds its input (tensorline.engine.metrics)
-
+# The page's files, package data of tensorline.ops (`ops/static/`): path -> (file, content type).
+STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
+          "/index.html": ("index.html", "text/html; charset=utf-8"),
+          "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+          "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8")}
 
 
 def _log():
@@ -80,15 +85,6 @@ def throughput(points: Iterable[tuple[float, int]], window_s: float = THROUGHPUT
     return max(0, c1 - c0) / (t1 - t0) if t1 > t0 else None
 
 
-def percentiles(values_ms: Iterable[float]) -> dict[str, float | None]:
-    """p50/p95/p99 (linear interpolation, as numpy and `tensorline demo` compute them)."""
-    values = list(values_ms)
-    if not values:
-        return {"p50_ms": None, "p95_ms": None, "p99_ms": None}
-    p = np.percentile(np.asarray(values, dtype=float), [50, 95, 99])
-    return {"p50_ms": round(float(p[0]), 1), "p95_ms": round(float(p[1]), 1), "p99_ms": round(float(p[2]), 1)}
-
-
 def member_of(group: str, client_id: str) -> tuple[str, str | None]:
     """(member, device) from a worker's client id `<group>.<host>-<index>.<device>`; another
     client's id is its own member name, with no device."""
@@ -107,18 +103,9 @@ def dlq_key(headers: list[tuple[str, bytes]]) -> tuple[str, str]:
     return text("tl.dlq.stage") or "?", text("tl.dlq.reason") or text("tl.dlq.error") or "?"
 
 
-def latency_ms(headers: list[tuple[str, bytes]], stage: str) -> float | None:
-    """Ingest to `stage`'s output, from the record's trace headers (None if either is missing)."""
-    ingest, produced = header(headers, INGEST_MS), header(headers, f"tl.{stage}.produced_ms")
-    try:
-        return float(int(produced) - int(ingest)) if ingest and produced else None
-    except ValueError:
-        return None
-
-
 def sinks(cfg: PipelineConfig) -> list[tuple[str, str]]:
     """(stage, output topic) of the stages whose output no stage reads: the pipeline's results
-    (the fusion stage's in the demo). Their records carry `tl.<stage>.produced_ms`."""
+    (the fusion stage's in the demo), whose latency the dashboard shows."""
     inputs = {s.input for s in cfg.stages.values()}
     return [(name, cfg.topic(s.output).name) for name, s in cfg.stages.items() if s.output not in inputs]
 
@@ -175,16 +162,6 @@ def _read_range(cfg: PipelineConfig, consumer, topic: str, starts: dict[TopicPar
 
 
 @dataclass
-class _Tail:
-    """The newest results of one sink stage: their latencies and where reading goes on."""
-
-    stage: str
-    topic: str
-    latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
-    positions: dict[TopicPartition, int] = field(default_factory=dict)
-
-
-@dataclass
 class _Tally:
     """Dead letters counted so far and where reading goes on."""
 
@@ -194,17 +171,15 @@ class _Tally:
 
 
 class BrokerProbe:
-    """The sampler's own reads beside `lag.measure`: workers (and their metrics), latency tails,
-    dead letters.
+    """The sampler's own reads beside `lag.measure`: workers (and their metrics) and dead letters.
 
     Its admin client and consumer live across samples and are rebuilt after an error; what it has
-    counted (DLQ positions and counts, latency tails) survives the rebuild.
+    counted (DLQ positions and counts) survives the rebuild.
     """
 
     def __init__(self, cfg: PipelineConfig, state_dir: Path | None = None):
         self.cfg = cfg
         self.state_dir = state_dir or Path(os.environ.get(STATE_DIR_ENV, ".tensorline"))
-        self.tails = [_Tail(stage, topic) for stage, topic in sinks(cfg)]
         self.dlq = _Tally()
         self._admin = self._consumer = None
 
@@ -226,8 +201,7 @@ class BrokerProbe:
 
     def sample(self, groups: list[tuple[str, str, str]]) -> dict[str, Any]:
         admin, consumer = self._clients()
-        return {"groups": self._groups(admin, groups), "latency": [self._latency(consumer, t) for t in self.tails],
-                "dlq": self._dead_letters(consumer)}
+        return {"groups": self._groups(admin, groups), "dlq": self._dead_letters(consumer)}
 
     def _groups(self, admin, groups: list[tuple[str, str, str]]) -> dict[str, dict[str, Any]]:
         """group -> its state and members: client id, member, device, input partitions, metrics
@@ -255,27 +229,6 @@ class BrokerProbe:
     def _partitions(self, consumer, topic: str) -> list[TopicPartition]:
         return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
 
-    def _latency(self, consumer, tail: _Tail) -> dict[str, Any]:
-        """Latency percentiles over the newest results; reads at most the last LATENCY_SAMPLES of
-        each partition, then only what came since."""
-        tps = self._partitions(consumer, tail.topic)
-        if tps:
-            ends, begins = consumer.end_offsets(tps), consumer.beginning_offsets(tps)
-            keep = math.ceil(LATENCY_SAMPLES / len(tps))
-            starts = {}
-            for tp in tps:
-                pos = tail.positions.get(tp, 0)
-                if pos > ends[tp]:  # the topic was recreated
-                    pos = 0
-                starts[tp] = max(pos, ends[tp] - keep, begins[tp])
-            records, tail.positions = _read_range(self.cfg, consumer, tail.topic, starts, ends, TAIL_READ_BUDGET_S)
-            for rec in sorted(records, key=lambda r: r.timestamp):
-                ms = latency_ms(list(rec.headers or []), tail.stage)
-                if ms is not None:
-                    tail.latencies.append(ms)
-        return {"stage": tail.stage, "topic": tail.topic, "samples": len(tail.latencies),
-                **percentiles(tail.latencies)}
-
     def _dead_letters(self, consumer) -> dict[str, Any]:
         """Dead letters by (stage, reason), counting only what arrived since the last sample."""
         topic = self.cfg.topic(self.cfg.dlq).name
@@ -296,27 +249,42 @@ class BrokerProbe:
 
 # -- the sampler --------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class _Point:
+    """One sample in the history: per stage its lag, committed offsets and throughput; per sink
+    stage its end-to-end p50 and p99 over the latency window then."""
+
+    t: float
+    lag: dict[str, int]
+    committed: dict[str, int]
+    throughput: dict[str, float | None] = field(default_factory=dict)
+    latency: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+
+
 class Sampler:
     """Samples the pipeline every `interval_s` on its own thread; `state()` is the latest snapshot.
 
-    `measure` and `probe` default to the broker (`lag.measure`, `BrokerProbe`); tests pass canned ones.
+    `measure`, `probe` and `latency` default to the broker (`lag.measure`, `BrokerProbe`, a
+    `latency.Watch` of the sink stages' results); tests pass canned ones.
     """
 
     def __init__(self, cfg: PipelineConfig, *, interval_s: float = DEFAULT_INTERVAL_S,
                  history_s: float = DEFAULT_HISTORY_S, measure: Callable[[], list[lag.GroupLag]] | None = None,
-                 probe: Any = None, clock: Callable[[], float] = time.time):
+                 probe: Any = None, latency_watch: latency.Watch | None = None,
+                 clock: Callable[[], float] = time.time):
         self.cfg = replace(cfg, kafka={**CLIENT_SETTINGS, **cfg.kafka})
         self.interval_s = interval_s
-        self.history: deque[tuple[float, dict[str, tuple[int, int]]]] = deque(
-            maxlen=max(2, math.ceil(history_s / interval_s)))
+        self.history: deque[_Point] = deque(maxlen=max(2, math.ceil(history_s / interval_s)))
         lag_history = lag.History(None)  # in memory: stuck needs one earlier observation
         self._measure = measure or (lambda: lag.measure(self.cfg, history=lag_history))
         self.probe = probe if probe is not None else BrokerProbe(self.cfg)
+        self.latency = latency_watch if latency_watch is not None else latency.Watch(self.cfg, sinks(self.cfg))
         self.clock = clock
         self._lock = threading.Lock()
         self._state: dict[str, Any] = {"ok": None, "error": None, "down_since": None, "checked_at": None,
                                        "measured_at": None, "pipeline": cfg.name, "interval_s": interval_s,
-                                       "stages": [], "history": {"t": [], "lag": {}}, "latency": [],
+                                       "stages": [], "history": {"t": [], "lag": {}, "throughput": {}, "latency": {}},
+                                       "latency": [],
                                        "dlq": {"topic": cfg.topic(cfg.dlq).name, "total": 0, "complete": False,
                                                "counts": []}}
         self._stop = threading.Event()
@@ -342,29 +310,45 @@ class Sampler:
                 self._state = {**previous, "ok": False, "error": error, "checked_at": now,
                                "down_since": previous["down_since"] or now}
                 return self._state
-        self.history.append((now, {g.stage: (g.total, sum(p.committed or 0 for p in g.partitions)) for g in lags}))
+        results = self.latency.snapshot(now)
+        committed = {g.stage: sum(p.committed or 0 for p in g.partitions) for g in lags}
+        rates = {}
+        for g in lags:
+            points = [(p.t, p.committed[g.stage]) for p in self.history if g.stage in p.committed]
+            rate = throughput([*points, (now, committed[g.stage])])
+            rates[g.stage] = None if rate is None else round(rate, 2)
+        self.history.append(_Point(now, {g.stage: g.total for g in lags}, committed, rates,
+                                   {r["stage"]: (r["p50_ms"], r["p99_ms"]) for r in results}))
         stages = []
         for g in lags:
             members = extra["groups"].get(g.group, {})
-            points = [(t, s[g.stage][1]) for t, s in self.history if g.stage in s]
-            rate = throughput(points)
             workers = members.get("workers", [])
-            stages.append({**g.to_dict(), "throughput": None if rate is None else round(rate, 2),
+            stages.append({**g.to_dict(), "throughput": rates[g.stage],
                            "group_state": members.get("group_state"), "workers": workers,
                            "held": any(w.get("held") for w in workers)})
-        history = {"t": [round(t, 1) for t, _ in self.history],
-                   "lag": {g.stage: [s[g.stage][0] if g.stage in s else None for _, s in self.history] for g in lags}}
         state = {"ok": True, "error": None, "down_since": None, "checked_at": now, "measured_at": now,
-                 "pipeline": self.cfg.name, "interval_s": self.interval_s, "stages": stages, "history": history,
-                 "latency": extra["latency"], "dlq": extra["dlq"]}
+                 "pipeline": self.cfg.name, "interval_s": self.interval_s, "stages": stages,
+                 "history": self._history([g.stage for g in lags], [r["stage"] for r in results]),
+                 "latency": results, "dlq": extra["dlq"]}
         with self._lock:
             if self._state["ok"] is False:
                 _log().info("broker reachable again", down_since=self._state["down_since"])
             self._state = state
         return state
 
+    def _history(self, stages: list[str], sink_stages: list[str]) -> dict[str, Any]:
+        """The history as the page's charts take it: times, and per stage a series (None where a
+        sample did not have it)."""
+        points = self.history
+        return {"t": [round(p.t, 1) for p in points],
+                "lag": {s: [p.lag.get(s) for p in points] for s in stages},
+                "throughput": {s: [p.throughput.get(s) for p in points] for s in stages},
+                "latency": {s: {"p50_ms": [p.latency.get(s, (None, None))[0] for p in points],
+                                "p99_ms": [p.latency.get(s, (None, None))[1] for p in points]} for s in sink_stages}}
+
     def start(self) -> None:
         self._stop.clear()
+        self.latency.start()
         self._thread = threading.Thread(target=self._run, name="dashboard-sampler", daemon=True)
         self._thread.start()
 
@@ -378,20 +362,28 @@ class Sampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)  # a sample in flight ends within the clients' timeouts
+        self.latency.stop()
         self.probe.close()
 
 
 # -- the web server -----------------------------------------------------------------------------
 
+def static_files() -> dict[str, tuple[str, bytes]]:
+    """URL path -> (content type, body) of the page's files, read once from package data."""
+    folder = resources.files("tensorline.ops") / "static"
+    return {path: (content_type, (folder / name).read_bytes()) for path, (name, content_type) in STATIC.items()}
+
+
 class _Handler(BaseHTTPRequestHandler):
     sampler: Sampler  # set on the subclass each Dashboard makes
+    files: dict[str, tuple[str, bytes]]  # likewise: `static_files()`
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = self.path.split("?", 1)[0]
         if path == "/api/state":
             self._send(200, "application/json", json.dumps(self.sampler.state()).encode())
-        elif path in ("/", "/index.html"):
-            self._send(200, "text/html; charset=utf-8", PAGE.encode())
+        elif path in self.files:
+            self._send(200, *self.files[path])
         else:
             self._send(404, "text/plain; charset=utf-8", b"not found\n")
 
@@ -414,7 +406,7 @@ class Dashboard:
     def __init__(self, cfg: PipelineConfig, *, host: str = "127.0.0.1", port: int = 0,
                  interval_s: float = DEFAULT_INTERVAL_S, sampler: Sampler | None = None):
         self.sampler = sampler or Sampler(cfg, interval_s=interval_s)
-        handler = type("Handler", (_Handler,), {"sampler": self.sampler})
+        handler = type("Handler", (_Handler,), {"sampler": self.sampler, "files": static_files()})
         self.server = ThreadingHTTPServer((host, port), handler)
         self.server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -460,136 +452,3 @@ def serve(cfg: PipelineConfig, host: str = "127.0.0.1", port: int = 8050,
         pass
     finally:
         dashboard.stop()
-
-
-PAGE = r"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>tensorline dashboard</title>
-<style>
-body { font: 14px/1.4 system-ui, sans-serif; margin: 1rem 2rem; color: #1d2530; background: #f7f8fa; }
-h1 { font-size: 1.3rem; margin: 0 0 .5rem; } h2 { font-size: 1.05rem; margin: 0 0 .4rem; }
-.meta { color: #5b6675; font-size: .85rem; }
-#banner { display: none; padding: .6rem 1rem; margin: .6rem 0; border-radius: 4px; font-weight: 600; }
-#banner.down { display: block; background: #fde2e1; color: #8a1c17; border: 1px solid #e5a3a0; }
-#banner.wait { display: block; background: #eef1f5; color: #3c4654; border: 1px solid #cfd6df; }
-section { background: #fff; border: 1px solid #dde2e8; border-radius: 6px; padding: .8rem 1rem; margin: .8rem 0; }
-.stale section { opacity: .55; }
-table { border-collapse: collapse; margin: .3rem 1.5rem .3rem 0; display: inline-table; vertical-align: top; }
-th, td { padding: .15rem .6rem; text-align: right; border-bottom: 1px solid #eef0f3; }
-th { color: #5b6675; font-weight: 500; } td.l, th.l { text-align: left; }
-.stuck, .held, .state-down, .state-stuck { color: #b3261e; font-weight: 700; }
-svg.spark { vertical-align: middle; background: #f2f5f9; border-radius: 3px; }
-svg.spark polyline { fill: none; stroke: #2b6cb0; stroke-width: 1.5; }
-</style>
-</head>
-<body>
-<h1>tensorline <span id="pipeline" data-field="pipeline"></span></h1>
-<div class="meta">measured <span id="measured" data-field="measured_at">-</span>; refreshes every 2 s</div>
-<div id="banner" data-field="banner"></div>
-<div id="stages"></div>
-<section><h2>End-to-end latency</h2><div id="latency"></div></section>
-<section><h2>Dead letters</h2><div id="dlq"></div></section>
-<script>
-"use strict";
-const esc = v => String(v ?? "-").replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"})[c]);
-const hms = t => t ? new Date(t * 1000).toTimeString().slice(0, 8) : "-";
-const num = (v, d) => v === null || v === undefined ? "-" : Number(v).toFixed(d);
-const cell = (attrs, value, cls) => "<td" + Object.entries(attrs).map(([k, v]) => ` data-${k}="${esc(v)}"`).join("")
-  + (cls ? ` class="${cls}"` : "") + ">" + esc(value) + "</td>";
-
-function sparkline(stage, values) {
-  const w = 260, h = 44, pts = values.map((v, i) => [i, v]).filter(p => p[1] !== null);
-  const max = Math.max(1, ...pts.map(p => p[1])), n = Math.max(1, values.length - 1);
-  const xy = pts.map(([i, v]) => `${(i / n * w).toFixed(1)},${(h - 2 - v / max * (h - 4)).toFixed(1)}`).join(" ");
-  return `<svg class="spark" width="${w}" height="${h}" viewBox="0 0 ${w} ${h}" data-stage="${esc(stage)}" data-field="sparkline">`
-    + `<title>lag over the last ${values.length} samples, max ${max}</title><polyline points="${xy}"/></svg>`
-    + ` <span class="meta">max <span data-stage="${esc(stage)}" data-field="lag_max">${pts.length ? max : "-"}</span></span>`;
-}
-
-const HELD = "HELD (dead letters)";
-
-function stageHtml(s, lags) {
-  const st = {stage: s.stage}, owner = {}, joins = s.open_joins !== null && s.open_joins !== undefined;
-  for (const w of s.workers) for (const p of w.partitions) owner[p] = w.member + " (" + (w.device ?? "?") + ")";
-  let h = `<section data-stage="${esc(s.stage)}"><h2>${esc(s.stage)}</h2>`
-    + `<div class="meta">group ${esc(s.group)} (${esc(s.group_state)}) reading ${esc(s.topic)}</div>`
-    + "<table><tr><th>state</th><th>lag</th><th>time lag s</th><th>stuck</th><th>records/s</th><th>workers</th>"
-    + (joins ? "<th>open joins</th><th>oldest join s</th>" : "") + "</tr><tr>"
-    + (s.held ? cell({...st, field: "state"}, HELD, "held")
-       : cell({...st, field: "state"}, String(s.state).toUpperCase(), "state-" + s.state))
-    + cell({...st, field: "lag"}, s.lag) + cell({...st, field: "time_lag_s"}, num(s.time_lag_s, 1))
-    + cell({...st, field: "stuck"}, s.stuck ? "STUCK" : "no", s.stuck ? "stuck" : "")
-    + cell({...st, field: "throughput"}, num(s.throughput, 1)) + cell({...st, field: "workers"}, s.workers.length)
-    + (joins ? cell({...st, field: "open_joins"}, s.open_joins) + cell({...st, field: "oldest_open_join_s"}, num(s.oldest_open_join_s, 1)) : "")
-    + "</tr></table>" + sparkline(s.stage, lags || []);
-  h += "<br><table><tr><th>partition</th><th>committed</th><th>log-end</th><th>lag</th><th>time lag s</th><th>stuck</th><th class=l>worker</th></tr>";
-  for (const p of s.partitions) {
-    const pa = {...st, partition: p.partition};
-    h += "<tr>" + cell({...pa, field: "partition"}, p.partition) + cell({...pa, field: "committed"}, p.committed)
-      + cell({...pa, field: "log_end"}, p.log_end) + cell({...pa, field: "lag"}, p.lag)
-      + cell({...pa, field: "time_lag_s"}, num(p.time_lag_s, 1))
-      + cell({...pa, field: "stuck"}, p.stuck ? "STUCK" : "no", p.stuck ? "stuck" : "")
-      + cell({...pa, field: "worker"}, owner[p.partition] ?? "-", "l") + "</tr>";
-  }
-  h += "</table><table><tr><th class=l>worker</th><th class=l>device</th><th class=l>partitions</th><th class=l>host</th><th class=l>metrics</th><th class=l>input</th></tr>";
-  for (const w of s.workers) {
-    const wa = {...st, member: w.member};
-    h += "<tr>" + cell({...wa, field: "member"}, w.member, "l") + cell({...wa, field: "device"}, w.device, "l")
-      + cell({...wa, field: "partitions"}, w.partitions.join(","), "l") + cell({...wa, field: "host"}, w.host, "l")
-      + cell({...wa, field: "metrics"}, w.metrics, "l")
-      + cell({...wa, field: "held"}, w.held ? HELD : w.held === false ? "reading" : "-", w.held ? "l held" : "l") + "</tr>";
-  }
-  if (!s.workers.length) h += `<tr><td class=l colspan=6>no members</td></tr>`;
-  return h + "</table></section>";
-}
-
-function render(state) {
-  document.getElementById("pipeline").textContent = state.pipeline;
-  document.getElementById("measured").textContent = hms(state.measured_at);
-  const banner = document.getElementById("banner");
-  if (state.ok === false) {
-    banner.className = "down";
-    banner.textContent = `broker unreachable since ${hms(state.down_since)}: ${state.error}`
-      + (state.measured_at ? ` (numbers below are from ${hms(state.measured_at)})` : "");
-  } else if (state.ok === null) {
-    banner.className = "wait"; banner.textContent = "waiting for the first sample...";
-  } else { banner.className = ""; banner.textContent = ""; }
-  document.body.classList.toggle("stale", state.ok === false);
-  document.getElementById("stages").innerHTML = state.stages.map(s => stageHtml(s, state.history.lag[s.stage])).join("");
-  let lt = "<table><tr><th class=l>stage</th><th class=l>topic</th><th>results</th><th>p50 ms</th><th>p95 ms</th><th>p99 ms</th></tr>";
-  for (const l of state.latency) {
-    const la = {"latency-stage": l.stage};
-    lt += "<tr>" + cell({...la, field: "stage"}, l.stage, "l") + cell({...la, field: "topic"}, l.topic, "l")
-      + cell({...la, field: "samples"}, l.samples) + cell({...la, field: "p50_ms"}, num(l.p50_ms, 1))
-      + cell({...la, field: "p95_ms"}, num(l.p95_ms, 1)) + cell({...la, field: "p99_ms"}, num(l.p99_ms, 1)) + "</tr>";
-  }
-  document.getElementById("latency").innerHTML = lt + "</table>";
-  let dt = `<div class="meta">topic ${esc(state.dlq.topic)}${state.dlq.complete ? "" : " (still counting)"}</div>`
-    + "<table><tr><th class=l>stage</th><th class=l>reason</th><th>count</th></tr>";
-  for (const d of state.dlq.counts) {
-    dt += "<tr>" + cell({"dlq-stage": d.stage, reason: d.reason, field: "stage"}, d.stage, "l")
-      + cell({"dlq-stage": d.stage, reason: d.reason, field: "reason"}, d.reason, "l")
-      + cell({"dlq-stage": d.stage, reason: d.reason, field: "count"}, d.count) + "</tr>";
-  }
-  dt += `<tr><th class=l colspan=2>total</th>` + cell({field: "dlq_total"}, state.dlq.total) + "</tr>";
-  document.getElementById("dlq").innerHTML = dt + "</table>";
-}
-
-async function refresh() {
-  try {
-    const r = await fetch("api/state", {cache: "no-store"});
-    render(await r.json());
-  } catch (e) {
-    const banner = document.getElementById("banner");
-    banner.className = "down"; banner.textContent = "dashboard server unreachable: " + e;
-  }
-  setTimeout(refresh, 2000);
-}
-refresh();
-</script>
-</body>
-</html>
-"""

@@ -6,8 +6,11 @@ Derived from the broker, never stored: the committed offsets of each stage's con
 kafka-consumer-groups tool computes them. On transactional topics a commit marker occupies the
 offset after each transaction; workers commit their consumer position, which steps past it, so a
 drained partition shows lag 0. Time lag is the age of the oldest unconsumed record (its
-timestamp). A partition is stuck when its committed offset has not moved for `stuck_after_s`
-while its lag is above zero; that needs one earlier observation, kept in a small history file.
+timestamp, set by the producing host's clock) when this host reads it; it is never negative: a
+timestamp ahead of this host's clock (clock skew between hosts) reads as 0, and how far ahead it
+is is reported (`clock_ahead_s`). A partition is stuck when its committed offset has not moved
+for `stuck_after_s` while its lag is above zero; that needs one earlier observation, kept in a
+small history file.
 
 A group's live members come from DescribeGroups, and with its lag give its state:
 - "ok": it has members and no partition is stuck;
@@ -58,8 +61,9 @@ class PartitionLag:
     partition: int
     committed: int | None  # None: the group has committed nothing here yet
     log_end: int
-    time_lag_s: float | None = None  # age of the oldest unconsumed record; None when caught up
+    time_lag_s: float | None = None  # age of the oldest unconsumed record, >= 0; None when caught up
     stuck: bool = False
+    clock_ahead_s: float | None = None  # how far that record's timestamp is ahead of this host's clock
 
     @property
     def lag(self) -> int:
@@ -67,7 +71,8 @@ class PartitionLag:
 
     def to_dict(self) -> dict:
         return {"partition": self.partition, "committed": self.committed, "log_end": self.log_end,
-                "lag": self.lag, "time_lag_s": self.time_lag_s, "stuck": self.stuck}
+                "lag": self.lag, "time_lag_s": self.time_lag_s, "stuck": self.stuck,
+                "clock_ahead_s": self.clock_ahead_s}
 
 
 @dataclass(frozen=True)
@@ -96,9 +101,15 @@ class GroupLag:
         ages = [p.time_lag_s for p in self.partitions if p.time_lag_s is not None]
         return max(ages) if ages else None
 
+    @property
+    def clock_ahead_s(self) -> float | None:
+        ahead = [p.clock_ahead_s for p in self.partitions if p.clock_ahead_s is not None]
+        return max(ahead) if ahead else None
+
     def to_dict(self) -> dict:
         return {"stage": self.stage, "group": self.group, "topic": self.topic, "lag": self.total,
-                "time_lag_s": self.time_lag_s, "stuck": any(p.stuck for p in self.partitions),
+                "time_lag_s": self.time_lag_s, "clock_ahead_s": self.clock_ahead_s,
+                "stuck": any(p.stuck for p in self.partitions),
                 "members": self.members, "state": self.state, "open_joins": self.open_joins,
                 "oldest_open_join_s": self.oldest_open_join_s, "partitions": [p.to_dict() for p in self.partitions]}
 
@@ -146,11 +157,22 @@ def history_file(cfg: PipelineConfig) -> Path:
     return HISTORY_DIR / f"{cfg.name}.json"
 
 
+def time_lag(timestamp_ms: int, now_ms: float) -> tuple[float, float | None]:
+    """(time lag s, clock ahead s) of the oldest unconsumed record read at `now_ms`: its age,
+    clamped at 0; and when its timestamp is in this host's future (the producing host's clock is
+    ahead), by how much, else None."""
+    age_s = (now_ms - timestamp_ms) / 1000
+    return (age_s, None) if age_s >= 0 else (0.0, -age_s)
+
+
 def _oldest_timestamps(cfg: PipelineConfig, consumer, positions: dict[TopicPartition, int],
-                       ends: dict[TopicPartition, int], timeout_s: float = 5.0) -> dict[TopicPartition, int]:
-    """The timestamp (ms) of the first record at or after each position (before its end): one
-    partition at a time, each read stopped at its first record."""
-    found: dict[TopicPartition, int] = {}
+                       ends: dict[TopicPartition, int],
+                       timeout_s: float = 5.0) -> dict[TopicPartition, tuple[int, float]]:
+    """(timestamp ms, when it was read in epoch ms) of the first record at or after each position
+    (before its end): one partition at a time, each read stopped at its first record. Ages are
+    taken at the read, not before the group's offsets were fetched: with traffic flowing the
+    record at a committed offset is often younger than the start of the measurement."""
+    found: dict[TopicPartition, tuple[int, float]] = {}
     deadline = time.monotonic() + timeout_s
     for tp, offset in positions.items():
         left = deadline - time.monotonic()
@@ -163,7 +185,7 @@ def _oldest_timestamps(cfg: PipelineConfig, consumer, positions: dict[TopicParti
         except clients.ReadTimeout:
             continue
         if first is not None:
-            found[tp] = first.timestamp
+            found[tp] = (first.timestamp, time.time() * 1000)
     return found
 
 
@@ -245,9 +267,9 @@ def measure(cfg: PipelineConfig, *, stuck_after_s: float = DEFAULT_STUCK_AFTER_S
             parts = []
             for tp in tps:
                 c = committed.get(tp)
-                age = (now * 1000 - oldest[tp]) / 1000 if tp in oldest else None
+                age, ahead = time_lag(*oldest[tp]) if tp in oldest else (None, None)
                 idle = history.unchanged_for(f"{group}/{tp.topic}/{tp.partition}", c, now) if history else 0.0
-                parts.append(PartitionLag(tp.partition, c, end[tp], age, idle >= stuck_after_s and tp in behind))
+                parts.append(PartitionLag(tp.partition, c, end[tp], age, idle >= stuck_after_s and tp in behind, ahead))
             members = len((described.get(group) or {}).get("members") or [])
             n_open, oldest = joins.get(name, (None, None))
             result.append(GroupLag(stage, group, topic, tuple(parts), members, n_open, oldest))
@@ -266,8 +288,9 @@ def format_table(lags: list[GroupLag]) -> str:
         for p in g.partitions:
             age = "-" if p.time_lag_s is None else f"{p.time_lag_s:.1f}"
             committed = "-" if p.committed is None else str(p.committed)
+            ahead = "" if p.clock_ahead_s is None else f"timestamp {p.clock_ahead_s:.1f} s ahead (clock skew)"
             lines.append(f"{g.stage:<20}{p.partition:>10}{committed:>12}{p.log_end:>10}{p.lag:>8}{age:>12}  "
-                         f"{'STUCK' if p.stuck else ''}")
+                         f"{'STUCK ' if p.stuck else ''}{ahead}".rstrip())
         age = "-" if g.time_lag_s is None else f"{g.time_lag_s:.1f}"
         lines.append(f"{g.stage + ' total':<20}{'':>10}{'':>12}{'':>10}{g.total:>8}{age:>12}  "
                      f"{g.state.upper()} ({g.members} member{'' if g.members == 1 else 's'})")

@@ -1,6 +1,8 @@
 """The dashboard: state JSON from canned lag data, throughput math, a down broker, and on the real
 broker the page as headless Chromium renders it, checked against `tensorline lag --json`; a worker
-whose metrics say it holds its input is HELD."""
+whose metrics say it holds its input is HELD; time lag is never negative, a record timestamped in
+the future is reported as clock skew; latency counts only results that became visible while the
+dashboard watched, in its window; charts have titles, axes and units."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import replace
+from types import SimpleNamespace
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from tensorline import config
 from tensorline.engine import clients
-from tensorline.ops import dashboard
+from tensorline.ops import dashboard, latency
 from tensorline.ops.lag import GroupLag, PartitionLag
 from tensorline.schemas import Record, encode_record
 from tensorline.engine import worker
@@ -53,7 +56,6 @@ class CannedProbe:
         return {"groups": {"dash.a": {"group_state": "Stable", "workers": [
                     {"member": "h-0", "device": "gpu:0", "client_id": "dash.a.h-0.gpu:0", "host": "127.0.0.1",
                      "partitions": [0, 1], "metrics": "127.0.0.1:9100", "pid": 42, "held": False}]}},
-                "latency": [{"stage": "b", "topic": "dash.out", "samples": 3, "p50_ms": 20.0, "p95_ms": 29.0, "p99_ms": 29.8}],
                 "dlq": {"topic": "dash.dlq", "total": 2, "complete": True,
                         "counts": [{"stage": "a", "reason": "ValueError", "count": 2}]}}
 
@@ -69,6 +71,31 @@ class Clock:
         return self.now
 
 
+class CannedWatch(latency.Watch):
+    """The results watch without its thread: tests add what a reader would have received."""
+
+    def __init__(self, cfg=CFG):
+        super().__init__(cfg, dashboard.sinks(cfg))
+        self.watching_since = 990.0
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+    def receive(self, visible_s: float, ingest_ms: int, received_ms: int, produced_ms: int, stage: str = "b"):
+        rec = SimpleNamespace(topic="dash.out", headers=[(INGEST_MS, str(ingest_ms).encode()),
+                                                        (f"tl.{stage}.received_ms", str(received_ms).encode()),
+                                                        (f"tl.{stage}.produced_ms", str(produced_ms).encode())])
+        self.add("b", latency.Seen(rec, visible_s))
+
+
+def canned_sampler(measure, clock=None, watch=None, **kw) -> dashboard.Sampler:
+    return dashboard.Sampler(CFG, measure=measure, probe=CannedProbe(), latency_watch=watch or CannedWatch(),
+                             clock=clock or Clock(), **kw)
+
+
 def test_throughput_is_the_change_of_committed_offsets_over_the_window():
     assert dashboard.throughput([(0.0, 100)]) is None
     assert dashboard.throughput([(0.0, 100), (2.0, 140), (4.0, 200)]) == 25.0  # (200 - 100) / 4 s
@@ -78,28 +105,84 @@ def test_throughput_is_the_change_of_committed_offsets_over_the_window():
 
 
 def test_state_from_canned_lag_data():
-    clock, probe = Clock(), CannedProbe()
+    clock, probe, watch = Clock(), CannedProbe(), CannedWatch()
     feed = iter([lags(10, 5), lags(30, 9)])
-    sampler = dashboard.Sampler(CFG, interval_s=2.0, measure=lambda: next(feed), probe=probe, clock=clock)
+    sampler = dashboard.Sampler(CFG, interval_s=2.0, measure=lambda: next(feed), probe=probe, latency_watch=watch,
+                                clock=clock)
     assert sampler.state()["ok"] is None and sampler.state()["stages"] == []
     first = sampler.sample()
     assert [s["throughput"] for s in first["stages"]] == [None, None]  # one sample: no rate yet
+    for i, ms in enumerate((20, 10, 30)):  # results visible at 1001.x s: ingest 1000.0 s, b took 5 ms of it
+        watch.receive(1001.0 + i / 10, 1_000_000 + 100 * i, 1_000_000 + 100 * i + ms - 10,
+                      1_000_000 + 100 * i + ms - 5)
     clock.now += 2.0
     state = json.loads(json.dumps(sampler.sample()))  # plain JSON all the way down
     assert state["ok"] is True and state["error"] is None and state["down_since"] is None
     assert state["pipeline"] == "dash" and state["measured_at"] == state["checked_at"] == 1002.0
     a, b = state["stages"]
-    assert a == {"stage": "a", "group": "dash.a", "topic": "dash.in", "lag": 90, "time_lag_s": 9.0, "stuck": False,
-                 "members": 1, "state": "ok", "open_joins": None, "oldest_open_join_s": None,
-                 "partitions": [{"partition": 0, "committed": 30, "log_end": 100, "lag": 70, "time_lag_s": 3.5, "stuck": False},
-                                {"partition": 1, "committed": None, "log_end": 20, "lag": 20, "time_lag_s": 9.0, "stuck": False}],
+    assert a == {"stage": "a", "group": "dash.a", "topic": "dash.in", "lag": 90, "time_lag_s": 9.0, "clock_ahead_s": None,
+                 "stuck": False, "members": 1, "state": "ok", "open_joins": None, "oldest_open_join_s": None,
+                 "partitions": [{"partition": 0, "committed": 30, "log_end": 100, "lag": 70, "time_lag_s": 3.5,
+                                 "stuck": False, "clock_ahead_s": None},
+                                {"partition": 1, "committed": None, "log_end": 20, "lag": 20, "time_lag_s": 9.0,
+                                 "stuck": False, "clock_ahead_s": None}],
                  "throughput": 10.0, "group_state": "Stable", "held": False, "workers": [
                      {"member": "h-0", "device": "gpu:0", "client_id": "dash.a.h-0.gpu:0", "host": "127.0.0.1",
                       "partitions": [0, 1], "metrics": "127.0.0.1:9100", "pid": 42, "held": False}]}
     assert b["lag"] == 0 and b["throughput"] == 2.0 and b["workers"] == [] and b["group_state"] is None
     assert b["state"] == "idle"
-    assert state["history"] == {"t": [1000.0, 1002.0], "lag": {"a": [110, 90], "b": [0, 0]}}
-    assert state["latency"][0]["p99_ms"] == 29.8 and state["dlq"]["counts"] == [{"stage": "a", "reason": "ValueError", "count": 2}]
+    [lat] = state["latency"]
+    # End to end is ingest to visible: 1000 ms each (1001.0 s - 1000.0 s, 1001.1 - 1000.1, ...),
+    # not ingest to produced (15, 5, 25 ms).
+    assert (lat["stage"], lat["topic"], lat["results"], lat["window_s"]) == ("b", "dash.out", 3, 60.0)
+    assert (lat["p50_ms"], lat["p99_ms"], lat["skewed"]) == (1000.0, 1000.0, 0)
+    assert lat["stages"] == [{"stage": "b", "results": 3, "before": {"p50_ms": 10.0, "p95_ms": 19.0, "p99_ms": 19.8},
+                              "processing": {"p50_ms": 5.0, "p95_ms": 5.0, "p99_ms": 5.0}}]
+    assert lat["to_visible"]["p50_ms"] == 985.0  # b's outputs built at 15, 5, 25 ms: 985, 995, 975 ms to visible
+    assert state["history"] == {"t": [1000.0, 1002.0], "lag": {"a": [110, 90], "b": [0, 0]},
+                                "throughput": {"a": [None, 10.0], "b": [None, 2.0]},
+                                "latency": {"b": {"p50_ms": [None, 1000.0], "p99_ms": [None, 1000.0]}}}
+    assert state["dlq"]["counts"] == [{"stage": "a", "reason": "ValueError", "count": 2}]
+
+
+def test_latency_shows_only_results_visible_in_the_window():
+    """Results age out of the window by the time they became visible: a run that stopped shows no
+    latency a minute later, however many results it left on the topic."""
+    clock, watch = Clock(), CannedWatch()
+    sampler = canned_sampler(lambda: lags(1, 1), clock=clock, watch=watch)
+    watch.receive(1000.0, 963_666, 963_700, 963_710)  # p50 36,334 ms, as the report saw
+    [lat] = sampler.sample()["latency"]
+    assert (lat["results"], lat["p50_ms"]) == (1, 36334.0)
+    clock.now += 60.5
+    [lat] = sampler.sample()["latency"]
+    assert (lat["results"], lat["p50_ms"], lat["p99_ms"], lat["to_visible"]["p50_ms"]) == (0, None, None, None)
+    assert lat["stages"] == []
+    watch.receive(1060.5, 1_060_400, 1_060_410, 1_060_450)  # a new result: only it counts
+    [lat] = sampler.sample()["latency"]
+    assert (lat["results"], lat["p50_ms"]) == (1, 100.0)
+    assert sampler.state()["history"]["latency"]["b"]["p50_ms"] == [36334.0, None, 100.0]
+
+
+def test_spans_add_up_to_ingest_to_visible_and_clamp_skew():
+    headers = [(INGEST_MS, b"1000"), ("tl.pre.received_ms", b"1010"), ("tl.pre.produced_ms", b"1030"),
+               ("tl.trace_id", b"x"), ("tl.fuse.received_ms", b"1080"), ("tl.fuse.produced_ms", b"1090")]
+    got = latency.spans(headers, 1.25)  # visible at 1250 ms
+    assert got == latency.Spans(250.0, (latency.StageSpan("pre", 10.0, 20.0), latency.StageSpan("fuse", 50.0, 10.0)),
+                                160.0, False)
+    assert got.end_to_end_ms == sum(s.before_ms + s.processing_ms for s in got.stages) + got.to_visible_ms
+    # The reader's clock 0.2 s behind the workers': to visible reads 0, end to end still >= 0.
+    skewed = latency.spans(headers, 1.05)
+    assert (skewed.end_to_end_ms, skewed.to_visible_ms, skewed.skewed) == (50.0, 0.0, True)
+    assert latency.spans(headers, 0.9).end_to_end_ms == 0.0  # ingest host ahead: never negative
+    assert latency.spans([("tl.pre.received_ms", b"1")], 1.0) is None  # no ingest time
+
+
+def test_time_lag_is_never_negative():
+    assert dashboard.lag.time_lag(1000, 3500.0) == (2.5, None)
+    assert dashboard.lag.time_lag(4000, 3500.0) == (0.0, 0.5)  # timestamp ahead: 0, and by how much
+    g = GroupLag("a", "dash.a", "dash.in", (PartitionLag(0, 1, 5, 0.0, clock_ahead_s=0.8),), members=1)
+    assert g.to_dict()["clock_ahead_s"] == 0.8 and g.time_lag_s == 0.0
+    assert "timestamp 0.8 s ahead (clock skew)" in dashboard.lag.format_table([g])
 
 
 def down_sampler() -> dashboard.Sampler:
@@ -108,7 +191,7 @@ def down_sampler() -> dashboard.Sampler:
     down = [GroupLag("a", "dash.a", "dash.in", (PartitionLag(0, 10, 100, 30.0),), members=0),
             GroupLag("b", "dash.b", "dash.mid", (PartitionLag(0, 10, 10),), members=0, open_joins=2,
                      oldest_open_join_s=12.5)]
-    return dashboard.Sampler(CFG, measure=lambda: down, probe=CannedProbe(), clock=Clock())
+    return canned_sampler(lambda: down)
 
 
 def test_a_stage_with_no_members_and_pending_input_is_down():
@@ -119,7 +202,7 @@ def test_a_stage_with_no_members_and_pending_input_is_down():
 
 def test_history_is_bounded():
     clock = Clock()
-    sampler = dashboard.Sampler(CFG, interval_s=2.0, history_s=10.0, measure=lambda: lags(1, 1), probe=CannedProbe(), clock=clock)
+    sampler = canned_sampler(lambda: lags(1, 1), clock=clock, interval_s=2.0, history_s=10.0)
     for _ in range(20):
         sampler.sample()
         clock.now += 2.0
@@ -136,7 +219,7 @@ def test_a_failing_sample_keeps_the_last_numbers_and_recovers_by_itself():
             raise r
         return r
 
-    sampler = dashboard.Sampler(CFG, measure=measure, probe=probe, clock=clock)
+    sampler = dashboard.Sampler(CFG, measure=measure, probe=probe, latency_watch=CannedWatch(), clock=clock)
     sampler.sample()
     for _ in range(2):
         clock.now += 2.0
@@ -156,9 +239,7 @@ def test_client_ids_headers_and_sinks():
     assert dashboard.dlq_key([("tl.dlq.stage", b"producer"), ("tl.dlq.error", b"BadFile"),
                               ("tl.dlq.reason", b"unreadable-dicom")]) == ("producer", "unreadable-dicom")
     assert dashboard.dlq_key([("tl.dlq.stage", b"features"), ("tl.dlq.error", b"BadTensor")]) == ("features", "BadTensor")
-    assert dashboard.latency_ms([(INGEST_MS, b"1000"), ("tl.fusion.produced_ms", b"1250")], "fusion") == 250.0
-    assert dashboard.latency_ms([(INGEST_MS, b"1000")], "fusion") is None
-    assert dashboard.percentiles([10, 20, 30]) == {"p50_ms": 20.0, "p95_ms": 29.0, "p99_ms": 29.8}
+    assert latency.percentiles([10, 20, 30]) == {"p50_ms": 20.0, "p95_ms": 29.0, "p99_ms": 29.8}
     demo = config.load(Path(__file__).parents[2] / "pipeline.toml")
     assert dashboard.sinks(demo) == [("fusion", f"{demo.name}.results")]
     assert dashboard.sinks(CFG) == [("b", "dash.out")]
@@ -198,7 +279,10 @@ def test_down_broker_is_reported_and_the_page_still_answers(down_dashboard):
     state = json.loads(body)
     assert status == 200 and state["ok"] is False and state["error"] and state["down_since"] is not None
     status, page = get(down_dashboard.url)
-    assert status == 200 and b"broker unreachable since" in page
+    assert status == 200 and b'<script src="dashboard.js">' in page and b"clock skew" in page  # the help text
+    status, script = get(down_dashboard.url + "dashboard.js")
+    assert status == 200 and b"broker unreachable since" in script
+    assert get(down_dashboard.url + "dashboard.css")[0] == 200
     with pytest.raises(urllib.error.HTTPError, match="404"):
         get(down_dashboard.url + "nothing-here")
 
@@ -234,14 +318,14 @@ class DataCells(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         data = tuple(sorted((k[5:], v) for k, v in attrs if k.startswith("data-")))
-        if tag in ("br", "meta", "polyline"):
+        if tag in ("br", "meta", "link", "polyline"):
             return
         self._open.append(data if any(k == "field" for k, _ in data) else None)
         if self._open[-1] is not None:
             self.cells[data] = ""
 
     def handle_endtag(self, tag):
-        if tag in ("br", "meta", "polyline"):
+        if tag in ("br", "meta", "link", "polyline"):
             return
         if self._open:
             self._open.pop()
@@ -275,11 +359,30 @@ def test_page_shows_the_unreachable_banner(down_dashboard, tmp_path):
     assert banner.startswith("broker unreachable since ") and "KafkaTimeoutError" in banner, banner
 
 
-def test_page_shows_a_down_stage(tmp_path):
-    with dashboard.Dashboard(CFG, sampler=down_sampler(), interval_s=60.0) as dash:
+def test_page_shows_a_down_stage_and_charts_with_titles_axes_and_units(tmp_path):
+    sampler = down_sampler()
+    for _ in range(2):  # two samples here and the dashboard's first: lines to draw
+        sampler.sample()
+        sampler.clock.now += 2.0
+    with dashboard.Dashboard(CFG, sampler=sampler, interval_s=60.0) as dash:
         cells = render(dash.url, tmp_path)
-    assert cells.get(stage="a", field="state") == "DOWN"
+    assert cells.get(stage="a", field="state") == "DOWN" == cells.get(stage="a", field="overview_state")
     assert cells.get(stage="b", field="state") == "IDLE"
+    assert cells.get(stage="a", field="time_lag_s") == "30.0"
+    for chart, title, unit in (("lag-a", "Lag of a (records)", "records"),
+                               ("throughput-b", "Throughput of b (records/s)", "records/s"),
+                               ("latency-b", "End-to-end latency of b, last 60 s (ms)", "ms")):
+        assert cells.get(chart=chart, field="chart_title") == title
+        assert cells.get(chart=chart, field="y_label") == unit
+        assert cells.get(chart=chart, field="x_label") == "time (this host)"
+        assert cells.get(chart=chart, field="y_axis") == "" and cells.get(chart=chart, field="x_axis") == ""
+        assert cells.get(chart=chart, field="y_tick", tick=0) == "0"
+        assert [cells.get(chart=chart, field="x_tick", tick=i) for i in range(3)] == [
+            time.strftime("%H:%M:%S", time.localtime(t)) for t in (1000.0, 1002.0, 1004.0)]
+    assert [cells.get(chart="lag-a", field="y_tick", tick=i) for i in range(5)] == ["0", "25", "50", "75", "100"]  # lag 90
+    assert cells.get(chart="latency-b", field="legend", series="p99") == "\u25ac p99"
+    assert cells.get(latency_stage="b", field="samples") == "0" and cells.get(latency_stage="b", field="p50_ms") == "-"
+    assert cells.get(latency_stage="b", field="latency_note").startswith("no result became visible in the last 60 s")
     assert (cells.get(stage="b", field="open_joins"), cells.get(stage="b", field="oldest_open_join_s")) == ("2", "12.5")
     with pytest.raises(KeyError):  # a stage without state has no joins column
         cells.get(stage="a", field="open_joins")
@@ -308,9 +411,16 @@ def live_member(cfg: config.PipelineConfig, state_dir: Path, metrics: str):
     (state_dir / "workers").mkdir(parents=True, exist_ok=True)
     (state_dir / "workers" / f"{group}.0.lock").write_text(json.dumps(
         {"group": group, "member": member, "device": "cpu", "metrics": metrics, "pid": 1}))
-    consumer = clients.consumer(cfg, group, cfg.topic("in").name, client_id=f"{group}.{member}.cpu")
+    # It subscribes once its metadata shows the just-created topic: a leader assigning without it
+    # gives an empty assignment (as tests/engine/test_kafka_faults.py's `joined`).
+    topic = cfg.topic("in").name
+    consumer = clients.consumer(cfg, group, client_id=f"{group}.{member}.cpu")
     try:
         deadline = time.monotonic() + 30
+        while not consumer.partitions_for_topic(topic):
+            assert time.monotonic() < deadline, f"the member never saw topic {topic}"
+            time.sleep(0.1)  # poll of the metadata
+        consumer.subscribe([topic])
         while not consumer.assignment():
             assert time.monotonic() < deadline, "the member never got partitions"
             consumer.poll(timeout_ms=200)
@@ -361,8 +471,10 @@ def test_page_shows_the_lag_tensorline_lag_reports(tmp_path, write_pipeline, mon
     assert cells.get(stage="scale", member=member, field="partitions") == "0,1,2"
     assert cells.get(stage="scale", member=member, field="metrics") == "127.0.0.1:9"
     assert cells.get(stage="scale", member=member, field="held") == "-"  # its metrics could not be read
-    assert cells.get(latency_stage="scale", field="samples") == "29"  # every output, poison excluded
-    assert float(cells.get(latency_stage="scale", field="p50_ms")) >= 0
+    # The 29 results came before the dashboard started: an earlier run's, not shown as current.
+    assert cells.get(latency_stage="scale", field="samples") == "0"
+    assert cells.get(latency_stage="scale", field="p50_ms") == "-"
+    assert cells.get(latency_stage="scale", field="latency_note").startswith("no result became visible")
     assert cells.get(dlq_stage="scale", reason="ValueError", field="count") == "1"
     assert cells.get(field="dlq_total") == "1"
 
@@ -388,3 +500,56 @@ def test_a_worker_holding_its_input_after_dead_letters_is_held(tmp_path, write_p
     assert stage["state"] == "ok"  # as `tensorline lag` says: the broker does not know
     assert cells.get(stage="scale", field="state") == "HELD (dead letters)"
     assert cells.get(stage="scale", member=member, field="held") == "HELD (dead letters)"
+
+
+@pytest.mark.broker
+def test_time_lag_of_a_record_timestamped_in_the_future_is_zero_and_called_skew(tmp_path, write_pipeline, monkeypatch):
+    """The producing host's clock 30 s ahead of the dashboard's: the record is not -30 s old."""
+    monkeypatch.setenv("TENSORLINE_STATE_DIR", str(tmp_path / "state"))
+    cfg = write_pipeline(tmp_path / "pipeline.toml", scale_pipeline_body())
+    producer = clients.producer(cfg)
+    producer.send(cfg.topic("in").name, value=b"from a host whose clock is ahead", partition=0,
+                  timestamp_ms=int(time.time() * 1000) + 30_000)
+    producer.flush()
+    producer.close()
+    with dashboard.Dashboard(cfg, interval_s=60.0) as dash:  # one sample, at start
+        state = sampled(dash, lambda s: s["stages"], "no sample")
+        cells = render(dash.url, tmp_path)
+    [stage] = state["stages"]
+    assert stage["state"] == "down" and stage["lag"] == 1  # nobody reads it
+    assert stage["time_lag_s"] == 0.0 and 20 < stage["clock_ahead_s"] <= 30
+    assert stage["partitions"][0]["time_lag_s"] == 0.0
+    assert cells.get(stage="scale", field="time_lag_s") == "0.0"
+    assert cells.get(stage="scale", partition=0, field="time_lag_s") == "0.0 (skew)"
+    note = cells.get(stage="scale", field="clock_ahead")
+    assert "s ahead of this host (clock skew)" in note, note
+    assert cells.get(stage="scale", field="overview_state") == "DOWN"
+
+
+@pytest.mark.broker
+def test_latency_is_ingest_to_visible_of_results_seen_while_watching(tmp_path, write_pipeline, monkeypatch):
+    """An earlier run's results are on the topic when the dashboard starts: they are not counted.
+    The results of a run while it watches are, each from ingest to when the dashboard's
+    read_committed consumer received it, with their spans along the trace."""
+    monkeypatch.setenv("TENSORLINE_STATE_DIR", str(tmp_path / "state"))
+    cfg = write_pipeline(tmp_path / "pipeline.toml", scale_pipeline_body())
+    produce(cfg, range(10))
+    worker.run(cfg, "scale", until_idle_s=1.0, stop=threading.Event(), metrics_port=None)  # the earlier run
+    with dashboard.Dashboard(cfg, interval_s=0.5) as dash:
+        before = sampled(dash, lambda s: s["latency"][0]["watching_since"], "not following the results")
+        assert before["latency"][0]["results"] == 0 and before["latency"][0]["p50_ms"] is None
+        produce(cfg, range(10, 30))
+        worker.run(cfg, "scale", until_idle_s=1.0, stop=threading.Event(), metrics_port=None)
+        state = sampled(dash, lambda s: s["latency"][0]["results"] == 20, "the new results not counted")
+        cells = render(dash.url, tmp_path)
+    [lat] = state["latency"]
+    assert lat["skewed"] == 0  # one clock: every result was received after its output was built
+    assert [s["stage"] for s in lat["stages"]] == ["scale"]
+    [scale] = lat["stages"]
+    assert lat["p99_ms"] >= lat["to_visible"]["p99_ms"] and lat["p99_ms"] >= scale["processing"]["p99_ms"]
+    assert float(cells.get(latency_stage="scale", field="samples")) == 20
+    assert float(cells.get(latency_stage="scale", field="p50_ms")) == lat["p50_ms"]
+    assert cells.get(latency_stage="scale", span="scale", field="span") == "scale processing"
+    assert cells.get(latency_stage="scale", span="before:scale", field="span") == "before scale"
+    assert float(cells.get(latency_stage="scale", span="to_visible", field="p50_ms")) == lat["to_visible"]["p50_ms"]
+    assert cells.get(chart="latency-scale", field="chart_title") == "End-to-end latency of scale, last 60 s (ms)"
