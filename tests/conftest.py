@@ -3,12 +3,45 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tensorline import config
+
+def wait_for(condition: Callable[[], object], timeout_s: float, what: str, every_s: float = 0.2):
+    """Poll `condition` until it is true (returned) or `timeout_s` passes (AssertionError naming
+    `what`): how tests wait, never a fixed sleep."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"not {what} within {timeout_s:.0f} s"
+        time.sleep(every_s)  # poll of the condition
+    return result
+
+
+def joined(cfg, group: str, topic: str, timeout_s: float = 60.0, **overrides):
+    """A consumer in `group` owning partitions of `topic`. It subscribes once its metadata shows
+    the (just created) topic: a leader assigning without it gives an empty assignment."""
+    from tensorline.engine import clients
+
+    consumer = clients.consumer(cfg, group, **overrides)
+    wait_for(lambda: consumer.partitions_for_topic(topic), timeout_s, f"topic {topic} in the metadata", every_s=0.1)
+    consumer.subscribe([topic])
+    wait_for(lambda: consumer.poll(timeout_ms=200) is not None and consumer.assignment(), timeout_s,
+             f"partitions of {topic} for group {group}", every_s=0)
+    return consumer
+
+
+def drained(cfg) -> bool:
+    """Every stage group has committed to the end of its input: anything a stage would produce
+    (twice, say) is committed and visible to read_committed readers by now."""
+    from tensorline.ops import lag
+
+    return all(g.total == 0 for g in lag.measure(cfg))
+
 
 # Set to use an already running broker (e.g. `tensorline broker start`) instead of a fresh one.
 TEST_BOOTSTRAP_ENV = "TENSORLINE_TEST_BOOTSTRAP"

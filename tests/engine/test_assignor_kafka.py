@@ -57,7 +57,7 @@ def settled(members: list[Member], expected: list[int], timeout: float) -> list[
             last, since = now, time.monotonic()
         elif [len(a) for a in now] == expected and time.monotonic() - since >= STABLE_S:
             return now
-        time.sleep(0.1)
+        time.sleep(0.1)  # poll of the loop's condition
     raise AssertionError(f"assignment did not settle at sizes {expected}: {last}")
 
 

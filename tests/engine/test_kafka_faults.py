@@ -14,6 +14,7 @@ from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchB
 
 from tensorline.engine import clients, compat
 from tensorline.engine.kafka import KafkaSink, KafkaSource
+from tests.conftest import joined
 
 pytestmark = pytest.mark.broker
 
@@ -30,21 +31,6 @@ class _Source:
 
     def committed(self, offsets):
         pass
-
-
-def joined(pipeline, group: str, topic: str) -> KafkaConsumer:
-    """A member of `group` that owns partitions of `topic`. It subscribes once its metadata shows
-    the (just created) topic: a leader assigning without it gives an empty assignment."""
-    consumer = clients.consumer(pipeline, group)
-    deadline = time.monotonic() + 60
-    while not consumer.partitions_for_topic(topic):
-        assert time.monotonic() < deadline, f"the consumer never saw topic {topic}"
-        time.sleep(0.1)  # poll of the metadata
-    consumer.subscribe([topic])
-    while not consumer.assignment():
-        assert time.monotonic() < deadline, "the consumer never joined its group"
-        consumer.poll(timeout_ms=200)
-    return consumer
 
 
 def test_offsets_of_a_failed_transaction_never_reach_a_later_one(pipeline, namespace):

@@ -22,6 +22,7 @@ from tensorline.ops import topics
 from tensorline.schemas import Record, decode_record, encode_record
 from tensorline.engine import worker
 from tensorline.stages.testing import scale_pipeline_body
+from tests.conftest import drained, wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -41,12 +42,6 @@ def ids(cfg: config.PipelineConfig, key: str = "out") -> list[str]:
     return [decode_record(r.value).record_id for r in topics.read_all(cfg, cfg.topic(key).name)]
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.3)
 
 
 def spawn(path: Path, log: Path) -> subprocess.Popen:
@@ -98,7 +93,7 @@ def test_sigkill_mid_stream_and_restart_gives_each_record_exactly_once(pipeline_
     second = spawn(pipeline_file, pipeline_file.parent / "w2.log")
     try:
         wait_for(lambda: len(ids(cfg)) >= 200, 120, "all 200 records")
-        time.sleep(1.0)  # anything produced twice would show up now
+        wait_for(lambda: drained(cfg), 60, "the group committed to the end")  # a duplicate would be visible now
         out = ids(cfg)
         assert len(out) == 200 and len(set(out)) == 200
     finally:
@@ -121,7 +116,7 @@ def test_scaling_up_then_down_mid_stream_loses_and_duplicates_nothing(pipeline_f
     try:
         assert b.wait(30) == 0, logs[1].read_text()[-3000:]
         wait_for(lambda: len(ids(cfg)) >= 360, 120, "all 360 records")
-        time.sleep(1.0)
+        wait_for(lambda: drained(cfg), 60, "the group committed to the end")
         out = ids(cfg)
         assert len(out) == 360 and len(set(out)) == 360
     finally:

@@ -15,6 +15,7 @@ from tensorline.engine import clients
 from tensorline.ops import topics
 from tensorline.schemas import Detection, ModelRef, decode_result, encode_detection
 from tensorline.engine import worker
+from tests.conftest import drained, wait_for
 
 pytestmark = pytest.mark.broker
 MODELS = ("cnn", "mlp", "logreg")
@@ -101,9 +102,7 @@ def test_sigkill_with_joins_open_then_restart_gives_each_result_exactly_once(tmp
     sender = threading.Thread(target=lambda: [send(cfg, pairs[k:k + 30], producer) or time.sleep(0.3)
                                               for k in range(0, len(pairs), 30)])
     sender.start()
-    deadline = time.monotonic() + 60
-    while len(results(cfg)) < 20 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for(lambda: len(results(cfg)) >= 20, 60, "20 results before the kill")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = len(results(cfg))
@@ -111,10 +110,8 @@ def test_sigkill_with_joins_open_then_restart_gives_each_result_exactly_once(tmp
     producer.close()
     proc = spawn("w2.log")
     try:
-        deadline = time.monotonic() + 90
-        while len(results(cfg)) < n and time.monotonic() < deadline:
-            time.sleep(0.3)
-        time.sleep(1.0)
+        wait_for(lambda: len(results(cfg)) >= n, 90, f"all {n} results")
+        wait_for(lambda: drained(cfg), 60, "fusion committed to the end")  # a duplicate would be visible now
         res = results(cfg)
         assert 20 <= killed_at < n
         assert len(res) == n and len({r.record_id for r in res}) == n

@@ -107,7 +107,7 @@ def test_scale_up_kill_restart_scale_down_fuses_every_record_once(tmp_path, writ
             if time.monotonic() > deadline:
                 pytest.fail(f"not within {timeout:.0f} s: {what}; worker logs:\n"
                             + "\n".join(f"--- {n}\n{tail(n)}" for n in procs))
-            time.sleep(0.1)
+            time.sleep(0.1)  # poll of the loop's condition
 
     def owns(name: str, n: int | None = None) -> bool:
         """The worker's latest assignment is non-empty (or exactly n partitions) and restored."""

@@ -60,7 +60,7 @@ def test_killed_broker_is_recovered_with_its_data(own_broker):
     os.kill(st.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while broker.status(data_dir).running and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.1)  # poll of the loop's condition
     assert not broker.status(data_dir).running  # the pid file is stale now
     restarted = broker.start(data_dir, port)
     assert restarted.running and restarted.pid != st.pid

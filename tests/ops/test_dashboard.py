@@ -34,6 +34,7 @@ from tensorline.schemas import Record, encode_record
 from tensorline.engine import worker
 from tensorline.engine.runtime import INGEST_MS
 from tensorline.stages.testing import scale_pipeline_body
+from tests.conftest import joined
 
 CHROMIUM = Path("/usr/bin/chromium")
 CFG = config.parse({"pipeline": {"name": "dash"}, "topics": {"in": {}, "mid": {}, "out": {}},
@@ -268,7 +269,7 @@ def down_dashboard():
         deadline = time.monotonic() + 30
         while dash.sampler.state()["ok"] is not False:
             assert time.monotonic() < deadline, "no failed sample within 30 s"
-            time.sleep(0.2)
+            time.sleep(0.2)  # poll of the loop's condition
         yield dash
     finally:
         dash.stop()
@@ -411,19 +412,8 @@ def live_member(cfg: config.PipelineConfig, state_dir: Path, metrics: str):
     (state_dir / "workers").mkdir(parents=True, exist_ok=True)
     (state_dir / "workers" / f"{group}.0.lock").write_text(json.dumps(
         {"group": group, "member": member, "device": "cpu", "metrics": metrics, "pid": 1}))
-    # It subscribes once its metadata shows the just-created topic: a leader assigning without it
-    # gives an empty assignment (as tests/engine/test_kafka_faults.py's `joined`).
-    topic = cfg.topic("in").name
-    consumer = clients.consumer(cfg, group, client_id=f"{group}.{member}.cpu")
+    consumer = joined(cfg, group, cfg.topic("in").name, 30, client_id=f"{group}.{member}.cpu")
     try:
-        deadline = time.monotonic() + 30
-        while not consumer.partitions_for_topic(topic):
-            assert time.monotonic() < deadline, f"the member never saw topic {topic}"
-            time.sleep(0.1)  # poll of the metadata
-        consumer.subscribe([topic])
-        while not consumer.assignment():
-            assert time.monotonic() < deadline, "the member never got partitions"
-            consumer.poll(timeout_ms=200)
         yield member
     finally:
         consumer.close()
@@ -436,7 +426,7 @@ def sampled(dash: dashboard.Dashboard, done, what: str) -> dict:
         if state["ok"] and done(state):
             return state
         assert time.monotonic() < deadline, f"{what}: {state}"
-        time.sleep(0.3)
+        time.sleep(0.3)  # poll of the loop's condition
 
 
 @pytest.mark.broker

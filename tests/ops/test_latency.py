@@ -65,7 +65,7 @@ def test_follower_from_the_end_stamps_each_result_when_its_transaction_commits(t
             deadline = time.monotonic() + 30
             while len(reader.seen()) < 4:
                 assert time.monotonic() < deadline, f"{len(reader.seen())} of 4 results read"
-                time.sleep(0.05)
+                time.sleep(0.05)  # poll of the loop's condition
             got = reader.seen()
     finally:
         producer.close()

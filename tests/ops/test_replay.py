@@ -15,6 +15,7 @@ from tensorline.engine import clients
 from tensorline.ops import replay, topics
 from tensorline.schemas import Detection, ModelRef, Record, decode_record, decode_result, encode_detection, encode_record
 from tensorline.engine import worker
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -45,11 +46,14 @@ def produce(cfg, ids: range) -> None:
 
 
 def now_between_batches() -> datetime:
-    """A time strictly after every record sent so far and before any sent next."""
-    time.sleep(0.05)
-    t = datetime.now(timezone.utc)
-    time.sleep(0.05)
-    return t
+    """A time strictly after every record sent so far and before any sent next (record
+    timestamps are whole milliseconds): the clock is read once it has passed the current
+    millisecond, and returned once it has passed the millisecond it read."""
+    def next_ms(after: int) -> int:
+        return wait_for(lambda: (ms := time.time_ns() // 1_000_000) > after and ms, 5, "the clock to move", every_s=0.001)
+    t = next_ms(time.time_ns() // 1_000_000)
+    next_ms(t)
+    return datetime.fromtimestamp(t / 1000, timezone.utc)
 
 
 def records(cfg, topic_name: str) -> list[Record]:
@@ -119,7 +123,7 @@ def test_reset_refuses_while_a_worker_is_live_and_names_it(namespace, kafka_boot
     try:
         deadline = time.monotonic() + 30
         while len(records(cfg, cfg.topic("mid").name)) < 5 and time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.2)  # poll of the loop's condition
         with pytest.raises(replay.GroupActive) as refused:
             replay.reset(cfg, "scale", None, replay.EARLIEST)
         assert f"group {namespace}.scale has 1 live member(s): {namespace}.scale." in str(refused.value)

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import structlog
 
+from tests.conftest import wait_for
+
 from tensorline import config
 from tensorline.engine import clients
 from tensorline.engine.errors import FATAL_EXIT_CODE
@@ -69,7 +71,7 @@ def test_a_crashing_worker_is_restarted_then_given_up(tmp_path, monkeypatch):
     deadline = time.monotonic() + 60
     while not sup.given_up and time.monotonic() < deadline:
         sup.check()
-        time.sleep(0.05)
+        time.sleep(0.05)  # poll of the loop's condition
     sup.stop()
     assert [s.label for s in sup.given_up] == ["scale.0"]
     assert "No module named 'no'" in (tmp_path / "logs" / "scale.0.log").read_text()
@@ -86,7 +88,7 @@ def test_stop_ends_live_workers_cleanly(tmp_path, namespace, kafka_bootstrap, mo
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not all(
             "worker started" in (tmp_path / "logs" / f"scale.{i}.log").read_text() for i in range(2)):
-        time.sleep(0.2)
+        time.sleep(0.2)  # poll of the loop's condition
     assert sup.alive == 2
     sup.stop(timeout_s=20)
     assert [w.proc.returncode for w in sup.running] == [0, 0]
@@ -114,12 +116,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"not {what} within {timeout_s:.0f} s"
-        time.sleep(0.2)
-    return result
 
 
 def cli(*args: str) -> list[str]:

@@ -106,7 +106,7 @@ def test_watch_publishes_new_files_and_a_restart_does_not_resend(tmp_path, cfg, 
         t.start()
         deadline = time.monotonic() + 30
         while len(raw(c)) < n_records and time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.2)  # poll of the loop's condition
         done.set()
         t.join(10)
         return result["s"]

@@ -77,7 +77,7 @@ def test_closing_a_consumer_with_a_request_in_flight_logs_no_error(pipeline, cap
 
     def stop_after_the_refresh_failed() -> None:
         while not refresh.is_done and time.monotonic() < deadline:
-            time.sleep(0.01)
+            time.sleep(0.01)  # poll of the loop's condition
         stop_loop()
     loop.close = stop_after_the_refresh_failed
     with caplog.at_level(logging.DEBUG, logger="kafka"):
