@@ -3,9 +3,14 @@ imported by name so the engine imports no plugin; and the device a worker proces
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.abc
+import importlib.util
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from tensorline.config import PipelineConfig
@@ -38,8 +43,58 @@ def quiet_tensorflow(device: str | None = None) -> None:
     """
     if device == "cpu" or (device is None and not has_gpu()):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietImport) for f in sys.meta_path):
+            sys.meta_path.insert(0, _QuietImport())
     elif device is not None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+# What TensorFlow's import writes to stderr on a host without CUDA drivers whatever its log level:
+# absl's note that logging is not initialised yet, then `cudart_stub.cc] Could not find cuda
+# drivers on your machine, GPU will not be used` (once per stub library) — an INFO line logged
+# before TF_CPP_MIN_LOG_LEVEL is read (tensorflow/tensorflow#62075).
+TF_IMPORT_NOISE = (b"All log messages before absl::InitializeLog() is called", b"Could not find cuda drivers")
+
+
+@contextlib.contextmanager
+def stderr_without(noise: tuple[bytes, ...]) -> Iterator[None]:
+    """Capture file descriptor 2 (C++ libraries write there directly) and, at the end, write back
+    every line that contains none of `noise`, in order."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured:
+                if not any(n in line for n in noise):
+                    os.write(2, line)
+
+
+class _QuietImport(importlib.abc.MetaPathFinder):
+    """Runs the first `import tensorflow` (also through keras) with `TF_IMPORT_NOISE` kept off
+    stderr; removes itself once used."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def quiet_exec_module(module) -> None:
+            with stderr_without(TF_IMPORT_NOISE):
+                exec_module(module)
+
+        spec.loader.exec_module = quiet_exec_module
+        return spec
 
 
 def pin_device(device: str) -> bool:

@@ -104,3 +104,15 @@ def test_tensorflow_on_a_cpu_device_logs_no_cuda_error(setup):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "CPU" in done.stdout
     assert "cuInit" not in done.stderr and "CUDA error" not in done.stderr, done.stderr
+    if not has_gpu():  # TensorFlow's import-time INFO lines, printed whatever its log level
+        assert "Could not find cuda drivers" not in done.stderr and "absl::InitializeLog" not in done.stderr, \
+            done.stderr
+
+
+def test_stderr_without_keeps_every_other_line_in_order(capfd):
+    from tensorline.engine.plugins import stderr_without
+
+    with stderr_without((b"cuda drivers",)):
+        os.write(2, b"first\nCould not find cuda drivers on your machine\n")
+        os.write(2, b"second\nthird, no newline")
+    assert capfd.readouterr().err == "first\nsecond\nthird, no newline"
