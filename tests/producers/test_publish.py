@@ -195,6 +195,7 @@ def test_no_results_topic_or_no_read_is_said_and_the_run_still_checks_itself(
                     '[fusion]\ninput = "detections"\noutput = "results"\nexpected_models = ["a"]\n'
                     'on_duplicate = "reprocess"\n')
     monkeypatch.chdir(tmp_path)  # the command's state file goes under ./.tensorline
+    capsys.readouterr()  # the first run's log lines (on stdout while structlog is not configured)
     assert cli.main(["produce", "-c", str(path), str(folder), "--check-results", "0"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("sent 2 records from 2 files")
