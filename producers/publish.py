@@ -1,10 +1,13 @@
 """Files -> Avro tensor records on the pipeline's raw topic.
 
-Each item becomes a Record keyed by its study/volume (one study stays in order on one
-partition), with a trace id and the ingest time in its headers. Backpressure: at most
-IN_FLIGHT_BYTES may be sent and not yet acknowledged; beyond that the producer waits for the
-oldest sends, so a slow broker slows the producer instead of growing memory. Bad files are reported with their name and reason and sent to the DLQ (with the
-file's bytes) or skipped, as the pipeline says; the run goes on and ends with a summary.
+Each item becomes a Record, with a trace id and the ingest time in its headers, keyed by its
+record id: records spread evenly over the raw topic's partitions and the stages keep the key, so
+every worker of a stage has work (`[producer] key = "study"` keys them by study, volume or archive
+instead: one study in order on one partition). Backpressure: at most IN_FLIGHT_BYTES may be sent
+and not yet acknowledged; beyond that the producer waits for the oldest sends, so a slow broker
+slows the producer instead of growing memory. Bad files are reported with their name and reason
+and sent to the DLQ (with the file's bytes) or skipped, as the pipeline says; the run goes on and
+ends with a summary.
 `--watch` keeps publishing new files; the files already sent are remembered in a state file, so
 a restart does not send them again (after a crash, at most the last unflushed file is resent).
 A record id sent before (in the state files of this pipeline's producers, in the results topic
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tensorline import logs
-from tensorline.config import PipelineConfig
+from tensorline.config import PRODUCER_KEY_CHOICES, PipelineConfig
 from tensorline.engine import clients
 from tensorline.producers.sources import BadFile, SourceItem, expand, read
 from tensorline.schemas import Record, encode_record
@@ -51,6 +54,14 @@ LOG_INTERVAL_S = 5.0
 RESULTS_READ_S = 10.0
 # Records sent again named in the summary, with where each was seen before.
 SENT_BEFORE_EXAMPLES = 3
+
+
+def partition_key(item: SourceItem, key: str) -> bytes:
+    """The Kafka key of an item's record under `[producer] key` (config.PRODUCER_KEY_CHOICES): its
+    record id, or its study (a NIfTI volume, an .npz archive; an image alone: its record id)."""
+    if key not in PRODUCER_KEY_CHOICES:
+        raise ValueError(f"a producer key is one of {', '.join(PRODUCER_KEY_CHOICES)}, not {key!r}")
+    return (item.study if key == "study" else item.record_id).encode()
 
 
 @dataclass
@@ -220,8 +231,10 @@ class Publisher:
     """Sends items to the raw topic with rate control, progress and bad-file handling."""
 
     def __init__(self, cfg: PipelineConfig, *, rate: float | None = None, limit: int | None = None,
-                 progress: bool | None = None, producer=None, sent_before: SentBefore | None = None):
+                 progress: bool | None = None, producer=None, sent_before: SentBefore | None = None,
+                 key: str | None = None):
         self.cfg = cfg
+        self.key = key or cfg.producer.key  # see partition_key
         self.sent_before = sent_before
         self.topic = cfg.topic(RAW).name
         self.dlq = cfg.topic(cfg.dlq).name
@@ -258,7 +271,7 @@ class Publisher:
         headers = [(TRACE_ID, uuid.uuid4().hex.encode()), (INGEST_MS, str(record.ingest_ts_ms).encode()),
                    (SOURCE, item.source.encode(errors="replace"))]
         self._wait_for_room(len(value))
-        future = self.producer.send(self.topic, key=item.key.encode(), value=bytes(value), headers=headers)
+        future = self.producer.send(self.topic, key=partition_key(item, self.key), value=bytes(value), headers=headers)
         self._in_flight.append((future, len(value)))
         self._in_flight_bytes += len(value)
         if self.sent_before is not None:
@@ -335,8 +348,10 @@ def _settled(files: Iterable[Path], sizes: dict[Path, tuple[int, float]]) -> Ite
 
 def produce(cfg: PipelineConfig, sources: list[str], *, rate: float | None = None, watch: bool = False,
             limit: int | None = None, state: Path | None = None, progress: bool | None = None,
-            stop: Callable[[], bool] = lambda: False, check_results_s: float = RESULTS_READ_S) -> Summary:
-    """Publish the files under `sources` (and, with `watch`, new ones until `stop()`).
+            stop: Callable[[], bool] = lambda: False, check_results_s: float = RESULTS_READ_S,
+            key: str | None = None) -> Summary:
+    """Publish the files under `sources` (and, with `watch`, new ones until `stop()`), keyed by
+    `key` ("record_id" or "study"; default: the pipeline's `[producer] key`).
 
     Record ids sent before are counted in the summary (`SentBefore`): against the state files of
     this pipeline's producers, the results topic (read for at most `check_results_s`) and the run.
@@ -347,7 +362,7 @@ def produce(cfg: PipelineConfig, sources: list[str], *, rate: float | None = Non
     for other in _state_files(cfg, state):
         sent_before.load_state(SentFiles(other).ids)
     sent_before.load_state(sent.ids)
-    publisher = Publisher(cfg, rate=rate, limit=limit, progress=progress, sent_before=sent_before)
+    publisher = Publisher(cfg, rate=rate, limit=limit, progress=progress, sent_before=sent_before, key=key)
     sizes: dict[Path, tuple[int, float]] = {}
     try:
         while True:

@@ -1,5 +1,5 @@
 """Files -> `SourceItem`s: one 2-D image of stored pixel values per DICOM frame, NIfTI slice,
-PNG/JPEG, or numpy array, with its attributes, partition key and ground-truth label if any.
+PNG/JPEG, or numpy array, with its attributes, the study it belongs to and ground-truth label if any.
 
 Pixel values are kept as stored (dtype included); the rescale and window that give them meaning
 travel as attributes, so a stage decides how to normalise. Every file that cannot become items
@@ -70,7 +70,9 @@ class SourceItem:
     """One 2-D image ready to become a tensor record."""
 
     record_id: str  # SOPInstanceUID where present, else a content hash
-    key: str  # partition key keeping one study/volume/file in order
+    # The DICOM study, NIfTI volume or .npz archive the image belongs to, else its record id: the
+    # partition key under `[producer] key = "study"` (one study in order on one partition).
+    study: str
     source: str  # file path, with '#frame=N' or '#slice=N' for one image of many
     tensors: dict[str, np.ndarray]  # {"image": 2-D stored pixel values, dtype kept}
     attributes: dict[str, str]
@@ -147,7 +149,7 @@ def synthetic(
         record_id = _content_id(pixels)
         yield SourceItem(
             record_id=record_id,
-            key=record_id,
+            study=record_id,
             source=f"synthetic:{seed}#{i}",
             tensors={"image": pixels},
             attributes={
@@ -239,7 +241,7 @@ def _dicom_items(path: Path, max_bytes: int) -> Iterator[SourceItem]:
             attributes |= {"frame_index": str(n), "n_frames": str(n_frames)}
         yield SourceItem(
             record_id=record_id,
-            key=common["study_uid"] or (base_id if n_frames > 1 else record_id),
+            study=common["study_uid"] or (base_id if n_frames > 1 else record_id),
             source=f"{path}#frame={n}" if n_frames > 1 else str(path),
             tensors={"image": frame},
             attributes=attributes | _shape_attrs(frame),
@@ -325,7 +327,7 @@ def _read_nifti(path: Path, max_bytes: int) -> Iterator[SourceItem]:
         }
         yield SourceItem(
             record_id=f"{volume_id}.{i}",
-            key=volume_id,
+            study=volume_id,
             source=f"{path}#slice={i}",
             tensors={"image": image},
             attributes=attributes | _shape_attrs(image),
@@ -351,7 +353,7 @@ def _read_picture(path: Path, max_bytes: int) -> Iterator[SourceItem]:
     record_id = _content_id(image)
     yield SourceItem(
         record_id=record_id,
-        key=record_id,
+        study=record_id,
         source=str(path),
         tensors={"image": image},
         attributes={"mode": mode} | _shape_attrs(image),
@@ -384,7 +386,7 @@ def _read_npz(path: Path, max_bytes: int) -> Iterator[SourceItem]:
                 image = _array_image(path, array, max_bytes)
                 yield SourceItem(
                     record_id=f"{file_id}.{name}",
-                    key=file_id,
+                    study=file_id,
                     source=f"{path}#array={name}",
                     tensors={"image": image},
                     attributes={"array_name": name} | _shape_attrs(image),

@@ -110,7 +110,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     summary = publish.produce(cfg, args.sources, rate=args.rate, watch=args.watch, limit=args.limit,
                               state=publish.state_file(cfg, args.sources), stop=lambda: bool(stopping),
                               check_results_s=publish.RESULTS_READ_S if args.check_results is None
-                              else args.check_results)
+                              else args.check_results, key=args.key)
     print("\n".join([summary.line(), *summary.notes]))
     return 0
 
@@ -289,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--check-results", type=float, metavar="SECONDS",
                     help="read the results topic for at most this long at start, to count the records "
                          "whose id was sent before (default: 10; 0: do not read it)")
+    pr.add_argument("--key", choices=config.PRODUCER_KEY_CHOICES,
+                    help="what the records are keyed by, hence partitioned: record_id spreads them over every "
+                         "partition; study keeps each study (volume, archive) in order on one partition "
+                         "(default: the pipeline file's producer.key, else record_id)")
     pr.set_defaults(func=cmd_produce)
 
     lg = with_config(sub.add_parser("lag", help="consumer lag per stage and partition (offsets and seconds)"))

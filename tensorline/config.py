@@ -49,6 +49,14 @@ DUPLICATE_ACTIONS = ("drop", "reprocess")
 # What detection scores are: one distribution over the classes, or each class on its own.
 SCORE_KINDS = ("softmax", "sigmoid")
 BAD_FILE_ACTIONS = ("dlq", "skip")
+# What a producer keys the raw topic's records by; the key picks the partition, and the stages keep
+# it on their outputs. "record_id" by default: records spread evenly over every partition, so each
+# worker of a stage has work whatever the number of studies (the demo's 1,200 images come from two
+# studies, which kept two of four partitions, and workers, busy). "study" keeps one study (a NIfTI
+# volume, an .npz archive) in order on one partition, for a pipeline that needs a study's images
+# in order; at most as many partitions as studies then carry records.
+PRODUCER_KEY_CHOICES = ("record_id", "study")
+DEFAULT_PRODUCER_KEY = "record_id"
 # fusion.strategy: fusion's STRATEGIES (fusion/strategies.py) and "stacking" (fusion/stacking.py),
 # named here so a typo fails at load; the engine imports no plugin (a test keeps the two equal).
 FUSION_STRATEGIES = ("weighted_average", "soft_vote", "majority_vote", "threshold", "max_confidence", "stacking")
@@ -71,8 +79,9 @@ _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 # The keys each table may have; anything else is an UnknownKey. Tables of names (topics, stages,
 # models, capacity) and the plugins' own `params` tables are free-form and checked otherwise.
-ROOT_KEYS = ("pipeline", "topics", "stages", "fusion", "kafka")
+ROOT_KEYS = ("pipeline", "topics", "producer", "stages", "fusion", "kafka")
 PIPELINE_KEYS = ("name", "bootstrap", "dlq", "delivery", "max_message_bytes", "on_bad_file", "classes")
+PRODUCER_KEYS = ("key",)
 TOPIC_KEYS = ("name", "partitions", "retention_ms")
 MODEL_KEYS = ("path", "version", "input")
 # The runtime settings a stage table and the [fusion] table share.
@@ -149,6 +158,13 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class ProducerConfig:
+    """How `tensorline produce` writes the raw topic ([producer] table)."""
+
+    key: str = DEFAULT_PRODUCER_KEY  # "record_id" or "study": see PRODUCER_KEY_CHOICES
+
+
+@dataclass(frozen=True)
 class StageConfig:
     """One stage: an independent consumer group from `input` to `output`."""
 
@@ -219,6 +235,7 @@ class PipelineConfig:
     on_bad_file: str = "dlq"
     kafka: Mapping[str, Any] = field(default_factory=dict)
     classes: tuple[str, ...] = DEFAULT_CLASSES
+    producer: ProducerConfig = ProducerConfig()
 
     def model(self, stage: str, name: str | None) -> ModelConfig | None:
         """The stage's model called `name`; with no name, its only model (or None if it has none)."""
@@ -411,6 +428,11 @@ def _fusion(r: _Reader, topics: Mapping[str, TopicConfig]) -> FusionConfig:
     )
 
 
+def _producer(r: _Reader) -> ProducerConfig:
+    r.only(PRODUCER_KEYS)
+    return ProducerConfig(key=r.choice("key", PRODUCER_KEY_CHOICES, DEFAULT_PRODUCER_KEY))
+
+
 def _kafka(r: _Reader) -> dict[str, Any]:
     unknown = [k for k in r.table if k not in KAFKA_PASSTHROUGH]
     if unknown:
@@ -460,6 +482,7 @@ def parse(data: Mapping[str, Any], path: str | Path = "<pipeline>") -> PipelineC
         on_bad_file=p.choice("on_bad_file", BAD_FILE_ACTIONS, "dlq"),
         kafka=_kafka(root.sub("kafka")),
         classes=p.strings("classes", list(DEFAULT_CLASSES)),
+        producer=_producer(root.sub("producer")),
     )
 
 

@@ -116,8 +116,8 @@ def test_written_dicoms_read_back_the_same(
             assert item.attributes[key] == split.attrs[i][key]
         assert item.attributes.get("window_center") == split.attrs[i].get("window_center")
     assert len({item.record_id for item in read}) == len(read)
-    # One study, hence one partition key, per source image.
-    keys = {(item.key, source) for item, source in zip(read, split.source_ids)}
+    # One study per source image (the partition key under `[producer] key = "study"`).
+    keys = {(item.study, source) for item, source in zip(read, split.source_ids)}
     assert len(keys) == len({key for key, _ in keys}) == len(set(split.source_ids))
 
     few = dataclasses.replace(

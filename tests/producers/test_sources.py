@@ -58,7 +58,7 @@ def test_ct_gives_stored_values_and_its_attributes() -> None:
     assert image.dtype == np.int16 and image.shape == (128, 128)
     np.testing.assert_array_equal(image, ds.pixel_array)
     assert item.record_id == ds.SOPInstanceUID
-    assert item.key == ds.StudyInstanceUID
+    assert item.study == ds.StudyInstanceUID
     assert item.source == str(path)
     assert item.label is None
     assert item.attributes == {
@@ -107,7 +107,7 @@ def test_multi_frame_gives_one_item_per_frame_with_functional_group_scaling() ->
     frames = items(path)
     assert [f.record_id for f in frames] == [f"{ds.SOPInstanceUID}.0", f"{ds.SOPInstanceUID}.1"]
     assert [f.source for f in frames] == [f"{path}#frame=0", f"{path}#frame=1"]
-    assert {f.key for f in frames} == {ds.StudyInstanceUID}
+    assert {f.study for f in frames} == {ds.StudyInstanceUID}
     for n, frame in enumerate(frames):
         np.testing.assert_array_equal(frame.tensors["image"], ds.pixel_array[n])
         assert frame.attributes["frame_index"] == str(n)
@@ -141,7 +141,7 @@ def test_4d_nifti_gives_the_slices_of_its_first_volume() -> None:
     for i, item in enumerate(slices):
         np.testing.assert_array_equal(item.tensors["image"], volume[:, :, i, 0])
         assert item.tensors["image"].dtype == np.int16
-        assert item.key == volume_id
+        assert item.study == volume_id
         assert item.source == f"{path}#slice={i}"
         assert item.attributes["slice_index"] == str(i)
         assert item.attributes["n_slices"] == "24"
@@ -176,7 +176,7 @@ def test_png_grey_8_and_16_bit_keep_their_values(tmp_path: Path) -> None:
         (item,) = items(tmp_path / f"{dtype.__name__}.png")
         assert item.tensors["image"].dtype == dtype
         np.testing.assert_array_equal(item.tensors["image"], pixels)
-        assert item.key == item.record_id and item.label is None
+        assert item.study == item.record_id and item.label is None
 
 
 def test_rgb_png_becomes_luminance(tmp_path: Path) -> None:
@@ -208,7 +208,7 @@ def test_npy_and_npz_arrays(tmp_path: Path) -> None:
     members = items(tmp_path / "b.npz")
     assert [m.attributes["array_name"] for m in members] == ["first", "second"]
     np.testing.assert_array_equal(members[1].tensors["image"], image.astype(np.int16) * 2)
-    assert members[0].key == members[1].key != members[0].record_id != members[1].record_id
+    assert members[0].study == members[1].study != members[0].record_id != members[1].record_id
 
 
 # --- record ids -------------------------------------------------------------------------------

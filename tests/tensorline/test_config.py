@@ -41,6 +41,15 @@ def test_defaults_and_derived_names():
     assert stage.models[0].version == "2" and stage.devices == ("cpu",)
     assert cfg.group_id("pre") == "p1.pre" and cfg.group_id("det", "cnn") == "p1.det.cnn"
     assert cfg.delivery == "exactly_once" and cfg.max_message_bytes == 16 * 1024 * 1024
+    assert cfg.producer.key == "record_id"  # records spread over every partition
+
+
+def test_the_producer_key_is_a_checked_choice():
+    assert config.parse(table(producer={"key": "study"})).producer.key == "study"
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(table(producer={"key": "studies"}), "p.toml")
+    assert str(err.value) == ("p.toml: producer.key: expected one of record_id, study, got 'studies' "
+                              "(did you mean 'study'?)")
 
 
 @pytest.mark.parametrize("mutate, key, expected", [
@@ -140,6 +149,8 @@ def test_a_typo_in_a_pipeline_file_names_the_file_as_given(tmp_path, monkeypatch
     (lambda t: t.update(fusion={"input": "raw", "output": "out", "expected_models": ["a"], "quourm": 1}),
      "fusion.quourm"),
     (lambda t: t.update(kafka={"sasl_mechansim": "PLAIN"}), "kafka.sasl_mechansim"),
+    (lambda t: t.update(producer={"kee": "study"}), "producer.kee"),
+    (lambda t: t.update(prodcer={"key": "study"}), "prodcer"),
 ])
 def test_every_table_rejects_unknown_keys(mutate, key):
     t = table()
