@@ -14,6 +14,16 @@ from tensorline.engine import clients
 
 READ_TIMEOUT_S = clients.READ_TIMEOUT_S  # read_all's default, as read_range's
 
+# Traffic is skewed when the busiest partition holds more than 1.5 times the mean of the topic's
+# partitions (its workers do that much more work, the others wait), or when a partition holds
+# none. Judged only on enough records that evenly hashed keys are not flagged by chance: a
+# partition's count under even hashing varies by about sqrt(mean), so with 50 records per partition
+# on average 1.5 times the mean is 3.5 standard deviations above it; an empty partition with 10 on
+# average happens by chance once in e^10 (22,000).
+SKEW_MAX_OVER_MEAN = 1.5
+SKEW_MIN_MEAN = 50
+EMPTY_MIN_MEAN = 10
+
 
 def read_all(cfg: PipelineConfig, topic: str, *, partitions: Iterable[int] | None = None,
              timeout_s: float = READ_TIMEOUT_S, committed_only: bool = True) -> list[ConsumerRecord]:
@@ -57,6 +67,9 @@ class TopicState:
     retention_ms: str | None
     cleanup_policy: str | None
     max_message_bytes: str | None
+    # Per partition, the records it holds: log-end minus log-start offset (transaction markers
+    # included). None for a missing topic.
+    records: tuple[int, ...] | None = None
 
 
 def describe(cfg: PipelineConfig) -> tuple[list[TopicState], list[str]]:
@@ -67,22 +80,69 @@ def describe(cfg: PipelineConfig) -> tuple[list[TopicState], list[str]]:
     try:
         existing = set(admin.list_topics())
         names = [t.name for t in cfg.topics.values() if t.name in existing]
-        meta = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(names)} if names else {}
+        meta = {t["name"]: sorted(p["partition_index"] for p in t["partitions"])
+                for t in admin.describe_topics(names)} if names else {}
         configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names])["topic"] \
             if names else {}
+        held = _records(admin, meta)
     finally:
         admin.close()
     states = []
     for t in cfg.topics.values():
         c = configs.get(t.name, {})
         value = lambda k: c[k]["value"] if k in c else None  # noqa: E731
-        states.append(TopicState(t.key, t.name, t.partitions, meta.get(t.name), value("retention.ms"),
-                                 value("cleanup.policy"), value("max.message.bytes")))
-    return states, warnings(cfg, {s.key: s.actual_partitions for s in states})
+        partitions = meta.get(t.name)
+        states.append(TopicState(t.key, t.name, t.partitions, None if partitions is None else len(partitions),
+                                 value("retention.ms"), value("cleanup.policy"), value("max.message.bytes"),
+                                 held.get(t.name)))
+    return states, warnings(cfg, {s.key: s.actual_partitions for s in states},
+                            {s.key: s.records for s in states if s.records is not None})
 
 
-def warnings(cfg: PipelineConfig, actual: dict[str, int | None]) -> list[str]:
-    """Idle workers, co-partitioning mismatches and missing topics (pure, from partition counts)."""
+def _records(admin, partitions: dict[str, list[int]]) -> dict[str, tuple[int, ...]]:
+    """Topic -> the records each of its partitions holds (log-end minus log-start offset)."""
+    from kafka import TopicPartition
+    from kafka.admin import OffsetSpec
+
+    tps = [TopicPartition(name, p) for name, ps in partitions.items() for p in ps]
+    if not tps:
+        return {}
+
+    def offsets(spec: int) -> dict[TopicPartition, int]:
+        return {tp: o.offset for tp, o in admin.list_partition_offsets(dict.fromkeys(tps, spec)).items()}
+
+    start, end = offsets(OffsetSpec.EARLIEST), offsets(OffsetSpec.LATEST)
+    return {name: tuple(end[TopicPartition(name, p)] - start[TopicPartition(name, p)] for p in ps)
+            for name, ps in partitions.items()}
+
+
+def skew(name: str, records: tuple[int, ...]) -> str | None:
+    """A warning when a topic's records (per partition) are spread unevenly (see SKEW_MAX_OVER_MEAN),
+    naming the topic and the partitions; None when they are even or too few to tell."""
+    if len(records) < 2:
+        return None
+    mean = sum(records) / len(records)
+    shown = f"records per partition {', '.join(f'{p}: {n}' for p, n in enumerate(records))}"
+    why = ("records with one key share one partition: keyed by study, no more partitions than studies carry "
+           "records (producer.key = \"record_id\" spreads them; stages keep their input's key)")
+    empty = [p for p, n in enumerate(records) if n == 0]
+    if empty and mean >= EMPTY_MIN_MEAN:
+        which = f"partition {empty[0]} holds" if len(empty) == 1 else \
+            f"partitions {', '.join(map(str, empty))} hold"
+        return (f"topic {name}: traffic skewed, {which} no records ({shown}): a worker owning only those idles; "
+                f"{why}")
+    busiest = max(range(len(records)), key=records.__getitem__)
+    if mean >= SKEW_MIN_MEAN and records[busiest] > SKEW_MAX_OVER_MEAN * mean:
+        return (f"topic {name}: traffic skewed, partition {busiest} holds {records[busiest] / mean:.1f}x the mean "
+                f"({shown}): its worker does that much more work than the average; {why}")
+    return None
+
+
+def warnings(cfg: PipelineConfig, actual: dict[str, int | None],
+             records: dict[str, tuple[int, ...]] | None = None) -> list[str]:
+    """Idle workers, co-partitioning mismatches, missing topics (pure, from partition counts) and
+    skewed traffic (from the records per partition of each topic key in `records`; the DLQ's
+    spread is nobody's load, so it is left out)."""
     out = []
     for key, n in actual.items():
         wanted = cfg.topics[key].partitions
@@ -102,4 +162,8 @@ def warnings(cfg: PipelineConfig, actual: dict[str, int | None]) -> list[str]:
         if a is not None and b is not None and a != b:
             out.append(f"{cfg.topics[key].name} ({a} partitions) and {cfg.topics[changelog].name} ({b}) must be "
                        f"co-partitioned: stage {name}'s changelog keeps its state in its input's partition")
+    for key, counts in (records or {}).items():
+        found = None if key == cfg.dlq else skew(cfg.topics[key].name, counts)
+        if found:
+            out.append(found)
     return out

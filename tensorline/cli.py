@@ -47,8 +47,10 @@ def cmd_topics(args: argparse.Namespace) -> int:
     states, warnings = topics.describe(cfg)
     for t in states:
         mark = "created" if t.name in created else ("missing" if t.actual_partitions is None else "exists")
+        records = ",".join(map(str, t.records)) if t.records is not None else "-"
         print(f"{t.name:40s} partitions={t.actual_partitions or '-'}/{t.partitions} retention.ms={t.retention_ms} "
-              f"cleanup.policy={t.cleanup_policy} max.message.bytes={t.max_message_bytes} {mark}")
+              f"cleanup.policy={t.cleanup_policy} max.message.bytes={t.max_message_bytes} "
+              f"records={records} {mark}")
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     return 0
