@@ -1,0 +1,369 @@
+"""Profile one stage worker on a real broker: its CPU per record that is not the model's.
+
+A fixed backlog of 64x64x1 float32 records (keyed by study, `tl.ingest_ms` headers, as the demo's
+preprocess writes them) is produced to a fresh input topic; then one worker process runs the
+stage (`features`: the bench backbone, forwarding only the embedding, as bench/stages runs it; or
+`scale`: the model-free `stages.testing.Scale`, whose output is the whole tensor) exactly-once,
+bounded by the backlog's end offsets. Over the records committed after the first `--warmup`
+ones, it measures per record:
+- the worker process's CPU (every thread: main loop, model thread, kafka-python's IO threads,
+  TensorFlow's pools), from `time.process_time()` in the worker, and per thread from /proc;
+- the broker's CPU over the same window (/proc/PID/stat; the broker must serve nothing else);
+- the model's CPU: that of the worker's native threads (TensorFlow's pools, where a model call
+  computes; Scale has none). What TensorFlow computes on the calling thread, and the model
+  thread's Python, count as ours: the figure errs high.
+overhead = worker + broker - model: what the Kafka path costs on top of the model, the figure
+issue 14 asks to halve. (Subtracting the model measured alone instead proved useless on a loaded
+machine: TensorFlow's pools spin, and its CPU per record moved by 0.5 ms between runs.) CPU time, not wall time: the machine is shared, so compare runs in the
+same conditions (`--tree` runs code versions interleaved).
+
+`--cprofile` prints cProfile's top lists on CPU time (`time.thread_time`: a thread waiting for a
+core costs nothing, which matters on a loaded machine) of every thread of the worker (its loop,
+the model thread, kafka-python's threads), for the whole run; `--py-spy` records the window
+(`py-spy record --gil --nonblocking`) and prints the top functions by own and total GIL time
+(wall time holding the GIL: on a loaded machine it counts time the holder waited for a core).
+Profiled runs are slower: their CPU figures are not comparable with unprofiled ones.
+
+    .venv/bin/tensorline broker start --data-dir /tmp/broker-perf --port 19192
+    .venv/bin/python bench/profile_worker.py --broker-dir /tmp/broker-perf --stage features --repeat 3
+    .venv/bin/python bench/profile_worker.py --broker-dir /tmp/broker-perf --tree HEAD~1 --tree . --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+TREES = Path(tempfile.gettempdir()) / "profile-worker-trees"
+MODELS = Path(tempfile.gettempdir()) / "profile-worker-models"
+# pyproject's package-dir: where each subpackage of `tensorline` lives in the repository.
+PACKAGE_DIRS = {"tensorline": "tensorline", "tensorline/producers": "producers", "tensorline/schemas": "schemas",
+                "tensorline/stages": "stages", "tensorline/fusion": "fusion", "tensorline/ops": "ops"}
+SAMPLE_S = 0.02  # the window's edges are found within this (a commit adds ~30-100 records at once)
+
+PIPELINE = """\
+[pipeline]
+name = "{name}"
+bootstrap = "{bootstrap}"
+delivery = "exactly_once"
+[topics]
+in = {{ partitions = 4 }}
+out = {{ partitions = 4 }}
+dlq = {{ partitions = 1 }}
+[stages.work]
+kind = "{kind}"
+input = "in"
+output = "out"
+max_batch = 32
+max_delay_ms = 50
+{extra}
+"""
+STAGES = {
+    "features": ("features", '[stages.work.params]\nkeep = []\n[stages.work.models.backbone]\npath = "{models}/backbone.keras"\n'),
+    "scale": ("tensorline.stages.testing:Scale", ""),
+}
+
+
+# -- parent: topics, backlog, worker processes, report ---------------------------------------
+def tree_path(ref: str) -> Path | None:
+    """A tree of the repository at `ref` laid out as the installed package (None: the working
+    tree, which the venv's editable install imports), for PYTHONPATH."""
+    if ref == ".":
+        return None
+    sha = subprocess.check_output(["git", "-C", str(REPO), "rev-parse", ref], text=True).strip()
+    root = TREES / sha[:12]
+    if not (root / "tensorline").exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(f"git -C {REPO} archive {sha} | tar -x -C {tmp}", shell=True, check=True)
+            staged = Path(tmp) / "out"
+            for package, folder in sorted(PACKAGE_DIRS.items()):
+                shutil.copytree(Path(tmp) / folder, staged / package, dirs_exist_ok=True)
+            shutil.copytree(staged, root)
+    return root
+
+
+def build_models() -> None:
+    if (MODELS / "backbone.keras").exists():
+        return
+    sys.path.insert(0, str(BENCH))
+    from _common import build_backbone
+
+    MODELS.mkdir(parents=True, exist_ok=True)
+    build_backbone().save(MODELS / "backbone.keras")
+
+
+def backlog(cfg, n: int, tensor: str) -> None:
+    """n records on the input topic, produced before the worker starts: records as the demo's
+    preprocess writes them (one 64x64x1 float32 tensor named `tensor`, keyed by study, with a
+    `tl.ingest_ms` header)."""
+    sys.path.insert(0, str(BENCH))
+    from _common import CLASSES, IMAGE, images
+
+    from tensorline.engine import clients
+    from tensorline.engine.runtime import INGEST_MS
+    from tensorline.schemas import Record, encode_record
+
+    producer = clients.producer(cfg)
+    for i, image in enumerate(images(n, IMAGE, seed=1)):
+        ingest = int(time.time() * 1000)
+        r = Record(record_id=f"r{i}", source="bench", ingest_ts_ms=ingest, tensors={tensor: image},
+                   stage="preprocess", label=CLASSES[i % 2])
+        producer.send(cfg.topic("in").name, key=f"study-{i % 64}".encode(), value=bytes(encode_record(r)),
+                      headers=[(INGEST_MS, str(ingest).encode())])
+    producer.flush()
+    producer.close()
+
+
+def run_once(args, ref: str, bootstrap: str, broker_pid: int, folder: Path) -> dict:
+    from tensorline import config
+    from tensorline.engine import clients
+
+    name = f"prof{os.urandom(4).hex()}"
+    kind, extra = STAGES[args.stage]
+    path = folder / f"{name}.toml"
+    path.write_text(PIPELINE.format(name=name, bootstrap=bootstrap, kind=kind, extra=extra.format(models=MODELS)))
+    cfg = config.load(path)
+    clients.create_topics(cfg)
+    backlog(cfg, args.warmup + args.records, "image" if args.stage == "features" else "x")
+    env = {**os.environ, "TENSORLINE_STATE_DIR": str(folder / "state"), "TF_CPP_MIN_LOG_LEVEL": "3",
+           "CUDA_VISIBLE_DEVICES": "-1"}
+    tree = tree_path(ref)
+    if tree is not None:
+        env["PYTHONPATH"] = f"{tree}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    cmd = [sys.executable, __file__, "--child", str(path), "--broker-pid", str(broker_pid),
+           "--warmup", str(args.warmup), "--records", str(args.records), "--stage", args.stage,
+           "--out", str(folder / f"{name}.json")]
+    cmd += ["--py-spy"] if args.py_spy else []
+    cmd += ["--cprofile"] if args.cprofile else []
+    log = folder / f"{name}.log"
+    with open(log, "w") as handle:
+        proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, timeout=900)
+    if proc.returncode:
+        raise RuntimeError(f"worker run failed ({proc.returncode}):\n{log.read_text()[-4000:]}")
+    result = json.loads((folder / f"{name}.json").read_text())
+    result["ref"] = ref
+    if args.py_spy or args.cprofile:
+        print(result.pop("profile"))
+    return result
+
+
+def show(r: dict) -> str:
+    threads = " ".join(f"{k}={v:.3f}" for k, v in sorted(r["threads_ms"].items(), key=lambda kv: -kv[1]) if v >= 0.005)
+    return (f"[{r['ref']}] overhead={r['overhead_ms']:.3f} ms/rec: worker={r['worker_ms']:.3f} broker={r['broker_ms']:.3f} "
+            f"model={r['model_ms']:.3f} (records={r['records']} batch={r['batch']:.1f} rps={r['rps']:.0f})\n"
+            f"    per thread ms/rec: {threads}")
+
+
+def parent(args) -> None:
+    from tensorline.engine import local
+
+    status = local.status(Path(args.broker_dir))
+    if not status.running:
+        sys.exit(f"no broker running under {args.broker_dir}: tensorline broker start --data-dir {args.broker_dir}")
+    if args.stage == "features":
+        build_models()
+    refs = args.tree or ["."]
+    results: dict[str, list[dict]] = {ref: [] for ref in refs}
+    with tempfile.TemporaryDirectory(prefix="profile-worker-") as tmp:
+        for i in range(args.repeat):
+            for ref in refs:  # interleaved: a busy spell of the machine hits every version alike
+                r = run_once(args, ref, status.bootstrap, status.pid, Path(tmp))
+                results[ref].append(r)
+                print(show(r), flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    for ref, rs in results.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in ("overhead_ms", "worker_ms", "broker_ms", "model_ms")}
+        print(f"profile_worker: stage={args.stage} tree={ref} runs={len(rs)} overhead_ms_per_record={med['overhead_ms']:.3f} "
+              f"worker_ms={med['worker_ms']:.3f} broker_ms={med['broker_ms']:.3f} model_ms={med['model_ms']:.3f} "
+              f"(overheads {', '.join(format(r['overhead_ms'], '.3f') for r in rs)})")
+
+
+# -- child: one worker, measured ---------------------------------------------------------------
+def proc_cpu_s(pid: int | str = "self") -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds per thread of this process: Python threads by name (the model thread as
+    "model", kafka-python's by its own names), native ones (TensorFlow's pools) as "native"."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: Counter[str] = Counter()
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = names.get(int(task.name), "native")
+        name = "model" if "-model" in name else name.split("-")[0] if name.startswith("kafka") else name
+        out[name] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return dict(out)
+
+
+def top(counts: Counter, total: int, n: int = 25) -> str:
+    return "\n".join(f"  {100 * c / total:5.1f}%  {name}" for name, c in counts.most_common(n))
+
+
+def py_spy_report(raw: Path) -> str:
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1]
+                  for f in stack.split(";")[1:]]  # first frame: the thread
+        c = int(count)
+        total += c
+        if frames:
+            own[frames[-1]] += c
+        for f in set(frames):
+            inclusive[f] += c
+    return (f"py-spy (GIL held) samples={total}\nby own time:\n{top(own, total)}\n"
+            f"by total time:\n{top(inclusive, total, 40)}")
+
+
+def profile_threads(profiles: list) -> None:
+    """cProfile on CPU time (time.thread_time) in every thread: the worker's loop (from
+    Worker.run, after the model loaded), the model thread and kafka-python's threads. Each
+    thread's profile is added to `profiles` when it ends."""
+    import cProfile
+
+    from tensorline.engine.runtime import Worker
+
+    def profiled(run):
+        def wrapper(*a, **k):
+            profiler = cProfile.Profile(time.thread_time)
+            profiler.enable()
+            try:
+                return run(*a, **k)
+            finally:
+                profiler.disable()
+                profiles.append(profiler)
+        return wrapper
+    threading.Thread._bootstrap_inner = profiled(threading.Thread._bootstrap_inner)  # subclasses' run too
+    Worker.run = profiled(Worker.run)
+
+
+def cprofile_report(profiles: list) -> str:
+    import io
+    import pstats
+
+    text = io.StringIO()
+    merged = pstats.Stats(profiles[0], stream=text)
+    for p in profiles[1:]:
+        merged.add(p)
+    merged.sort_stats("tottime").print_stats(40)
+    merged.sort_stats("cumulative").print_stats(60)
+    return "cProfile, CPU time of every thread, whole run:\n" + text.getvalue()
+
+
+def child(args) -> None:
+    from tensorline import config
+    from tensorline.engine import clients, worker as worker_module
+    from tensorline.engine.runtime import Worker
+
+    cfg = config.load(Path(args.child))
+    consumer = clients.consumer(cfg, None)
+    from kafka import TopicPartition
+
+    topic = cfg.topic("in").name
+    ends = {(tp.topic, tp.partition): o for tp, o in consumer.end_offsets(
+        [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]).items()}
+    consumer.close()
+    total = sum(ends.values())
+    made: list[Worker] = []
+    init = Worker.__init__
+
+    def spy_init(self, stage, *a, **k):  # the worker object run() builds, to read its stats
+        init(self, stage, *a, **k)
+        made.append(self)
+    Worker.__init__ = spy_init
+    window: dict = {}
+    done = threading.Event()
+
+    def sample() -> tuple[int, float, float, float, dict]:
+        w = made[0]
+        return (w.stats.records_in, time.process_time(), proc_cpu_s(args.broker_pid), time.monotonic(),
+                thread_cpu_s())
+
+    def monitor() -> None:
+        spy = None
+        while not done.is_set():
+            if made and "start" not in window and made[0].stats.records_in >= args.warmup:
+                window["start"] = sample()
+                if args.py_spy:
+                    window["raw"] = Path(args.out).with_suffix(".raw")
+                    spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(os.getpid()),
+                                            "--gil", "--nonblocking", "--rate", "250", "--format", "raw",
+                                            "-o", str(window["raw"])], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if "start" in window and made[0].stats.records_in >= total:
+                window["end"] = sample()
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(60)
+                return
+            time.sleep(SAMPLE_S)  # sampling period of the window's edges
+
+    threading.Thread(target=monitor, name="profile-monitor", daemon=True).start()
+    profiles: list = []
+    if args.cprofile:
+        profile_threads(profiles)
+    stats = worker_module.run(cfg, "work", metrics_port=None, end_offsets=ends)
+    done.set()
+    if "end" not in window:
+        sys.exit(f"the window never closed: {stats}")
+    (n0, c0, b0, t0, th0), (n1, c1, b1, t1, th1) = window["start"], window["end"]
+    n = n1 - n0
+    batch = stats.records_in / max(1, stats.batches)
+    model = th1.get("native", 0.0) - th0.get("native", 0.0)
+    worker_ms, broker_ms, model_ms = 1000 * (c1 - c0) / n, 1000 * (b1 - b0) / n, 1000 * model / n
+    result = {"records": n, "rps": n / (t1 - t0), "batch": batch, "worker_ms": worker_ms, "broker_ms": broker_ms,
+              "model_ms": model_ms, "overhead_ms": worker_ms + broker_ms - model_ms,
+              "threads_ms": {k: 1000 * (v - th0.get(k, 0.0)) / n for k, v in th1.items() if k != "profile-monitor"}}
+    profile = []
+    if "raw" in window:
+        profile.append(py_spy_report(window["raw"]))
+    if profiles:
+        profile.append(cprofile_report(profiles))
+    result["profile"] = "\n".join(profile)
+    Path(args.out).write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--broker-dir", default="/tmp/broker-perf", help="data dir of a running `tensorline broker`")
+    parser.add_argument("--stage", choices=sorted(STAGES), default="features")
+    parser.add_argument("--records", type=int, default=4000, help="records in the measured window")
+    parser.add_argument("--warmup", type=int, default=1000, help="records before the window opens")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--tree", action="append", help="git ref to run the worker from ('.': the working tree); "
+                        "repeat to compare, runs interleaved")
+    parser.add_argument("--py-spy", action="store_true", help="py-spy top list of the window (GIL time)")
+    parser.add_argument("--cprofile", action="store_true", help="cProfile top lists (CPU time, every thread)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--broker-pid", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+    else:
+        parent(args)
+
+
+if __name__ == "__main__":
+    main()
