@@ -19,15 +19,30 @@ capacity 3 (device cpu) and 1 (device gpu:0, which runs on the CPU of a CPU-only
 8-partition topic: the assignment read from the group description, and the records each worker
 processed from its "worker stopped" log line.
 
+Measured capacity against kafka-python's CooperativeStickyAssignor: one stage of two workers whose
+model really differs in speed (the model-free Scale stage with params.work, 128x128 matrix products
+per record: 8 on the cpu worker, 24 on the gpu:0 one, both on this CPU) and no declared capacity,
+on 12 partitions. First a warm-up backlog (as many records as each worker needs for its first
+MIN_MEASURED_BUSY_S of processing at an even split) during which the workers measure their
+capacity and the group places again; once it is settled, a timed stream released at once. The
+same run, records and warm-up with every worker on the cooperative-sticky assignor (patched into
+the worker process by `sticky_worker`) is the baseline. Records per worker come from each
+worker's Prometheus counter, read before and after the timed stream.
+
 Every namespace is new to the broker (`run_name`, checked empty); a run whose outputs are not
 exactly the records sent, or whose window is empty, is not reported: its figures print as n/a.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
+import subprocess
+import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -38,8 +53,10 @@ from kafka.errors import CoordinatorLoadInProgressError, CoordinatorNotAvailable
 
 from tensorline import config, logs
 from tensorline.engine import clients
+from tensorline.ops import supervisor
 from tensorline.ops.supervisor import Supervisor, specs
-from tensorline.engine.assignor import assign
+from tensorline.engine.assignor import MIN_MEASURED_BUSY_S, REMEASURE_EVERY_S, assign
+from tensorline.schemas import Record, encode_record
 from tensorline.engine.plugins import pin_device
 from tensorline.stages.base import Model
 from tensorline.engine.runtime import INGEST_MS
@@ -59,6 +76,20 @@ ONE_THREAD = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
 # The stream's transaction stays open while the workers start and warm up: minutes on a busy machine.
 TRANSACTION_TIMEOUT_MS = 300_000
 PURE_CASES = ((12, {"a": 3, "b": 1}), (12, {"a": 2, "b": 1, "c": 1}), (8, {"a": 3, "b": 1}), (10, {"a": 3, "b": 1}))
+# Measured capacity vs sticky: 12 partitions, so 3:1 is 9:3 exactly.
+MEASURED_PARTITIONS = 12
+# 128x128 products per record (~0.12 ms of a core each): the cpu worker ~1 ms, the gpu:0 one ~3 ms.
+WORK = {"cpu": 8, "gpu:0": 24}
+FAST = "cpu"
+# The warm-up: at an even split the fast worker gets half, and needs MIN_MEASURED_BUSY_S of model
+# time at ~1 ms per record (more on a loaded machine, when its calls also wait for a core).
+N_MEASURE_WARMUP = 12_000
+N_MEASURE_TIMED = 9_000
+# The group counts as settled once its assignment has not changed for this long (the workers
+# compare their measurement with what they advertised every REMEASURE_EVERY_S).
+SETTLED_S = 2 * REMEASURE_EVERY_S + 2
+# One core per worker's "model": OpenBLAS would otherwise run each product on every core.
+ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 PIPELINE = """\
 [pipeline]
@@ -79,6 +110,28 @@ devices = {devices}
 {capacity}
 [stages.features.models.backbone]
 path = "{model}"
+"""
+
+
+MEASURED_PIPELINE = """\
+[pipeline]
+name = "{name}"
+bootstrap = "{bootstrap}"
+delivery = "exactly_once"
+[topics]
+input = {{ partitions = {partitions} }}
+output = {{ partitions = {partitions} }}
+dlq = {{ partitions = 1 }}
+
+[stages.scale]
+kind = "tensorline.stages.testing:Scale"
+input = "input"
+output = "output"
+max_batch = {max_batch}
+max_delay_ms = {max_delay_ms}
+devices = {devices}
+[stages.scale.params]
+work = {work}
 """
 
 
@@ -191,6 +244,42 @@ def ceiling_rps(model: Model, batch: np.ndarray) -> float:
     return len(batch) / (time.perf_counter() - started)
 
 
+def release(cfg: config.PipelineConfig, stream: list[tuple[bytes, bytes]], partitions: int, prefix: bytes,
+            check, what: str, at_release=lambda: None) -> tuple[dict[bytes, object], float]:
+    """Send `stream` to the input inside one transaction, which read_committed workers cannot see,
+    and commit it (the whole backlog appears at once, `at_release` just before); the outputs whose
+    key starts with `prefix`, by key, once there is one per record, and the seconds that took."""
+    producer = clients.producer(cfg, transactional_id=f"{cfg.name}.bench-stream",
+                                transaction_timeout_ms=TRANSACTION_TIMEOUT_MS)
+    producer.init_transactions()
+    producer.begin_transaction()
+    topic = cfg.topic("input").name
+    for key, value in stream:
+        producer.send(topic, key=key, value=value, headers=[(INGEST_MS, str(int(time.time() * 1000)).encode())])
+    producer.flush()
+    outputs = clients.consumer(cfg, None)
+    out_topic = cfg.topic("output").name
+    tps = [TopicPartition(out_topic, p) for p in range(partitions)]
+    outputs.assign(tps)
+    outputs.seek_to_beginning(*tps)
+    try:
+        at_release()
+        started = time.monotonic()
+        producer.commit_transaction()
+        producer.close()
+        seen: dict[bytes, object] = {}
+        deadline = time.monotonic() + STREAM_TIMEOUT_S
+        while len(seen) < len(stream):
+            check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what}: {len(seen)} of {len(stream)} outputs after {STREAM_TIMEOUT_S:.0f} s")
+            for batch in outputs.poll(timeout_ms=100).values():
+                seen.update((r.key, r) for r in batch if r.key.startswith(prefix))
+        return seen, time.monotonic() - started
+    finally:
+        outputs.close()
+
+
 def run_key(label: str, n: int) -> str:
     """The measurement of one throughput run (see Measured)."""
     return f"{label} x{n}"
@@ -208,34 +297,10 @@ def throughput(folder: Path, bootstrap: str, broker_pid: int, label: str, n: int
         produce(cfg, "input", images(N_WARMUP, IMAGE, seed=2), prefix="w", unique_keys=True)
         wait_for(lambda: committed(admin, group) >= N_WARMUP, WORKER_START_S, "the warm-up records", check)
 
-        producer = clients.producer(cfg, transactional_id=f"{cfg.name}.bench-stream",
-                                    transaction_timeout_ms=TRANSACTION_TIMEOUT_MS)
-        producer.init_transactions()
-        producer.begin_transaction()
-        topic = cfg.topic("input").name
-        for key, value in stream:
-            producer.send(topic, key=key, value=value, headers=[(INGEST_MS, str(int(time.time() * 1000)).encode())])
-        producer.flush()
-        outputs = clients.consumer(cfg, None)
-        out_topic = cfg.topic("output").name
-        tps = [TopicPartition(out_topic, p) for p in range(PARTITIONS)]
-        outputs.assign(tps)
-        outputs.seek_to_beginning(*tps)
-
-        before, started = cpu_snapshot(sup, broker_pid), time.monotonic()
-        producer.commit_transaction()  # the backlog appears at once
-        producer.close()
-        seen: dict[bytes, object] = {}
-        deadline = time.monotonic() + STREAM_TIMEOUT_S
-        while len(seen) < len(stream):
-            check()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{label}, {n} workers: {len(seen)} of {len(stream)} outputs "
-                                   f"after {STREAM_TIMEOUT_S:.0f} s")
-            for batch in outputs.poll(timeout_ms=100).values():
-                seen.update((r.key, r) for r in batch if r.key.startswith(b"r"))
-        after, elapsed = cpu_snapshot(sup, broker_pid), time.monotonic() - started
-        outputs.close()
+        snapshots = []
+        seen, elapsed = release(cfg, stream, PARTITIONS, b"r", check, f"{label}, {n} workers",
+                                lambda: snapshots.append(cpu_snapshot(sup, broker_pid)))
+        before, after = snapshots[0], cpu_snapshot(sup, broker_pid)
     finally:
         stats = stop(sup)
         admin.close()
@@ -307,24 +372,229 @@ def capacity_shares(folder: Path, bootstrap: str, measured: Measured) -> Shares:
     return Shares(held, records, per_partition, leader)
 
 
+# -- measured capacity vs cooperative-sticky -------------------------------------------------
+class StickySupervisor(Supervisor):
+    """The same worker processes, each running `sticky_worker`: kafka-python's assignor instead
+    of the capacity one, and nothing else changed."""
+
+    def _spawn(self, spec: supervisor.WorkerSpec) -> tuple[subprocess.Popen, int]:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--sticky-worker", spec.stage,
+               "-c", str(self.config_path), "--device", spec.device]
+        with open(self._log_path(spec), "ab") as out:
+            proc = subprocess.Popen(cmd, env={**self.env, supervisor.SUPERVISOR_PID_ENV: str(os.getpid())},
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                                    preexec_fn=supervisor._PREEXEC)
+            return proc, out.tell()
+
+
+def sticky_worker(argv: list[str]) -> int:
+    """`tensorline run` with kafka-python's CooperativeStickyAssignor in place of CapacityAssignor."""
+    from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+
+    from tensorline import cli
+    from tensorline.engine import worker
+
+    def baseline(capacity: float | None = None, *, log=None) -> CooperativeStickyAssignor:
+        assignor = CooperativeStickyAssignor()
+        assignor.watch = lambda consumer, stop: None  # nothing measured, nothing to watch
+        return assignor
+
+    worker.CapacityAssignor = baseline
+    return cli.main(["run", *argv])
+
+
+@dataclass
+class Allocation:
+    """One stage of a fast and a slow worker, on the capacity assignor (measured) or the sticky one."""
+
+    mode: str
+    rps: float | None
+    window_s: float
+    warmup_s: float  # the warm-up backlog sent -> committed: measuring and placing again included
+    held: dict[str, list[int]]  # device -> partitions during the timed stream
+    records: dict[str, int]  # device -> records of the timed stream it processed
+    changed: bool  # the assignment changed during the timed stream
+    placements: list[str]  # every placement the leader logged ("partitions assigned")
+
+
+def scale_records(n: int, prefix: str) -> list[tuple[bytes, bytes]]:
+    """(key, value) of n small records (a 16-float tensor "x"): the stage's work is its params.work."""
+    x = np.ones(16, np.float32)
+    return [(f"{prefix}{i}".encode(),
+             bytes(encode_record(Record(record_id=f"{prefix}{i}", source="bench", ingest_ts_ms=int(time.time() * 1000),
+                                        tensors={"x": x}, stage="input"))))
+            for i in range(n)]
+
+
+def measured_pipeline(folder: Path, bootstrap: str, mode: str) -> config.PipelineConfig:
+    name = run_name(f"alloc-{mode}-")
+    home = folder / name
+    home.mkdir()
+    work = "{ " + ", ".join(f'"{d}" = {w}' for d, w in WORK.items()) + " }"
+    path = home / "pipeline.toml"
+    path.write_text(MEASURED_PIPELINE.format(name=name, bootstrap=bootstrap, partitions=MEASURED_PARTITIONS,
+                                             max_batch=MAX_BATCH, max_delay_ms=MAX_DELAY_MS,
+                                             devices=json.dumps(list(WORK)), work=work))
+    cfg = config.load(path)
+    clients.create_topics(cfg)
+    require_fresh(cfg)
+    return cfg
+
+
+def records_in(cfg: config.PipelineConfig, group: str) -> dict[str, float]:
+    """device -> records each worker has consumed and committed (its Prometheus counter)."""
+    found = {}
+    for slot in (Path(cfg.path).parent / "state" / "workers").glob(f"{group}.*.lock"):
+        info = json.loads(slot.read_text() or "{}")
+        if info.get("group") != group or not info.get("metrics"):
+            continue
+        text = urllib.request.urlopen(f"http://{info['metrics']}/metrics", timeout=10).read().decode()
+        counts = re.findall(r'^tensorline_records_in_total\{[^}]*\} ([0-9.e+]+)$', text, re.M)
+        found[info["device"]] = sum(float(c) for c in counts)
+    return found
+
+
+def settled(admin, group: str, check) -> dict[str, list[int]]:
+    """The group's assignment (client id -> partitions) once it is Stable, with no move pending,
+    and has not changed for SETTLED_S."""
+    last, since = None, time.monotonic()
+    deadline = since + STREAM_TIMEOUT_S
+    while True:
+        check()
+        now = assignment(admin, group, len(WORK))
+        if now != last:
+            last, since = now, time.monotonic()
+        elif now is not None and time.monotonic() - since >= SETTLED_S:
+            return now
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"group {group} not settled after {STREAM_TIMEOUT_S:.0f} s: {last}")
+        time.sleep(0.5)  # poll of the group's state
+
+
+def allocation(folder: Path, bootstrap: str, mode: str, stream: list[tuple[bytes, bytes]],
+               measured: Measured) -> Allocation:
+    """One run of the fast/slow stage: join, warm up (and measure), settle, then the timed stream."""
+    cfg = measured_pipeline(folder, bootstrap, mode)
+    admin = clients.admin(cfg)
+    group = group_id(cfg, "scale", None)
+    home = Path(cfg.path).parent
+    env = {**os.environ, "TENSORLINE_STATE_DIR": str(home / "state"), **ONE_BLAS_THREAD}
+    sup = (Supervisor if mode == "measured" else StickySupervisor)(
+        cfg.path, specs(cfg, "scale", workers=len(WORK)), log_dir=home / "logs", env=env)
+    sup.start()
+    device = lambda client: next(d for d in WORK if client.endswith(f".{d}"))  # noqa: E731
+    try:
+        check = lambda: alive(sup)  # noqa: E731
+        wait_for(lambda: assignment(admin, group, len(WORK)) is not None, WORKER_START_S,
+                 "both workers to join", check)
+        started = time.monotonic()
+        produce_raw(cfg, scale_records(N_MEASURE_WARMUP, "w"))
+        wait_for(lambda: committed(admin, group) >= N_MEASURE_WARMUP, STREAM_TIMEOUT_S, "the warm-up records", check)
+        warmup_s = time.monotonic() - started
+        held = {device(c): ps for c, ps in settled(admin, group, check).items()}
+        before = records_in(cfg, group)
+        seen, _ = release(cfg, stream, MEASURED_PARTITIONS, b"m", check, f"{mode} allocation")
+        after = records_in(cfg, group)
+        changed = {device(c): ps for c, ps in (assignment(admin, group, len(WORK)) or {}).items()} != held
+    finally:
+        stop(sup)
+        admin.close()
+    key = f"allocation {mode}"
+    measured.count(key, len(stream), len(seen), "outputs")
+    if set(seen) != {k for k, _ in stream}:
+        measured.refuse(key, f"{len(set(seen) - {k for k, _ in stream})} outputs of records this run did not send")
+    records = {d: int(after.get(d, 0) - before.get(d, 0)) for d in WORK}
+    measured.count(f"{key} records", len(stream), sum(records.values()), "records counted by the workers")
+    first = min(ms(r, "tl.scale.received_ms") for r in seen.values())
+    last = max(ms(r, "tl.scale.produced_ms") for r in seen.values())
+    window = (last - first) / 1000
+    if window <= 0:
+        measured.refuse(key, f"the first record received and the last produced are {window:.3f} s apart")
+    placements = []
+    for w in sup.running:
+        for line in (sup.log_dir / f"{w.spec.label}.log").read_text().splitlines():
+            if '"partitions assigned"' in line and '"members"' in line:
+                event = json.loads(line)
+                placements.append(f"{event.get('timestamp', '')} " + ", ".join(
+                    f"{v['capacity']}: {v['partitions']}" for v in event["members"].values()))
+    return Allocation(mode, len(seen) / window if window > 0 else None, window, warmup_s, held, records, changed,
+                      sorted(placements))
+
+
+def produce_raw(cfg: config.PipelineConfig, records: list[tuple[bytes, bytes]]) -> None:
+    """Send (key, value) records to the input as fast as possible, stamped with their ingest time."""
+    producer = clients.producer(cfg)
+    topic = cfg.topic("input").name
+    for key, value in records:
+        producer.send(topic, key=key, value=value, headers=[(INGEST_MS, str(int(time.time() * 1000)).encode())])
+    producer.flush()
+    producer.close()
+
+
 # -- the run ---------------------------------------------------------------------------------
 def main() -> None:
+    if sys.argv[1:2] == ["--sticky-worker"]:  # a worker process of StickySupervisor
+        sys.exit(sticky_worker(sys.argv[2:]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--allocation-only", action="store_true",
+                        help="only the measured-capacity vs cooperative-sticky runs (no summary line)")
+    args = parser.parse_args()
     pin_device("cpu")
     logs.configure(json=True, level="warning")  # the supervisor's start/stop lines are not the report
     print(f"before the bench: {machine_load()}")
+    measured = Measured()
     with local_broker() as (folder, status):
+        allocation_stream = scale_records(N_MEASURE_TIMED, "m")
+        if args.allocation_only:
+            allocations = [allocation(folder, status.bootstrap, mode, allocation_stream, measured)
+                           for mode in ("measured", "sticky")]
+            report_allocations(measured, allocations)
+            print(f"after the bench: {machine_load()}")
+            return
         build_backbone().save(folder / "backbone.keras")
         batch = images(N_STREAM, IMAGE, seed=1)
         ceiling = ceiling_rps(Model(config.ModelConfig("backbone", str(folder / "backbone.keras"))), batch)
         stream = encoded(batch, "r")
-        measured = Measured()
         runs = [throughput(folder, status.bootstrap, status.pid, label, n, env, stream, measured)
                 for label, env in (("as-is", {}), ("1-thread", ONE_THREAD)) for n in (1, 2)]
         shares = capacity_shares(folder, status.bootstrap, measured)
-    report(measured, runs, shares, ceiling)
+        allocations = [allocation(folder, status.bootstrap, mode, allocation_stream, measured)
+                       for mode in ("measured", "sticky")]
+    report(measured, runs, shares, ceiling, allocations)
 
 
-def report(m: Measured, runs: list[Run], shares: Shares, ceiling: float) -> None:
+def report_allocations(m: Measured, allocations: list[Allocation]) -> dict[str, str]:
+    """The fast/slow table; the summary line's figures (n/a where a measurement was refused)."""
+    print(f"measured capacity vs cooperative-sticky: one Scale stage, {MEASURED_PARTITIONS} partitions, "
+          f"work per record {WORK} (128x128 products; {FAST} is the fast worker, both on this CPU), "
+          f"{N_MEASURE_WARMUP} warm-up records then {N_MEASURE_TIMED} timed, released at once")
+    print(f"{'assignor':<10}{'rec/s':>9}{'window s':>10}{'warm-up s':>11}   partitions and records of the "
+          f"timed stream per worker")
+    by = {a.mode: a for a in allocations}
+    for a in allocations:
+        key = f"allocation {a.mode}"
+        per = "; ".join(f"{d}: {len(a.held.get(d, []))} partitions {a.held.get(d, [])}, {a.records.get(d, 0)} records"
+                        for d in WORK)
+        print(f"{a.mode:<10}{m.value(a.rps, key, fmt='.1f'):>9}{a.window_s:>10.2f}{a.warmup_s:>11.1f}   {per}"
+              + ("  (the assignment changed during the timed stream)" if a.changed else ""))
+    for line in by["measured"].placements:
+        print(f"  measured: leader's placement (capacity: partitions) {line}")
+    fast = by["measured"]
+    key = "allocation measured"
+    share = m.ratio(len(fast.held.get(FAST, [])), sum(len(ps) for ps in fast.held.values()), key, fmt=".3f")
+    records_share = m.ratio(fast.records.get(FAST, 0), sum(fast.records.values()), key, f"{key} records", fmt=".3f")
+    sticky_records = m.ratio(by["sticky"].records.get(FAST, 0), sum(by["sticky"].records.values()),
+                             "allocation sticky", "allocation sticky records", fmt=".3f")
+    vs = m.ratio(fast.rps, by["sticky"].rps, key, "allocation sticky")
+    print(f"  fast worker's share: partitions {share}, records {records_share} (sticky: records {sticky_records}); "
+          f"work ratio {WORK['gpu:0'] / WORK[FAST]:.0f}:1, so ideal {WORK['gpu:0'] / sum(WORK.values()):.2f}")
+    print(f"  measured vs sticky throughput: {vs}")
+    for reason in m.reasons():
+        print(reason)
+    return {"measured_share_fast": share, "measured_records_share_fast": records_share, "vs_sticky": vs}
+
+
+def report(m: Measured, runs: list[Run], shares: Shares, ceiling: float, allocations: list[Allocation]) -> None:
     """The tables and the summary line; a figure resting on a refused measurement prints n/a."""
     print(f"stream: {N_STREAM} records of {IMAGE} float32 on {PARTITIONS} partitions, features stage, "
           f"max_batch={MAX_BATCH}, exactly_once; each worker warmed up on its own partitions first")
@@ -364,16 +634,16 @@ def report(m: Measured, runs: list[Run], shares: Shares, ceiling: float) -> None
               f"{shares.records.get(device, 0)} "
               f"(on its partitions: {on_mine})")
     print(f"  records per input partition: {dict(sorted(shares.per_partition.items()))}")
+    allocated = report_allocations(m, allocations)
     print(f"after the bench: {machine_load()}")
-    for reason in m.reasons():
-        print(reason)
     rps_1, rps_2 = by["as-is", 1].rps, by["as-is", 2].rps
     one, two = run_key("as-is", 1), run_key("as-is", 2)
     print(f"bench scaling: speedup_2_workers={m.ratio(rps_2, rps_1, one, two)} "
           f"rps_1={m.value(rps_1, one, fmt='.1f')} rps_2={m.value(rps_2, two, fmt='.1f')} "
           f"share_fast={m.ratio(len(shares.held.get(fast, [])), total_p, fmt='.3f')} "
           f"share_fast_ideal={CAPACITY[fast] / sum(CAPACITY.values()):.2f} "
-          f"records_share_fast={m.ratio(shares.records.get(fast, 0), total_r, 'capacity records', fmt='.3f')}")
+          f"records_share_fast={m.ratio(shares.records.get(fast, 0), total_r, 'capacity records', fmt='.3f')} "
+          + " ".join(f"{k}={v}" for k, v in allocated.items()))
 
 
 if __name__ == "__main__":

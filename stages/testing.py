@@ -4,22 +4,44 @@ file."""
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Mapping
 from dataclasses import replace
+
+import numpy as np
 
 from tensorline.config import ModelConfig, PipelineConfig, StageConfig
 from tensorline.schemas import Record
 from tensorline.stages.base import RecordStage, tensor
 
 
+# The unit of params.work: one product of two 128x128 float64 matrices, ~0.12 ms of one core.
+WORK_SIDE = 128
+
+
+def pinned_device() -> str:
+    """The device `plugins.pin_device` made visible to this process ("cpu" when none was)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "-1")
+    return "cpu" if visible in ("", "-1") else f"gpu:{visible}"
+
+
 class Scale(RecordStage):
     """Multiplies tensor "x" by params.factor. A record with attribute "poison" makes the batch
-    raise (as a model would on input it cannot take); params.sleep_s makes each batch slow."""
+    raise (as a model would on input it cannot take); params.sleep_s makes each batch slow.
+
+    params.work costs CPU like a model: that many 128x128 matrix products per record (numpy
+    releases the GIL for them, as a model's kernels do). A table by device (`{ cpu = 8, "gpu:0" =
+    24 }`) gives the workers of one stage different speeds, each by the device it is pinned to.
+    """
 
     def __init__(self, pipeline: PipelineConfig, stage: StageConfig, model: ModelConfig | None):
         super().__init__(pipeline, stage, model)
         self.factor = float(self.params.get("factor", 2.0))
         self.sleep_s = float(self.params.get("sleep_s", 0.0))
+        work = self.params.get("work", 0)
+        self.work = int(work.get(pinned_device(), 0) if isinstance(work, Mapping) else work)
+        self._matrix = np.random.default_rng(0).standard_normal((WORK_SIDE, WORK_SIDE)) / WORK_SIDE
         self.batch_sizes: list[int] = []
 
     def check(self, item: Record) -> None:
@@ -28,6 +50,8 @@ class Scale(RecordStage):
     def process(self, items: list[Record]) -> list[Record]:
         self.batch_sizes.append(len(items))
         time.sleep(self.sleep_s)
+        for _ in range(self.work * len(items)):
+            self._matrix @ self._matrix  # the same product every time: a constant cost
         if any("poison" in r.attributes for r in items):
             raise ValueError("poisoned record in batch")
         return [replace(r, tensors={"x": r.tensors["x"] * self.factor}, stage=self.name) for r in items]

@@ -133,9 +133,13 @@ def run(pipeline: PipelineConfig, stage: str, *, model: str | None = None, devic
     log.info("worker started", metrics=endpoint, input=pipeline.topic(cfg.input).name, output=pipeline.topic(cfg.output).name,
              delivery=pipeline.delivery, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms,
              commit_interval_ms=cfg.commit_interval_ms)
+    # A measured capacity reaches the group only at a join: the watch makes one when it moves.
+    watching = threading.Event()  # set when the worker ends, and the watch ends with it
+    assignor.watch(consumer, watching)
     try:
         stats = worker.run(until_idle_s=until_idle_s)
     finally:
+        watching.set()
         sink.close()
         source.close()
         slot.close()

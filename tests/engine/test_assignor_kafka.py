@@ -1,6 +1,8 @@
 """CapacityAssignor on the real broker: a consumer of capacity 2 joins one of capacity 1 that owns
 all 6 partitions; they settle at 4:2 through a COOPERATIVE move, and after the slow one closes the
-fast one owns all 6."""
+fast one owns all 6. Two members that measure their capacity split evenly until they have measured,
+then 3:1 as measured, with no member joining or leaving, and evenly again when the slow one's
+measurement catches up."""
 
 from __future__ import annotations
 
@@ -21,19 +23,24 @@ pytestmark = pytest.mark.broker
 HEARTBEAT_MS = 500
 # An assignment unchanged this long counts as settled (several heartbeats, no follow-up round).
 STABLE_S = 3.0
+# Measured capacities are compared with the advertised ones this often (workers: every 5 s).
+WATCH_S = 0.5
 
 
 class Member(threading.Thread):
     """A plain consumer polling in its own thread (kafka-python consumers are not thread-safe),
     publishing its assignment after every poll."""
 
-    def __init__(self, cfg: config.PipelineConfig, group: str, topic: str, capacity: float):
+    def __init__(self, cfg: config.PipelineConfig, group: str, topic: str, capacity: float | CapacityAssignor):
         super().__init__(daemon=True)
+        assignor = capacity if isinstance(capacity, CapacityAssignor) else CapacityAssignor(capacity)
         self.consumer = clients.consumer(cfg, group, topic, heartbeat_interval_ms=HEARTBEAT_MS,
-                                         partition_assignment_strategy=[CapacityAssignor(capacity)])
+                                         partition_assignment_strategy=[assignor])
         self.assignment: frozenset[int] = frozenset()
         self.stop = threading.Event()
         self.error: BaseException | None = None
+        if assignor.measure is not None:  # as worker.run does
+            assignor.watch(self.consumer, self.stop, every_s=WATCH_S)
 
     def run(self) -> None:
         try:
@@ -77,6 +84,35 @@ def test_capacities_two_and_one_share_six_partitions_then_the_survivor_takes_all
         slow.stop.set()
         slow.join(10)
         assert settled([fast], [6], timeout=10) == [frozenset(range(6))]
+    finally:
+        for m in members:
+            m.stop.set()
+        for m in members:
+            if m.is_alive():
+                m.join(10)
+
+
+def test_measured_capacities_are_placed_without_anyone_joining_or_leaving(namespace, kafka_bootstrap):
+    """Before `watch`, a measurement was only advertised at a join nobody triggered: two workers
+    started together stayed at 4:4 for good, however unequal their speeds."""
+    table = {"pipeline": {"name": namespace, "bootstrap": kafka_bootstrap}, "topics": {"in": {"partitions": 8}}}
+    cfg = config.parse(table, Path("test-pipeline.toml"))
+    clients.create_topics(cfg)
+    topic, group = cfg.topic("in").name, f"{namespace}.measured"
+    counters = {"fast": (0, 0.0), "slow": (0, 0.0)}  # (records, seconds processing them) so far
+    fast, slow = (Member(cfg, group, topic, CapacityAssignor(measure=lambda name=name: counters[name],
+                                                             min_rejoin_interval_s=0.0))
+                  for name in ("fast", "slow"))
+    members = [fast, slow]
+    try:
+        for m in members:
+            m.start()
+        settled(members, [4, 4], timeout=20)  # nothing measured: the mean of nothing, equal shares
+        counters.update(fast=(3000, 10.0), slow=(1000, 10.0))  # 300 and 100 records/s
+        owned = settled(members, [6, 2], timeout=20)
+        assert owned[0] | owned[1] == set(range(8))
+        counters.update(slow=(6000, 20.0))  # 5000 more in 10 s: now as fast as the other
+        settled(members, [4, 4], timeout=20)
     finally:
         for m in members:
             m.stop.set()
