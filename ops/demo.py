@@ -17,6 +17,7 @@ fusion sent it and committed its transaction (`latency.Collector`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -34,6 +35,8 @@ DEMO_DIR = Path(".tensorline/demo")
 RESULT_TIMEOUT_S = 900.0
 # Six TensorFlow workers importing and loading their models at once on 2 cores.
 WORKER_START_S = 180.0
+# Progress on a terminal rewrites one line every poll; into a file or pipe, a line this often.
+PROGRESS_S = 10.0
 
 
 def end_to_end(seen: list[latency.Seen]) -> tuple[dict[str, float], float]:
@@ -65,6 +68,9 @@ def main(path: str, *, json_out: bool = False, limit: int | None = None) -> int:
     from tensorline.ops import train
 
     log = logs.get(stage="demo")
+    # One of pydicom-data's images, a source of the demo set, says explicit VR and is implicit;
+    # pydicom reads it right and warns on every build of the set.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     cfg = config.load(path)
     train.untrained(cfg)  # a missing model outside the demo's folder stops here, before any reset
     started_broker = None
@@ -97,10 +103,11 @@ def main(path: str, *, json_out: bool = False, limit: int | None = None) -> int:
         rep = report.build(cfg)
         e2e, rps = end_to_end(seen)
         lags = {g.stage: g.total for g in lag.measure(cfg)}
-        print(report.format_table(rep))
         print(f"\nthroughput: {rps:.1f} records/s   end-to-end latency ms (ingest to visible): p50 {e2e['p50']:.0f}  "
               f"p95 {e2e['p95']:.0f}  p99 {e2e['p99']:.0f}")
         print("final consumer lag: " + "  ".join(f"{k}={v}" for k, v in lags.items()))
+        print(f"precision and recall per class: tensorline report -c {path}; per record: tensorline results -c {path}")
+        print(report.format_summary(rep))
         if json_out:
             print(json.dumps({**rep, "throughput_rps": rps, "latency_ms": e2e, "lag": lags}))
         return 0
@@ -152,12 +159,15 @@ def _wait_for_results(cfg: config.PipelineConfig, expected: int, workers: Superv
     """Until every record sent has its fused result (counted by `results`, which stamps each as it
     arrives); shows progress; restarts crashed workers and fails when one is in a crash loop."""
     tty = sys.stderr.isatty()
+    printed = [-PROGRESS_S]
 
     def all_in() -> bool:
         done = len(results.seen())
-        lags = "  ".join(f"{g.stage}={g.total}" for g in lag.measure(cfg))
-        line = f"results {done}/{expected}   lag: {lags}"
-        print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+        if tty or done >= expected or time.monotonic() - printed[0] >= PROGRESS_S:
+            printed[0] = time.monotonic()
+            lags = "  ".join(f"{g.stage}={g.total}" for g in lag.measure(cfg))
+            line = f"results {done}/{expected}   lag: {lags}"
+            print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
         return done >= expected
     try:
         _until(all_in, workers, log_dir, RESULT_TIMEOUT_S, 2.0, f"not every one of {expected} results was in")

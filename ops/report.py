@@ -152,6 +152,26 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"  {'macro f1':<12}{'':>20}{rep['f1_macro']:>10.3f}")
         lines.append(f"  {'micro f1':<12}{'':>20}{rep['f1_micro']:>10.3f}")
         lines.append("")
-    lines.append(f"records with a result: {report['records']}   partial results: {report['partial']}")
-    lines.append(f"duplicates dropped: {report['duplicates_dropped']}")
+    lines.append(_totals(report))
+    return "\n".join(lines)
+
+
+def _totals(report: dict[str, Any]) -> str:
+    return (f"records with a result: {report['records']}   partial results: {report['partial']}\n"
+            f"duplicates dropped: {report['duplicates_dropped']}")
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """The report in one table: a row per model and one for the fused result, with accuracy, macro
+    F1 and each class's F1 (`format_table` has precision and recall per class)."""
+    classes = list(report["fused"]["per_class"])
+    rows = [*report["models"].items(), ("FUSED", report["fused"])]
+    width = max(len("model"), *(len(name) for name, _ in rows)) + 2
+    head = f"{'model':<{width}}{'accuracy':>10}{'macro F1':>10}" + "".join(f"{'F1 ' + c:>{max(12, len(c) + 5)}}"
+                                                                           for c in classes) + f"{'n':>7}"
+    lines = [_totals(report), "", head]
+    for name, rep in rows:
+        lines.append(f"{name:<{width}}{rep['accuracy']:>10.3f}{rep['f1_macro']:>10.3f}"
+                     + "".join(f"{rep['per_class'][c]['f1']:>{max(12, len(c) + 5)}.3f}" for c in classes)
+                     + f"{rep['records']:>7}")
     return "\n".join(lines)

@@ -242,8 +242,9 @@ def _card(model: ModelConfig, arch: Arch, inputs: tuple[int, ...], outputs: dict
 
 
 def train(cfg: PipelineConfig, *, seed: int = 7, epochs: int | None = None,
-          limit: int | None = None) -> dict[str, dict]:
-    """Train and save the backbone, every detection model and the stacker; score all on val and test.
+          limit: int | None = None, show: bool = True) -> dict[str, dict]:
+    """Train and save the backbone, every detection model and the stacker; score all on val and test
+    (printed as a table when `show`).
 
     `epochs` overrides every model's epochs and `limit` caps the patches per split (fast runs for
     tests). Returns {"models": {name: card}, "fusion": {strategy: {"val": report, "test": report}},
@@ -340,7 +341,8 @@ def train(cfg: PipelineConfig, *, seed: int = 7, epochs: int | None = None,
     _write_json(path.with_name("fusion.card.json"),
                 {**summary, "data": LESIONS, "stacker_val_scores": f"{STACKER_FOLDS}-fold cross-fitted on val",
                  "strategies": fusion})
-    print(format_table(cards, names, fusion, summary))
+    if show:
+        print(format_table(cards, names, fusion, summary))
     return {"models": cards, "fusion": fusion, "summary": summary}
 
 
@@ -444,6 +446,9 @@ def ensure(cfg: PipelineConfig, *, own: Path = DEMO_MODEL_DIR, seed: int = 7, ep
     if not missing:
         return
     print(f"training the demo models ({missing[0][1]} is missing) into {own} ...", file=sys.stderr)
-    train(cfg, seed=seed, epochs=epochs, limit=limit)
+    summary = train(cfg, seed=seed, epochs=epochs, limit=limit, show=False)["summary"]
+    fusion = summary["configured"] or summary["best_on_val"]
+    print(f"trained in {summary['seconds']:.0f} s; fusion: {fusion} (best on validation: {summary['best_on_val']}); "
+          f"each model's scores: {own}/*.card.json, all strategies: tensorline train", file=sys.stderr)
 
 

@@ -238,7 +238,8 @@ def _count(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensorline", description="A Kafka-native streaming pipeline for multi-model inference.")
-    parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    parser.add_argument("--log-level", help="debug, info, warning or error (default: info; the demo: warning, "
+                                            "its workers' logs are in files)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -361,13 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = with_config(sub.add_parser("demo", help="run the demo end to end on a local broker"))
     d.add_argument("--json", action="store_true", help="end with one line holding the report as JSON")
     d.add_argument("--limit", type=int, help="send only the first N test images")
-    d.set_defaults(func=cmd_demo)
+    d.set_defaults(func=cmd_demo, default_log_level="warning")  # its own lines say what it does
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logs.configure(level=args.log_level)
+    logs.configure(level=args.log_level or getattr(args, "default_log_level", "info"))
     try:
         return args.func(args)
     except (config.ConfigError, RuntimeError) as e:

@@ -51,4 +51,11 @@ def test_demo_on_a_subset_reports_every_model_and_the_fused_result(tmp_path, nam
                                              "detection.logreg", "fusion")}
     assert len(list((tmp_path / ".tensorline" / "demo" / "dicom").glob("*.dcm"))) == 1200  # the DICOM path
     assert (tmp_path / ".tensorline" / "models" / "cnn.keras.card.json").exists()
-    assert "FUSED" in done.stdout
+    # One screen, ending with the table: the summary rows close stdout (before the JSON line); on
+    # stderr, what the demo does, in its own words (no log records, no warnings, no CUDA lines).
+    table = done.stdout.strip().splitlines()[:-1]
+    assert table[-4:][0].startswith("cnn") and table[-1].startswith("FUSED"), done.stdout
+    assert len(table) <= 14, done.stdout
+    said = [line for line in done.stderr.splitlines() if not line.startswith("results ")]
+    assert len(said) <= 10 and not any(w in done.stderr for w in ("WARNING", "ERROR", "cuda", '"event"')), \
+        done.stderr

@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 from tensorline import cli
 from tensorline.engine import clients, worker
 from tensorline.ops import report
-from tensorline.ops.report import classification_report, format_table
+from tensorline.ops.report import classification_report, format_summary, format_table
 from tensorline.schemas import Detection, FusedResult, ModelRef, encode_detection, encode_result
 
 CLASSES = ("normal", "nodule")
@@ -132,3 +132,16 @@ on_duplicate = "{on_duplicate}"
     capsys.readouterr()  # the worker's log lines so far
     assert cli.main(["report", "-c", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["duplicates_dropped"] == dropped
+
+
+def test_the_summary_is_one_row_per_model_and_the_fused_result():
+    per_class = lambda f1: {"normal": {"precision": 1.0, "recall": 1.0, "f1": f1, "support": 2},  # noqa: E731
+                            "nodule": {"precision": 0.5, "recall": 1.0, "f1": 0.667, "support": 2}}
+    rep = {"models": {"cnn": {"records": 4, "accuracy": 0.75, "f1_macro": 0.733, "per_class": per_class(0.8)}},
+           "fused": {"records": 4, "accuracy": 1.0, "f1_macro": 1.0, "per_class": per_class(1.0)},
+           "records": 4, "partial": 1, "duplicates_dropped": 0}
+    lines = format_summary(rep).splitlines()
+    assert lines[0] == "records with a result: 4   partial results: 1"
+    assert lines[-3].split() == ["model", "accuracy", "macro", "F1", "F1", "normal", "F1", "nodule", "n"]
+    assert lines[-2].split() == ["cnn", "0.750", "0.733", "0.800", "0.667", "4"]
+    assert lines[-1].split() == ["FUSED", "1.000", "1.000", "1.000", "0.667", "4"]
