@@ -47,6 +47,12 @@ from tensorline.engine.worker import STATE_DIR_ENV
 # Half an hour of lag history: one shift's glance back; at 2 s that is 900 points per stage.
 DEFAULT_HISTORY_S = 30 * 60
 DEFAULT_INTERVAL_S = 2.0
+# Stopping waits this long for a sample in flight: it ends within the clients' timeouts.
+STOP_S = 30.0
+# After Ctrl-C, only this long: a sample waiting on an unreachable broker (a client's
+# connect-and-retry takes tens of seconds on a busy machine) must not hold the terminal; it
+# reads and writes nothing that needs finishing.
+CTRL_C_STOP_S = 2.0
 # Throughput over ~10 s: micro-batches commit in steps, a window of a few samples smooths them.
 THROUGHPUT_WINDOW_S = 10.0
 # One sample reads dead letters for at most this long; a large DLQ is counted over a few samples.
@@ -358,12 +364,15 @@ class Sampler:
             self.sample()
             self._stop.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = STOP_S) -> None:
+        """Stop sampling, waiting at most `timeout_s` for a sample in flight (then left to its
+        daemon thread, its clients closed with the process)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)  # a sample in flight ends within the clients' timeouts
-        self.latency.stop()
-        self.probe.close()
+            self._thread.join(timeout=timeout_s)
+        self.latency.stop(timeout_s)
+        if self._thread is None or not self._thread.is_alive():
+            self.probe.close()
 
 
 # -- the web server -----------------------------------------------------------------------------
@@ -423,10 +432,10 @@ class Dashboard:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = STOP_S) -> None:
         self.server.shutdown()
         self.server.server_close()
-        self.sampler.stop()
+        self.sampler.stop(timeout_s)
 
     def __enter__(self) -> "Dashboard":
         return self.start()
@@ -451,4 +460,4 @@ def serve(cfg: PipelineConfig, host: str = "127.0.0.1", port: int = 8050,
     except KeyboardInterrupt:
         pass
     finally:
-        dashboard.stop()
+        dashboard.stop(CTRL_C_STOP_S)

@@ -267,10 +267,12 @@ class Watch:
         self._thread = threading.Thread(target=self._run, name="dashboard-results", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop following, waiting at most `timeout_s` for the thread (a poll ends within 0.5 s;
+        creating a follower, within the client's timeouts)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=timeout_s)
 
     def _run(self) -> None:
         stage_of = {topic: stage for stage, topic in self.sinks}

@@ -34,7 +34,7 @@ from tensorline.schemas import Record, encode_record
 from tensorline.engine import worker
 from tensorline.engine.runtime import INGEST_MS
 from tensorline.stages.testing import scale_pipeline_body
-from tests.conftest import joined
+from tests.conftest import joined, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 CFG = config.parse({"pipeline": {"name": "dash"}, "topics": {"in": {}, "mid": {}, "out": {}},
@@ -82,7 +82,7 @@ class CannedWatch(latency.Watch):
     def start(self):
         pass
 
-    def stop(self):
+    def stop(self, timeout_s=0.0):
         pass
 
     def receive(self, visible_s: float, ingest_ms: int, received_ms: int, produced_ms: int, stage: str = "b"):
@@ -286,6 +286,27 @@ def test_down_broker_is_reported_and_the_page_still_answers(down_dashboard):
     assert get(down_dashboard.url + "dashboard.css")[0] == 200
     with pytest.raises(urllib.error.HTTPError, match="404"):
         get(down_dashboard.url + "nothing-here")
+
+
+def test_a_sample_stuck_on_the_broker_does_not_hold_stop():
+    """Ctrl-C stops the page at once even while a sample waits on an unreachable broker (a client
+    retrying its connection for tens of seconds under load held `serve` past 30 s)."""
+    in_flight, release = threading.Event(), threading.Event()
+
+    def stuck():
+        in_flight.set()
+        release.wait(300)
+        return lags(0, 0)
+
+    sampler = canned_sampler(stuck)
+    board = dashboard.Dashboard(CFG, sampler=sampler).start()
+    try:
+        wait_for(in_flight.is_set, 30, "a sample in flight")
+        board.stop(timeout_s=0.1)
+        assert sampler._thread.is_alive()  # stop returned; the stuck sample is left to its daemon thread
+        assert sampler.probe.closed == 0  # not closed under it
+    finally:
+        release.set()
 
 
 def test_serve_logs_its_url_and_stops_on_ctrl_c():
