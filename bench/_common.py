@@ -1,5 +1,6 @@
-"""What the worker-process benchmarks share: a broker in a temp dir, the Keras backbone, the image
-stream, waiting on groups, and reading trace headers. Imported as `_common` by scripts in bench/.
+"""What the worker-process benchmarks share: a broker in a temp dir, the Keras backbones (a small
+CNN, and a MobileNet-style one for a realistic model's cost), the image stream, waiting on
+groups, and reading trace headers. Imported as `_common` by scripts in bench/.
 
 A bench measures only what it sent: every run works on a pipeline of its own (`run_name`: fresh
 topics and consumer groups, checked empty by `require_fresh`), on the broker `local_broker`
@@ -32,6 +33,12 @@ EMBEDDING = 64
 CLASSES = ("normal", "nodule")
 MAX_BATCH = 32  # the pipeline default: 32 images fill a CPU model call well
 MAX_DELAY_MS = 50  # the pipeline default
+# The realistic tier's images (preprocess's output at size 128: one channel per view) and backbone
+# width: MobileNet v1 at its full width costs 10-11 ms of CPU per record at batch 32 on the 2-core
+# machine under load (width 0.75: 5.7-9, width 0.5: 3.6-6; a quiet machine spends less than a
+# loaded one, so the tier's 5 ms needs the margin).
+REALISTIC_IMAGE = (128, 128, 1)
+REALISTIC_WIDTH = 1.0
 WORKER_START_S = 120.0  # TensorFlow import + model load + group join, generous on a cold machine
 STREAM_TIMEOUT_S = 300.0
 
@@ -170,6 +177,35 @@ def build_backbone(image: tuple[int, ...] = IMAGE, embedding: int = EMBEDDING):
     model.add(layers.GlobalAveragePooling2D())
     model.add(layers.Dense(embedding))
     return model
+
+
+def build_mobilenet(image: tuple[int, ...] = REALISTIC_IMAGE, width: float = REALISTIC_WIDTH,
+                    embedding: int = EMBEDDING):
+    """MobileNet v1's layout at `width` (a strided 3x3 convolution, then 13 depthwise-separable
+    blocks, each convolution followed by batch norm and ReLU6), pooled into an embedding: a model
+    whose call costs what a real vision backbone's does. Random He-normal weights (no download),
+    fixed seed; the caller saves it."""
+    import keras
+
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    # He-normal over a depthwise kernel's own 3x3 fan-in: Keras' default counts every channel in
+    # it, and activations would shrink ~sqrt(channels) per block, to ~1e-16 at the end.
+    depthwise = keras.initializers.RandomNormal(stddev=(2 / 9) ** 0.5)
+
+    def normalised(x):
+        return layers.ReLU(6.0)(layers.BatchNormalization()(x))
+
+    inputs = keras.Input(image)
+    x = normalised(layers.Conv2D(int(32 * width), 3, strides=2, padding="same", use_bias=False,
+                                 kernel_initializer="he_normal")(inputs))
+    for filters, stride in ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), *[(512, 1)] * 5,
+                            (1024, 2), (1024, 1)):
+        x = normalised(layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False,
+                                              depthwise_initializer=depthwise)(x))
+        x = normalised(layers.Conv2D(int(filters * width), 1, use_bias=False, kernel_initializer="he_normal")(x))
+    x = layers.Dense(embedding)(layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, x, name="mobilenet")
 
 
 def images(n: int, shape: tuple[int, ...], seed: int) -> np.ndarray:
