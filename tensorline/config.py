@@ -79,9 +79,12 @@ _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 # The keys each table may have; anything else is an UnknownKey. Tables of names (topics, stages,
 # models, capacity) and the plugins' own `params` tables are free-form and checked otherwise.
-ROOT_KEYS = ("pipeline", "topics", "producer", "stages", "fusion", "kafka")
+ROOT_KEYS = ("pipeline", "topics", "producer", "stages", "fusion", "kafka", "schema_registry")
 PIPELINE_KEYS = ("name", "bootstrap", "dlq", "delivery", "max_message_bytes", "on_bad_file", "classes")
 PRODUCER_KEYS = ("key",)
+SCHEMA_REGISTRY_KEYS = ("url", "timeout_ms")
+# A registry answers in milliseconds; ten seconds without an answer is a registry that is down.
+DEFAULT_SCHEMA_REGISTRY_TIMEOUT_MS = 10_000
 TOPIC_KEYS = ("name", "partitions", "retention_ms")
 MODEL_KEYS = ("path", "version", "input")
 # The runtime settings a stage table and the [fusion] table share.
@@ -165,6 +168,17 @@ class ProducerConfig:
 
 
 @dataclass(frozen=True)
+class SchemaRegistryConfig:
+    """The Confluent-compatible schema registry the pipeline's schema ids come from
+    ([schema_registry] table; basic auth from $TENSORLINE_SCHEMA_REGISTRY_USER / _PASSWORD)."""
+
+    # None: no registry, messages carry the built-in ids (schemas/registry.py), which
+    # `tensorline registry serve` serves to other tools.
+    url: str | None = None
+    timeout_ms: int = DEFAULT_SCHEMA_REGISTRY_TIMEOUT_MS
+
+
+@dataclass(frozen=True)
 class StageConfig:
     """One stage: an independent consumer group from `input` to `output`."""
 
@@ -236,6 +250,7 @@ class PipelineConfig:
     kafka: Mapping[str, Any] = field(default_factory=dict)
     classes: tuple[str, ...] = DEFAULT_CLASSES
     producer: ProducerConfig = ProducerConfig()
+    schema_registry: SchemaRegistryConfig = SchemaRegistryConfig()
 
     def model(self, stage: str, name: str | None) -> ModelConfig | None:
         """The stage's model called `name`; with no name, its only model (or None if it has none)."""
@@ -433,6 +448,15 @@ def _producer(r: _Reader) -> ProducerConfig:
     return ProducerConfig(key=r.choice("key", PRODUCER_KEY_CHOICES, DEFAULT_PRODUCER_KEY))
 
 
+def _schema_registry(r: _Reader) -> SchemaRegistryConfig:
+    r.only(SCHEMA_REGISTRY_KEYS)
+    url = r.get("url", str, None, lambda v: bool(re.fullmatch(r"https?://[^/@\s]+(/\S*)?", v)),
+                "an http(s)://host[:port] URL, without credentials (they come from "
+                "$TENSORLINE_SCHEMA_REGISTRY_USER and $TENSORLINE_SCHEMA_REGISTRY_PASSWORD)")
+    return SchemaRegistryConfig(url=url.rstrip("/") if url else None,
+                                timeout_ms=r.positive("timeout_ms", DEFAULT_SCHEMA_REGISTRY_TIMEOUT_MS))
+
+
 def _kafka(r: _Reader) -> dict[str, Any]:
     unknown = [k for k in r.table if k not in KAFKA_PASSTHROUGH]
     if unknown:
@@ -483,6 +507,7 @@ def parse(data: Mapping[str, Any], path: str | Path = "<pipeline>") -> PipelineC
         kafka=_kafka(root.sub("kafka")),
         classes=p.strings("classes", list(DEFAULT_CLASSES)),
         producer=_producer(root.sub("producer")),
+        schema_registry=_schema_registry(root.sub("schema_registry")),
     )
 
 

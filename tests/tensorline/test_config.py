@@ -220,3 +220,21 @@ def test_missing_model_and_stacker_files_are_named_when_a_command_starts(tmp_pat
         config.require_files(cfg, "pre")
     assert err.value.key == "stages.pre.models.m.path"
     assert str(err.value).startswith(f"p.toml: stages.pre.models.m.path: no such file '{tmp_path / 'm.keras'}'")
+
+
+def test_the_schema_registry_table_is_optional_and_checked():
+    cfg = config.parse(table(), "p.toml")
+    assert cfg.schema_registry.url is None  # no registry: the built-in schema ids
+    assert cfg.schema_registry.timeout_ms == config.DEFAULT_SCHEMA_REGISTRY_TIMEOUT_MS
+    cfg = config.parse(table(schema_registry={"url": "https://sr.example:8081/", "timeout_ms": 500}), "p.toml")
+    assert cfg.schema_registry == config.SchemaRegistryConfig("https://sr.example:8081", 500)
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(table(schema_registry={"url": "https://me:secret@sr.example"}), "p.toml")
+    assert str(err.value).startswith("p.toml: schema_registry.url: expected an http(s)://host[:port] URL, "
+                                     "without credentials (they come from $TENSORLINE_SCHEMA_REGISTRY_USER")
+    with pytest.raises(config.ConfigError, match=r"schema_registry.url: expected an http"):
+        config.parse(table(schema_registry={"url": "sr.example:8081"}), "p.toml")
+    with pytest.raises(config.UnknownKey, match=r"schema_registry.ulr: unknown key \(did you mean 'url'\?\)"):
+        config.parse(table(schema_registry={"ulr": "http://sr:8081"}), "p.toml")
+    with pytest.raises(config.ConfigError, match="schema_registry.timeout_ms: expected a positive integer"):
+        config.parse(table(schema_registry={"timeout_ms": 0}), "p.toml")
