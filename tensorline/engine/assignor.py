@@ -305,10 +305,14 @@ class CapacityAssignor(AbstractPartitionAssignor):
         every member advertises what it measures then."""
         def loop() -> None:
             while not stop.wait(every_s):
-                if self.remeasured():
-                    self.log.info("measured capacity moved: rejoining the group", advertised=self._advertised,
-                                  measured=round(self.throughput.rate() or 0.0, 3))
-                    request_rejoin(consumer)
+                try:
+                    if self.remeasured():
+                        self.log.info("measured capacity moved: rejoining the group", advertised=self._advertised,
+                                      measured=round(self.throughput.rate() or 0.0, 3))
+                        request_rejoin(consumer)
+                except Exception:  # e.g. a kafka-python without the coordinator request_rejoin reaches
+                    self.log.exception("capacity watch failed: a measured capacity now waits for the next join")
+                    return
 
         thread = threading.Thread(target=loop, name="capacity-watch", daemon=True)
         thread.start()

@@ -483,3 +483,18 @@ def test_watch_asks_the_consumer_to_rejoin_until_stopped():
         stop.set()
         thread.join(10)
     assert not thread.is_alive()
+
+
+def test_a_watch_that_cannot_ask_for_a_rejoin_says_so_once_and_ends():
+    import threading
+
+    totals = [0, 0.0]
+    a = CapacityAssignor(measure=lambda: tuple(totals))
+    a.metadata({"t"})
+    totals[:] = [1000, 10.0]
+    with capture_logs() as logged:
+        thread = a.watch(object(), threading.Event(), every_s=0.01)  # no _coordinator to ask
+        thread.join(10)
+    assert not thread.is_alive()
+    assert [e["event"] for e in logged if e["log_level"] == "error"] == [
+        "capacity watch failed: a measured capacity now waits for the next join"]
