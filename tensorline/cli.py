@@ -184,6 +184,33 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_registry(args: argparse.Namespace) -> int:
+    from tensorline.ops import registry
+    from tensorline.schemas.subjects import served_subjects
+
+    cfg = _pipeline(args) if Path(args.config).exists() or args.config != DEFAULT_PIPELINE else None
+    registry.serve(served_subjects(cfg), host=args.host, port=args.port)
+    return 0
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    import json
+
+    from tensorline.ops import registry
+
+    cfg = _pipeline(args)
+    url = args.url or cfg.schema_registry.url
+    if not url:
+        raise config.ConfigError(cfg.path, "schema_registry.url", "a registry to compare with (or --url URL)")
+    verdicts = registry.check(cfg, url, ask_registry=not args.local_only,
+                              timeout_s=cfg.schema_registry.timeout_ms / 1000)
+    if args.json:
+        print(json.dumps([v.__dict__ for v in verdicts]))
+    else:
+        print("\n".join(v.line() for v in verdicts))
+    return 1 if any(v.status == "error" for v in verdicts) else 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     import json
 
@@ -336,6 +363,23 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--host", default="127.0.0.1",
                     help="address to bind (default: %(default)s; anything else exposes it, unauthenticated)")
     db.set_defaults(func=cmd_dashboard)
+
+    rg = with_config(sub.add_parser("registry", help="serve the built-in schemas over the Confluent Schema "
+                                                     "Registry REST API, for kcat and Confluent's deserializers"))
+    rg.add_argument("action", choices=["serve"])
+    rg.add_argument("--port", type=int, default=8081, help="port (default: %(default)s; 0 picks a free one)")
+    rg.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default: %(default)s; anything else exposes it, unauthenticated)")
+    rg.set_defaults(func=cmd_registry)
+
+    sc = with_config(sub.add_parser("schemas", help="check this version's schemas against a registry's latest "
+                                                    "versions (BACKWARD) before anything is registered"))
+    sc.add_argument("action", choices=["check"])
+    sc.add_argument("--url", help="the registry (default: the pipeline file's schema_registry.url)")
+    sc.add_argument("--local-only", action="store_true",
+                    help="only this version's own rule check, not the registry's compatibility endpoint")
+    sc.add_argument("--json", action="store_true", help="print JSON")
+    sc.set_defaults(func=cmd_schemas)
 
     rp = with_config(sub.add_parser("report", help="precision, recall, F1 per class for each model and the fused result"))
     rp.add_argument("--json", action="store_true", help="print one JSON object")

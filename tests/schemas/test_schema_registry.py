@@ -68,3 +68,40 @@ def test_optional_fields_default_to_null() -> None:
         assert fields["label"]["type"] == ["null", "string"] and fields["label"]["default"] is None
     record_model = {f["name"]: f for f in parsed_schema(RECORD)["fields"]}["model"]
     assert record_model["default"] is None
+
+
+def test_schema_text_is_self_contained_and_of_the_same_form() -> None:
+    from fastavro import parse_schema
+
+    from tensorline.schemas.registry import builtin_by_form, canonical_form, schema_text
+
+    for name in SCHEMA_NAMES.values():
+        text = schema_text(name)
+        parse_schema(json.loads(text), named_schemas={})  # no file beside it needed
+        assert canonical_form(text) == canonical_form(json.dumps(json.loads(text)))
+        assert builtin_by_form()[canonical_form(text)] == name
+    assert schema_text(RECORD).count('"name":"Tensor"') == 1  # each named type defined once
+
+
+def test_installed_ids_replace_the_table_and_unknown_ids_are_resolved_once() -> None:
+    from tensorline.schemas import registry
+
+    asked: list[int] = []
+
+    def resolve(wire_id: int) -> str:
+        asked.append(wire_id)
+        if wire_id == 12:
+            return DETECTION
+        raise UnknownSchemaId(f"schema id {wire_id} is not in the registry")
+
+    try:
+        registry.install({RECORD: 11}, resolve)
+        assert schema_id(RECORD) == 11 and schema_name(11) == RECORD
+        assert schema_name(12) == schema_name(12) == DETECTION and asked == [12]
+        with pytest.raises(UnknownSchemaId, match="schema id 1 is not in the registry"):
+            schema_name(1)  # the built-in ids mean nothing to a registry
+        with pytest.raises(UnknownSchemaName, match="schema tensorline.v1.FusedResult has no id from the schema"):
+            schema_id(FUSED_RESULT)
+    finally:
+        registry.install_builtin()
+    assert schema_id(RECORD) == 1 and schema_name(2) == DETECTION
