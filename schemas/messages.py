@@ -1,30 +1,26 @@
 """Typed messages: frozen dataclasses for the wire schemas, and an encode/decode pair for each.
 
 Decoding checks the schema id in the header first, so a Detection read as a Record raises
-SchemaMismatch naming both before any payload is decoded.
+SchemaMismatch naming both before any payload is decoded. The messages keep timestamps as epoch
+milliseconds, read as the plain Avro longs they are on the wire (`codec.decode_plain`), and build
+every datum with exactly the schema's fields (`codec.encode_complete`).
 """
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 
 from tensorline.schemas.codec import (
     MAX_TENSOR_BYTES,
-    decode,
-    encode,
+    decode_plain,
+    encode_complete,
     tensor_from_avro,
     tensor_to_avro,
 )
 from tensorline.schemas.errors import InvalidDatum
 from tensorline.schemas.registry import DETECTION, FUSED_RESULT, RECORD
-
-# fastavro decodes timestamp-millis to an aware UTC datetime; the messages keep epoch millis.
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_ONE_MS = timedelta(milliseconds=1)
-
 
 @dataclass(frozen=True, slots=True)
 class ModelRef:
@@ -88,7 +84,7 @@ class FusedResult:
 
 def encode_record(record: Record) -> bytearray:
     """A Record as a Confluent-framed Avro message."""
-    return encode(
+    return encode_complete(
         RECORD,
         {
             "record_id": record.record_id,
@@ -110,11 +106,11 @@ def decode_record(
     max_bytes: int = MAX_TENSOR_BYTES,
 ) -> Record:
     """The Record in a message; its tensors view the message (see `tensor_from_avro`)."""
-    _, d = decode(message, expect=RECORD)
+    d = decode_plain(message, RECORD)
     return Record(
         record_id=d["record_id"],
         source=d["source"],
-        ingest_ts_ms=_epoch_ms(d["ingest_ts_ms"]),
+        ingest_ts_ms=d["ingest_ts_ms"],
         tensors={
             k: tensor_from_avro(v, name=k, allow_nonfinite=allow_nonfinite, max_bytes=max_bytes)
             for k, v in d["tensors"].items()
@@ -128,7 +124,7 @@ def decode_record(
 
 def encode_detection(detection: Detection) -> bytearray:
     """A Detection as a Confluent-framed Avro message."""
-    return encode(
+    return encode_complete(
         DETECTION,
         {
             "record_id": detection.record_id,
@@ -145,11 +141,11 @@ def encode_detection(detection: Detection) -> bytearray:
 
 def decode_detection(message: bytes | bytearray) -> Detection:
     """The Detection in a message."""
-    _, d = decode(message, expect=DETECTION)
+    d = decode_plain(message, DETECTION)
     return Detection(
         record_id=d["record_id"],
         source=d["source"],
-        ingest_ts_ms=_epoch_ms(d["ingest_ts_ms"]),
+        ingest_ts_ms=d["ingest_ts_ms"],
         model=ModelRef(**d["model"]),
         classes=tuple(d["classes"]),
         scores=tuple(d["scores"]),
@@ -160,7 +156,7 @@ def decode_detection(message: bytes | bytearray) -> Detection:
 
 def encode_result(result: FusedResult) -> bytearray:
     """A FusedResult as a Confluent-framed Avro message."""
-    return encode(
+    return encode_complete(
         FUSED_RESULT,
         {
             "record_id": result.record_id,
@@ -181,11 +177,11 @@ def encode_result(result: FusedResult) -> bytearray:
 
 def decode_result(message: bytes | bytearray) -> FusedResult:
     """The FusedResult in a message."""
-    _, d = decode(message, expect=FUSED_RESULT)
+    d = decode_plain(message, FUSED_RESULT)
     return FusedResult(
         record_id=d["record_id"],
         source=d["source"],
-        ingest_ts_ms=_epoch_ms(d["ingest_ts_ms"]),
+        ingest_ts_ms=d["ingest_ts_ms"],
         strategy=d["strategy"],
         classes=tuple(d["classes"]),
         scores=tuple(d["scores"]),
@@ -200,10 +196,6 @@ def decode_result(message: bytes | bytearray) -> FusedResult:
 
 def _model_to_avro(model: ModelRef) -> dict[str, Any]:
     return {"name": model.name, "version": model.version}
-
-
-def _epoch_ms(ts: datetime) -> int:
-    return (ts - _EPOCH) // _ONE_MS
 
 
 def _check_scores(classes: tuple[str, ...], scores: tuple[float, ...]) -> None:

@@ -3,6 +3,7 @@
 import io
 
 import fastavro
+import pytest
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -246,3 +247,101 @@ def test_every_truncation_of_a_record_is_a_codec_error() -> None:
         except CodecError:
             continue
         raise AssertionError(f"a message cut to {end} of {len(message)} bytes decoded")
+
+
+# -- the fast paths: the same answers as the general ones --------------------------------------
+MESSAGES = st.builds(
+    Record, TEXT, TEXT, TIMESTAMPS,
+    st.dictionaries(TEXT, SMALL_ARRAYS, max_size=3), TEXT,
+    st.dictionaries(TEXT, TEXT, max_size=3), st.none() | TEXT, st.none() | MODELS,
+).map(lambda r: bytes(encode_record(r)))
+
+
+def decoded(message: bytes) -> object:
+    """decode's datum, or the codec error it raised: its type and what it says up to the
+    underlying reader's own words (a negative length reads "negative length -1" from the view
+    stream, "Expected -1 bytes, read 6" from fastavro on a BytesIO)."""
+    try:
+        return decode(message)
+    except CodecError as exc:
+        return type(exc), str(exc).split(" payload: ")[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(message=MESSAGES, cut=st.integers(0, 8), at=st.integers(5), byte=st.integers(0, 255))
+def test_small_messages_read_from_bytes_as_from_the_view_stream(message: bytes, cut: int, at: int, byte: int) -> None:
+    """A message under 64 KiB is read from a BytesIO; read through `_MessageStream` (as longer
+    messages are) it gives the same datum or the same error, whole, cut short or with a byte
+    of its payload changed (which is also how the BytesIO path meets negative lengths)."""
+    from tensorline.schemas import codec
+
+    damaged = bytearray(message)
+    damaged[5 + at % (len(message) - 5)] = byte
+    for candidate in (message, message[: max(5, len(message) - cut)], bytes(damaged)):
+        small = decoded(candidate)
+        before, codec._SMALL_MESSAGE_BYTES = codec._SMALL_MESSAGE_BYTES, 0  # every message takes the stream path
+        try:
+            streamed = decoded(candidate)
+        finally:
+            codec._SMALL_MESSAGE_BYTES = before
+        assert repr(small) == repr(streamed)
+
+
+@settings(max_examples=200, deadline=None)
+@given(message=MESSAGES)
+def test_plain_decode_is_decode_with_timestamps_as_epoch_millis(message: bytes) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from tensorline.schemas.codec import decode_plain
+
+    _, datum = decode(message)
+    plain = decode_plain(message, RECORD)
+    ts = datum.pop("ingest_ts_ms")
+    assert plain.pop("ingest_ts_ms") == (ts - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+    assert repr(plain) == repr(datum)
+
+
+@settings(max_examples=200, deadline=None)
+@given(record=st.builds(
+    Record, TEXT, TEXT, st.integers(-(2**63), 2**63 - 1),
+    st.dictionaries(TEXT, SMALL_ARRAYS, max_size=3), TEXT,
+    st.dictionaries(TEXT, TEXT, max_size=3), st.none() | TEXT, st.none() | MODELS,
+))
+def test_typed_encode_writes_what_the_strict_encode_writes(record: Record) -> None:
+    """encode_record skips fastavro's field check, not a byte: the message is the one `encode`
+    writes for the same datum, and any int64 timestamp comes back as it went."""
+    from tensorline.schemas.messages import _model_to_avro
+
+    datum = {
+        "record_id": record.record_id, "source": record.source, "ingest_ts_ms": record.ingest_ts_ms,
+        "tensors": {k: tensor_to_avro(v, name=k) for k, v in record.tensors.items()},
+        "attributes": record.attributes, "label": record.label, "stage": record.stage,
+        "model": None if record.model is None else _model_to_avro(record.model),
+    }
+    message = encode_record(record)
+    assert message == encode(RECORD, datum)
+    assert decode_record(message).ingest_ts_ms == record.ingest_ts_ms
+
+
+def test_typed_encode_of_long_varints_and_odd_values_matches_fastavro() -> None:
+    """Dimensions, lengths and timestamps of several varint bytes; and values `_write_record` does
+    not take itself (a numpy timestamp, a bytearray of data, an extra field, a long out of range,
+    a label not a string), which fastavro writes or refuses as it would alone."""
+    from tensorline.schemas.codec import _encode, encode_complete
+
+    sent = Record("r" * 300, "s", -(2**40), {"wide": np.zeros((0, 100_000, 3)), "big": np.ones(70_000, np.uint8)},
+                  "ingest", {"k" * 200: "v" * 20_000}, "é" * 64, ModelRef("m" * 64, "v" * 63))
+    got = decode_record(encode_record(sent))
+    assert got.tensors["wide"].shape == (0, 100_000, 3) and got.attributes == sent.attributes
+    datum = {"record_id": "r", "source": "s", "ingest_ts_ms": np.int64(5),
+             "tensors": {"t": {"dtype": "uint8", "shape": [2], "data": bytearray(b"ab")}},
+             "attributes": {}, "label": None, "stage": "x", "model": None}
+    assert encode_complete(RECORD, datum) == encode(RECORD, datum)
+    for bad in ({**datum, "extra": 1}, {**datum, "ingest_ts_ms": 2**63}, {**datum, "label": 3}):
+        try:
+            expected = _encode(RECORD, bad, strict=False)  # fastavro on its own
+        except CodecError as exc:
+            with pytest.raises(type(exc), match="cannot encode"):
+                encode_complete(RECORD, bad)
+        else:
+            assert encode_complete(RECORD, bad) == expected
