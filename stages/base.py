@@ -91,10 +91,14 @@ def tensor(record: Record, name: str, ndim: tuple[int, ...]) -> np.ndarray:
 
 def check_finite(record_id: str, what: str, arr: np.ndarray) -> None:
     """DeadLetter `non_finite` when the float array `arr` (`what` of record `record_id`) holds
-    NaN or Inf. Min and max propagate NaN, so the common case costs two passes and no copy."""
-    if arr.dtype.kind != "f" or arr.size == 0 or (np.isfinite(arr.min()) and np.isfinite(arr.max())):
+    NaN or Inf. One pass of isfinite and a boolean all (half the time of min and max, which
+    propagate NaN; a sum would be faster but overflows, warning, on finite float16 images)."""
+    if arr.dtype.kind != "f":
         return
-    bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
+    finite = np.isfinite(arr)
+    if finite.all():
+        return
+    bad = arr.size - int(np.count_nonzero(finite))
     raise DeadLetter(f"record {record_id}: {what}: {bad} of {arr.size} values are NaN or Inf", reason="non_finite")
 
 
