@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -269,12 +269,37 @@ def record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int
 
 def trace_headers(stage: str, headers: Headers, received_ms: int) -> Headers:
     """Input headers plus this stage's received/produced times (and a trace id if missing)."""
-    out = [h for h in headers if not h[0].startswith(f"tl.{stage}.")]
-    if header(out, TRACE_ID) is None:
-        out.append((TRACE_ID, uuid.uuid4().hex.encode()))
-    out.append((f"tl.{stage}.received_ms", str(received_ms).encode()))
-    out.append((f"tl.{stage}.produced_ms", str(now_ms()).encode()))
-    return out
+    return Tracer(stage, received_ms).headers(headers)
+
+
+class Tracer:
+    """The trace headers of a batch's outputs, built once per batch: the stage's received and
+    produced times (`produced_ms`: when the batch's outputs are built) are the same for all of
+    them, and trace ids (for inputs that came without one) count up from one random 128-bit
+    number, as unique as a uuid4 each and a tenth of its cost."""
+
+    __slots__ = ("_prefix", "_stamps", "_next_id")
+
+    def __init__(self, stage: str, received_ms: int, produced_ms: int | None = None):
+        self._prefix = f"tl.{stage}."
+        produced = now_ms() if produced_ms is None else produced_ms
+        self._stamps = ((f"tl.{stage}.received_ms", str(received_ms).encode()),
+                        (f"tl.{stage}.produced_ms", str(produced).encode()))
+        self._next_id = int.from_bytes(os.urandom(16))
+
+    def headers(self, headers: Headers) -> Headers:
+        """`headers` (an input's) without this stage's earlier stamps, then a trace id if they
+        have none, then this stage's stamps."""
+        prefix = self._prefix
+        out = [h for h in headers if not h[0].startswith(prefix)] if headers else []
+        if header(out, TRACE_ID) is None:
+            out.append((TRACE_ID, b"%032x" % (self._next_id & _ID_MASK)))
+            self._next_id += 1
+        out += self._stamps
+        return out
+
+
+_ID_MASK = (1 << 128) - 1
 
 
 def dead_letter_headers(stage: str, error: BaseException, *, topic: str, partition: int = -1,
@@ -521,14 +546,15 @@ class Worker:
         messages, self._buffer = self._buffer, []
         batch = _Batch(messages, now_ms(), time.monotonic(), self.source.positions(messages))
         items = []
+        decode, check, refused_any = self.stage.decode, self.stage.check, self._refused
         for message in messages:
-            refused = self._refused.get((message.topic, message.partition, message.offset))
-            if refused is not None:  # its output was refused: it is a dead letter now
+            refused = refused_any and refused_any.get((message.topic, message.partition, message.offset))
+            if refused:  # its output was refused: it is a dead letter now
                 batch.dead.append(self._dead(message, refused[0], minimal=refused[1] > 1))
                 continue
             try:
-                item = self.stage.decode(message)
-                self.stage.check(item)
+                item = decode(message)
+                check(item)
                 items.append((message, item))
             except Exception as e:
                 if classify(e) is not Kind.RECORD:
@@ -563,9 +589,10 @@ class Worker:
             self._abort([batch])
             return False
         outputs, dead = [], batch.dead + model_dead
+        tracer = Tracer(self.stage.name, batch.received_ms)
         for message, element in results:
             try:
-                outputs.extend(self._outputs(message, element, batch.received_ms))
+                outputs.extend(self._outputs(message, element, tracer))
             except Exception as e:  # an output that cannot be encoded or would be refused
                 if classify(e) is not Kind.RECORD:
                     raise
@@ -740,15 +767,16 @@ class Worker:
             if ingest is not None and ingest <= now:
                 end_to_end.observe((now - ingest) / 1000)
 
-    def _outputs(self, message: Message, element: Any, received_ms: int) -> list[Output]:
+    def _outputs(self, message: Message, element: Any, tracer: Tracer) -> list[Output]:
         """The outputs of one input, each encoded, traced and checked to fit: raises a record
         error (this input is a dead letter) when one cannot be built or is too large."""
         if element is None:
             return []
+        stage = self.stage
         outputs = [replace(e, origin=message) if isinstance(e, Output) else
-                   Output(self.output_topic, self.stage.key(e, message), self.stage.encode(e),
-                          trace_headers(self.stage.name, message.headers, received_ms), origin=message)
-                   for e in (element if isinstance(element, list) else [element])]
+                   Output(self.output_topic, stage.key(e, message), stage.encode(e), tracer.headers(message.headers),
+                          origin=message)
+                   for e in (element if isinstance(element, list) else (element,))]
         for out in outputs:
             size = record_size(out.key, out.value, out.headers)
             if size > self.max_message_bytes:

@@ -114,6 +114,34 @@ def test_trace_headers_keep_the_trace_and_add_stage_times():
     assert 0 < received <= produced
 
 
+def test_a_batch_shares_its_stage_times_and_gives_each_untraced_input_its_own_trace_id():
+    msgs = [Message("mem.in", 0, i, b"k", m.value, [("tl.scale.received_ms", b"1"), ("other", b"o")], 0)
+            for i, m in enumerate(message(i) for i in range(6))]
+    w, sink, _ = worker(msgs, max_batch=3)
+    w.run(until_idle_s=0)
+    outs = sink.topic("mem.out")
+    assert len(outs) == 6
+    ids = [header(o.headers, TRACE_ID) for o in outs]
+    assert len(set(ids)) == 6 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    for o in outs:  # an earlier pass of this stage is replaced, foreign headers kept, in order
+        assert [k for k, _ in o.headers] == ["other", TRACE_ID, "tl.scale.received_ms", "tl.scale.produced_ms"]
+    for batch in (outs[:3], outs[3:]):
+        assert len({tuple(o.headers[2:]) for o in batch}) == 1
+
+
+def test_tracer_keeps_a_trace_id_and_counts_new_ones_from_a_random_start():
+    from tensorline.engine.runtime import Tracer, trace_headers
+
+    tracer = Tracer("s", 10, 20)
+    assert tracer.headers([(TRACE_ID, b"t"), ("tl.s.produced_ms", b"5")]) == [
+        (TRACE_ID, b"t"), ("tl.s.received_ms", b"10"), ("tl.s.produced_ms", b"20")]
+    first, second = (int(header(tracer.headers([]), TRACE_ID), 16) for _ in range(2))
+    assert second == (first + 1) % 2**128
+    other = int(header(Tracer("s", 10, 20).headers([]), TRACE_ID), 16)
+    assert other not in (first, second)  # 2**-127 to fail by chance
+    assert header(trace_headers("s", [], 10), "tl.s.received_ms") == b"10"
+
+
 def test_slow_batches_halve_the_batch_size():
     w, _, stage = worker([message(i) for i in range(12)], max_batch=8, slow_batch_s=0.0)
     w.run(until_idle_s=0)
