@@ -276,8 +276,9 @@ class KafkaSink:
                 producer.commit_transaction()
             else:
                 producer.flush()
-            for _, future in self._sent:
-                future.get(timeout=SEND_TIMEOUT_S)  # raises the send's error, if any
+            for _, future in self._sent:  # done once committed or flushed: get() only to wait or raise
+                if not future.is_done or future.exception is not None:
+                    future.get(timeout=SEND_TIMEOUT_S)  # raises the send's error, if any
         except Exception as e:
             refused = next(((o, f.exception) for o, f in self._sent
                             if f.is_done and f.failed() and classify(f.exception) is Kind.RECORD), None)
