@@ -8,7 +8,9 @@ bounded by the backlog's end offsets. Over the records committed after the first
 ones, it measures per record:
 - the worker process's CPU (every thread: main loop, model thread, kafka-python's IO threads,
   TensorFlow's pools), from `time.process_time()` in the worker, and per thread from /proc;
-- the broker's CPU over the same window (/proc/PID/stat; the broker must serve nothing else);
+- the broker's CPU over the same window (/proc/PID/stat; the broker must serve nothing else),
+  less its idle CPU per second (read before the worker starts) over the window: upkeep paid
+  per second, not per record, which would make a slower run (a busier machine) look costlier;
 - the model's CPU: that of the worker's native threads (TensorFlow's pools, where a model call
   computes; Scale has none). What TensorFlow computes on the calling thread, and the model
   thread's Python, count as ours: the figure errs high.
@@ -26,12 +28,13 @@ Profiled runs are slower: their CPU figures are not comparable with unprofiled o
 
     .venv/bin/tensorline broker start --data-dir /tmp/broker-perf --port 19192
     .venv/bin/python bench/profile_worker.py --broker-dir /tmp/broker-perf --stage features --repeat 3
-    .venv/bin/python bench/profile_worker.py --broker-dir /tmp/broker-perf --tree HEAD~1 --tree . --repeat 3
+    .venv/bin/python bench/profile_worker.py --tree HEAD --tree HEAD+schemas/codec.py --repeat 3
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -52,7 +55,8 @@ MODELS = Path(tempfile.gettempdir()) / "profile-worker-models"
 # pyproject's package-dir: where each subpackage of `tensorline` lives in the repository.
 PACKAGE_DIRS = {"tensorline": "tensorline", "tensorline/producers": "producers", "tensorline/schemas": "schemas",
                 "tensorline/stages": "stages", "tensorline/fusion": "fusion", "tensorline/ops": "ops"}
-SAMPLE_S = 0.02  # the window's edges are found within this (a commit adds ~30-100 records at once)
+SAMPLE_S = 0.02
+BROKER_IDLE_S = 4.0  # the broker's idle CPU, per second, is read over this long before each run  # the window's edges are found within this (a commit adds ~30-100 records at once)
 
 PIPELINE = """\
 [pipeline]
@@ -69,6 +73,7 @@ input = "in"
 output = "out"
 max_batch = 32
 max_delay_ms = 50
+commit_interval_ms = {commit_interval_ms}
 {extra}
 """
 STAGES = {
@@ -78,16 +83,23 @@ STAGES = {
 
 
 # -- parent: topics, backlog, worker processes, report ---------------------------------------
-def tree_path(ref: str) -> Path | None:
-    """A tree of the repository at `ref` laid out as the installed package (None: the working
-    tree, which the venv's editable install imports), for PYTHONPATH."""
-    if ref == ".":
+def tree_path(spec: str) -> Path | None:
+    """A tree of the repository laid out as the installed package, for PYTHONPATH: `REF` (a git
+    ref), `REF+PATH,PATH` (REF with these files as they are in the working tree: a change
+    measured against the commit it starts from, while others commit around it), or "." (the
+    working tree itself, which the venv's editable install imports: None)."""
+    if spec == ".":
         return None
+    ref, _, overlay = spec.partition("+")
+    files = [f for f in overlay.split(",") if f]
     sha = subprocess.check_output(["git", "-C", str(REPO), "rev-parse", ref], text=True).strip()
-    root = TREES / sha[:12]
+    digest = hashlib.sha256(b"".join(f.encode() + (REPO / f).read_bytes() for f in files)).hexdigest()[:8]
+    root = TREES / (sha[:12] + (f"+{digest}" if files else ""))
     if not (root / "tensorline").exists():
         with tempfile.TemporaryDirectory() as tmp:
             subprocess.run(f"git -C {REPO} archive {sha} | tar -x -C {tmp}", shell=True, check=True)
+            for f in files:
+                shutil.copy(REPO / f, Path(tmp) / f)
             staged = Path(tmp) / "out"
             for package, folder in sorted(PACKAGE_DIRS.items()):
                 shutil.copytree(Path(tmp) / folder, staged / package, dirs_exist_ok=True)
@@ -134,7 +146,8 @@ def run_once(args, ref: str, bootstrap: str, broker_pid: int, folder: Path) -> d
     name = f"prof{os.urandom(4).hex()}"
     kind, extra = STAGES[args.stage]
     path = folder / f"{name}.toml"
-    path.write_text(PIPELINE.format(name=name, bootstrap=bootstrap, kind=kind, extra=extra.format(models=MODELS)))
+    path.write_text(PIPELINE.format(name=name, bootstrap=bootstrap, kind=kind, extra=extra.format(models=MODELS),
+                                    commit_interval_ms=args.commit_interval_ms))
     cfg = config.load(path)
     clients.create_topics(cfg)
     backlog(cfg, args.warmup + args.records, "image" if args.stage == "features" else "x")
@@ -148,6 +161,7 @@ def run_once(args, ref: str, bootstrap: str, broker_pid: int, folder: Path) -> d
            "--out", str(folder / f"{name}.json")]
     cmd += ["--py-spy"] if args.py_spy else []
     cmd += ["--cprofile"] if args.cprofile else []
+    idle = broker_idle(broker_pid)
     log = folder / f"{name}.log"
     with open(log, "w") as handle:
         proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, timeout=900)
@@ -155,15 +169,27 @@ def run_once(args, ref: str, bootstrap: str, broker_pid: int, folder: Path) -> d
         raise RuntimeError(f"worker run failed ({proc.returncode}):\n{log.read_text()[-4000:]}")
     result = json.loads((folder / f"{name}.json").read_text())
     result["ref"] = ref
+    # The broker's own upkeep (timers, the group's heartbeats) costs CPU per second, not per
+    # record: left in, a slower run (a busier machine) would read as a costlier path.
+    result["broker_idle_ms"] = 1000 * idle / result["rps"]
+    result["broker_ms"] -= result["broker_idle_ms"]
+    result["overhead_ms"] = result["worker_ms"] + result["broker_ms"] - result["model_ms"]
     if args.py_spy or args.cprofile:
         print(result.pop("profile"))
     return result
 
 
+def broker_idle(pid: int) -> float:
+    """The broker's CPU seconds per second with no client at work (before the worker starts)."""
+    started, cpu = time.monotonic(), proc_cpu_s(pid)
+    time.sleep(BROKER_IDLE_S)  # the measurement window
+    return (proc_cpu_s(pid) - cpu) / (time.monotonic() - started)
+
+
 def show(r: dict) -> str:
     threads = " ".join(f"{k}={v:.3f}" for k, v in sorted(r["threads_ms"].items(), key=lambda kv: -kv[1]) if v >= 0.005)
     return (f"[{r['ref']}] overhead={r['overhead_ms']:.3f} ms/rec: worker={r['worker_ms']:.3f} broker={r['broker_ms']:.3f} "
-            f"model={r['model_ms']:.3f} (records={r['records']} batch={r['batch']:.1f} rps={r['rps']:.0f})\n"
+            f"model={r['model_ms']:.3f} (broker idle {r['broker_idle_ms']:.3f} left out; records={r['records']} batch={r['batch']:.1f} rps={r['rps']:.0f})\n"
             f"    per thread ms/rec: {threads}")
 
 
@@ -351,8 +377,9 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=4000, help="records in the measured window")
     parser.add_argument("--warmup", type=int, default=1000, help="records before the window opens")
     parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--tree", action="append", help="git ref to run the worker from ('.': the working tree); "
-                        "repeat to compare, runs interleaved")
+    parser.add_argument("--commit-interval-ms", type=int, default=100, help="the stage's commit_interval_ms")
+    parser.add_argument("--tree", action="append", help="code to run the worker from: a git ref, REF+FILE,FILE (REF with those files "
+                        "from the working tree) or '.' (the working tree); repeat to compare, runs interleaved")
     parser.add_argument("--py-spy", action="store_true", help="py-spy top list of the window (GIL time)")
     parser.add_argument("--cprofile", action="store_true", help="cProfile top lists (CPU time, every thread)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
