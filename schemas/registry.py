@@ -39,6 +39,7 @@ _SCHEMA_DIR = Path(__file__).parent
 _ids: dict[str, int] = dict(_SCHEMA_IDS)
 _names: dict[int, str] = dict(SCHEMA_NAMES)
 _resolve: Callable[[int], str] | None = None
+_register: Callable[[str], int] | None = None
 _listeners: list[Callable[[], None]] = []
 _lock = threading.Lock()
 
@@ -49,6 +50,11 @@ def schema_id(name: str) -> int:
         return _ids[name]
     except KeyError:
         pass
+    if name in _SCHEMA_IDS and _register is not None:
+        wire_id = _register(name)
+        _ids[name] = wire_id
+        _names.setdefault(wire_id, name)
+        return wire_id
     if name in _SCHEMA_IDS and _resolve is not None:
         raise UnknownSchemaName(f"schema {name} has no id from the schema registry: this process did not "
                                 f"register it (it registers the schemas its stage writes when it starts)")
@@ -71,28 +77,31 @@ def schema_name(wire_id: int) -> str:
     return name
 
 
-def install(ids: Mapping[str, int], resolve: Callable[[int], str]) -> None:
+def install(ids: Mapping[str, int], resolve: Callable[[int], str],
+            register: Callable[[str], int] | None = None) -> None:
     """Use a registry's ids in place of the built-in table: `ids` are the ids this process writes
-    with (name -> id, as the registry returned them), `resolve` names any other id it reads."""
-    global _resolve
+    with (name -> id, as the registry returned them), `resolve` names any other id it reads, and
+    `register` gives the id of a built-in schema first written without one (a worker registers
+    what it writes at start; a replay or a tool writing another schema registers it then)."""
+    global _resolve, _register
     with _lock:
         _ids.clear()
         _ids.update(ids)
         _names.clear()
         _names.update({i: n for n, i in ids.items()})
-        _resolve = resolve
+        _resolve, _register = resolve, register
         _changed()
 
 
 def install_builtin() -> None:
     """Back to the embedded default table (no registry)."""
-    global _resolve
+    global _resolve, _register
     with _lock:
         _ids.clear()
         _ids.update(_SCHEMA_IDS)
         _names.clear()
         _names.update(SCHEMA_NAMES)
-        _resolve = None
+        _resolve = _register = None
         _changed()
 
 

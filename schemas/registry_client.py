@@ -234,8 +234,11 @@ def _full_name(text: str) -> str:
 def connect(url: str, subjects: Mapping[str, str], *, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, int]:
     """Register each schema this process writes under its subject (subject -> built-in name) and
     install the ids the registry returned, with a resolver for every other id read: what a stage
-    or producer does at start. RegistryUnavailable or RegistryError (the caller makes it fatal)
-    when the registry is down or refuses a schema."""
+    or producer does at start (a tool that only reads passes no subjects: nothing is asked until
+    an id is met). A built-in schema written later without an id is registered then under its
+    full name (RecordNameStrategy; the registry gives the same id as under any topic's subject).
+    RegistryUnavailable or RegistryError (the caller makes it fatal) when the registry is down
+    or refuses a schema."""
     client = RegistryClient(url, timeout_s=timeout_s)
     ids: dict[str, int] = {}
     for subject, name in subjects.items():
@@ -243,5 +246,5 @@ def connect(url: str, subjects: Mapping[str, str], *, timeout_s: float = DEFAULT
         if ids.setdefault(name, got) != got:
             raise RegistryError(f"{client.url}: {name} has id {ids[name]} under one subject and {got} under "
                                 f"{subject}; a message carries one id per schema", url=client.url)
-    install(ids, Resolver(client))
+    install(ids, Resolver(client), lambda name: client.register(name, schema_text(name)))
     return ids

@@ -12,7 +12,19 @@ DEFAULT_PIPELINE = "pipeline.toml"
 
 
 def _pipeline(args: argparse.Namespace) -> config.PipelineConfig:
-    return config.load(args.config)
+    cfg = config.load(args.config)
+    _schema_registry(cfg)
+    return cfg
+
+
+def _schema_registry(cfg: config.PipelineConfig, writes: dict[str, str] | None = None) -> None:
+    """With `[schema_registry] url`: register what this command writes (subject -> schema name) and
+    read every id through the registry (nothing is asked before an id is met); without, the
+    built-in ids. A registry that is down or refuses a schema raises RegistryError."""
+    if cfg.schema_registry.url:
+        from tensorline.schemas.registry_client import connect
+
+        connect(cfg.schema_registry.url, writes or {}, timeout_s=cfg.schema_registry.timeout_ms / 1000)
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -77,7 +89,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     config.require_files(cfg, args.stage, args.model)
     if args.workers is None and args.devices is None:
         from tensorline.engine.errors import FATAL_EXIT_CODE, Fatal
+        from tensorline.schemas.registry_client import RegistryError
+        from tensorline.schemas.subjects import stage_subjects
 
+        try:  # the stage registers what it writes under its output topic's subject, before it reads
+            _schema_registry(cfg, stage_subjects(cfg, args.stage))
+        except RegistryError as e:
+            print(f"tensorline run {args.stage}: stopped by a fatal error: {e}", file=sys.stderr)
+            return FATAL_EXIT_CODE
         try:
             worker.run(cfg, args.stage, model=args.model, device=args.device, metrics_port=args.metrics_port,
                        metrics_host=args.metrics_host)
@@ -104,8 +123,10 @@ def cmd_produce(args: argparse.Namespace) -> int:
     import signal
 
     from tensorline.producers import publish
+    from tensorline.schemas.subjects import producer_subjects
 
     cfg = _pipeline(args)
+    _schema_registry(cfg, producer_subjects(cfg, publish.RAW))
     stopping: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _: stopping.append(signum))
@@ -251,7 +272,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tensorline.ops import demo
 
     quiet_tensorflow()  # TensorFlow trains in this process; the workers pin their own devices
+    from tensorline.schemas.subjects import producer_subjects
 
+    cfg = _pipeline(args)  # the demo produces in this process
+    _schema_registry(cfg, producer_subjects(cfg))
     return demo.main(args.config, json_out=args.json, limit=args.limit)
 
 

@@ -146,3 +146,137 @@ def test_kcat_prints_a_result_as_json_with_value_avro(topics_written) -> None:
     result = json.loads(out.stdout)
     assert result["decision"] == "nodule" and result["record_id"] == "r-1"
     assert result["label"] in ("nodule", {"string": "nodule"})  # Avro's JSON encoding of a union, or plain
+
+
+# -- the pipeline on a registry that gives other ids than the built-in 1, 2, 3 ------------------
+STAGES_SCRIPT = r'''
+import sys, threading
+from pathlib import Path
+import keras
+from tensorline import cli, config
+from tensorline.engine import worker
+from tensorline.producers import publish
+from tensorline.schemas.subjects import producer_subjects, stage_subjects
+
+path, models, files = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+keras.utils.set_random_seed(0)
+L = keras.layers
+for name, model in {
+    "backbone": keras.Sequential([keras.Input((64, 64, 1)), L.Conv2D(4, 3, strides=4, activation="relu"),
+                                  L.GlobalAveragePooling2D(), L.Dense(8)]),
+    "cnn": keras.Sequential([keras.Input((64, 64, 1)), L.Conv2D(2, 3, strides=4), L.GlobalAveragePooling2D(),
+                             L.Dense(2, activation="softmax")]),
+    "mlp": keras.Sequential([keras.Input((8,)), L.Dense(2, activation="softmax")]),
+    "logreg": keras.Sequential([keras.Input((8,)), L.Dense(2, activation="softmax")]),
+}.items():
+    model.save(models / f"{name}.keras")
+cfg = config.load(path)
+cli._schema_registry(cfg, producer_subjects(cfg))  # what `tensorline produce` does at start
+print("sent", publish.produce(cfg, files, progress=False, check_results_s=0).sent, flush=True)
+runs = [("preprocess", None), ("features", None), *(("detection", m.name) for m in cfg.stages["detection"].models),
+        ("fusion", None)]
+for stage, model in runs:
+    cli._schema_registry(cfg, stage_subjects(cfg, stage))  # what `tensorline run STAGE` does at start
+    drain = threading.Event()
+    drain.set()  # stop once the input is read and committed to its present end
+    worker.run(cfg, stage, model=model, metrics_port=None, stop=threading.Event(), drain=drain)
+'''
+
+
+@pytest.mark.timeout(900)
+def test_every_stage_round_trips_on_a_registry_with_other_ids(namespace, kafka_bootstrap, tmp_path) -> None:
+    import os
+    import struct
+    import sys
+    import tomllib
+
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry.avro import AvroDeserializer
+    from confluent_kafka.serialization import MessageField, SerializationContext
+
+    from tensorline.ops import topics as topic_tools
+    from tensorline.schemas.registry import schema_text
+
+    root = Path(__file__).resolve().parents[2]
+    models = tmp_path / "models"
+    models.mkdir()
+    with registry.Server({}, first_id=101) as server:
+        text = (root / "pipeline.toml").read_text()
+        table = tomllib.loads(text)
+        text = text.replace('name = "demo"', f'name = "{namespace}"\nbootstrap = "{kafka_bootstrap}"', 1)
+        text = text.replace('.tensorline/models/', f'{models}/')
+        text = text.replace('strategy = "stacking"', 'strategy = "soft_vote"\njoin_timeout_ms = 3600000')
+        text = text.replace('params = { path = ".tensorline/models/stacker.json" }', "")
+        text = text.replace(f'params = {{ path = "{models}/stacker.json" }}', "")
+        text += f'\n[schema_registry]\nurl = "{server.url}"\n'
+        path = tmp_path / "pipeline.toml"
+        path.write_text(text)
+        cfg = config.load(path)
+        assert cfg.fusion.strategy == "soft_vote" and table["pipeline"]["name"] == "demo"
+        clients.create_topics(cfg)
+        files = []
+        rng = np.random.default_rng(0)
+        for i in range(6):
+            files.append(tmp_path / f"img{i}.npy")
+            np.save(files[-1], rng.integers(0, 4096, (64, 64)).astype(np.uint16))
+
+        # Two records no stage can read: one framed with the built-in id 1 (not this registry's),
+        # one with the id of a Record this version does not read (an extra field).
+        foreign = json.loads(schema_text("tensorline.v1.Record"))
+        foreign["fields"].append({"name": "site", "type": "string", "default": ""})
+        foreign_id = RegistryClient(server.url).register("elsewhere-value", json.dumps(foreign))
+        good = bytes(encode_record(RECORD))
+        producer = clients.producer(cfg)
+        try:
+            for wire_id in (1, foreign_id):
+                producer.send(cfg.topic("raw").name, key=b"bad", value=struct.pack(">bI", 0, wire_id) + good[5:])
+            producer.flush(30)
+        finally:
+            producer.close()
+
+        done = subprocess.run([sys.executable, "-c", STAGES_SCRIPT, str(path), str(models), *map(str, files)],
+                              capture_output=True, text=True, timeout=800, cwd=tmp_path,
+                              env={**os.environ, "TENSORLINE_STATE_DIR": str(tmp_path / "state")})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "sent 6" in done.stdout
+
+        client = RegistryClient(server.url)
+        expected = {"raw": 101, "preprocessed": 101, "features": 101, "detections": 102, "results": 103}
+        for key, wire_id in expected.items():
+            topic = cfg.topic(key).name
+            assert client.latest(f"{topic}-value").id == wire_id, key  # registered under TopicNameStrategy
+            values = [r.value for r in topic_tools.read_all(cfg, topic) if r.key != b"bad"]
+            assert values and {struct.unpack_from(">bI", v)[1] for v in values} == {wire_id}, key
+        dead = topic_tools.read_all(cfg, cfg.topic(cfg.dlq).name)
+        reasons = sorted(dict(d.headers)["tl.dlq.reason"].decode() for d in dead)
+        assert reasons == ["UnknownSchemaId", "WriterSchemaMismatch"], reasons
+        messages = " | ".join(dict(d.headers)["tl.dlq.message"].decode() for d in dead)
+        assert f"schema id 1 is not in the schema registry at {server.url}" in messages
+        assert f"schema id {foreign_id} at {server.url} (tensorline.v1.Record) is not a schema" in messages
+
+        deserialize = AvroDeserializer(SchemaRegistryClient({"url": server.url}))
+        results_topic = cfg.topic("results").name
+        results = [deserialize(r.value, SerializationContext(results_topic, MessageField.VALUE))
+                   for r in topic_tools.read_all(cfg, results_topic)]
+        assert len(results) == 6 and all(r["contributors"] for r in results) and not any(r["partial"] for r in results)
+
+
+def test_a_registry_down_at_start_stops_the_worker_with_one_fatal_line(namespace, kafka_bootstrap, tmp_path) -> None:
+    import os
+    import sys
+
+    from tensorline.ops import broker
+
+    port = broker.free_port()  # nothing listens there
+    path = tmp_path / "pipeline.toml"
+    path.write_text(f'[pipeline]\nname = "{namespace}"\nbootstrap = "{kafka_bootstrap}"\n'
+                    '[topics]\nraw = {}\nout = {}\n[stages.scale]\ninput = "raw"\noutput = "out"\n'
+                    'kind = "tensorline.stages.testing:Scale"\n'
+                    f'[schema_registry]\nurl = "http://127.0.0.1:{port}"\ntimeout_ms = 2000\n')
+    done = subprocess.run([sys.executable, "-m", "tensorline.cli", "run", "scale", "-c", str(path),
+                           "--metrics-port", "0"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "TENSORLINE_STATE_DIR": str(tmp_path / "state")})
+    assert done.returncode == 3, done.stderr[-2000:]  # fatal: the supervisor gives it up at once
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"tensorline run scale: stopped by a fatal error: schema registry POST "
+        f"http://127.0.0.1:{port}/subjects/{namespace}.out-value/versions: unreachable: [Errno 111] Connection refused")
