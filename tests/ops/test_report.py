@@ -68,13 +68,17 @@ expected_models = ["a", "b"]
     out = subprocess.run([sys.executable, "-m", "tensorline.cli", "report", "-c", str(path), "--json"],
                          capture_output=True, text=True, check=True)
     rep = json.loads(out.stdout)
-    assert set(rep) == {"models", "fused", "records", "partial", "duplicates_dropped"}
+    assert set(rep) == {"models", "fused", "fused_complete", "fused_partial", "comparisons", "records", "partial",
+                        "duplicates_dropped"}
     assert (rep["records"], rep["partial"], rep["duplicates_dropped"]) == (4, 1, 0)  # fusion never ran
     assert rep["fused"]["accuracy"] == 1.0
     assert rep["models"]["a"]["accuracy"] == 0.5  # a always says nodule
     assert rep["models"]["b"]["accuracy"] == 0.25  # b says nodule on all but r0
-    assert set(rep["models"]["a"]) >= {"accuracy", "f1_macro", "f1_micro", "per_class"}
-    assert "FUSED" in format_table(rep)
+    assert set(rep["models"]["a"]) >= {"accuracy", "f1_macro", "f1_micro", "per_class", "intervals"}
+    assert rep["fused"]["intervals"]["accuracy"] == [1.0, 1.0]
+    assert (rep["fused_complete"]["records"], rep["fused_partial"]["records"]) == (3, 1)  # r3 is partial
+    assert rep["comparisons"]["b"]["only_a_right"] == 3 and rep["comparisons"]["b"]["records"] == 4
+    assert "FUSED" in format_table(rep) and "FUSED vs a" in format_table(rep)
 
 
 def fused_count_of_duplicates() -> float:
@@ -134,14 +138,52 @@ on_duplicate = "{on_duplicate}"
     assert json.loads(capsys.readouterr().out)["duplicates_dropped"] == dropped
 
 
-def test_the_summary_is_one_row_per_model_and_the_fused_result():
-    per_class = lambda f1: {"normal": {"precision": 1.0, "recall": 1.0, "f1": f1, "support": 2},  # noqa: E731
-                            "nodule": {"precision": 0.5, "recall": 1.0, "f1": 0.667, "support": 2}}
-    rep = {"models": {"cnn": {"records": 4, "accuracy": 0.75, "f1_macro": 0.733, "per_class": per_class(0.8)}},
-           "fused": {"records": 4, "accuracy": 1.0, "f1_macro": 1.0, "per_class": per_class(1.0)},
-           "records": 4, "partial": 1, "duplicates_dropped": 0}
+def canned(n_models: int = 2) -> dict:
+    """A report from canned records: 40 records, model "good" right on 36, "poor" on 24, fused right on
+    38; the last 10 results partial, 2 of them wrong."""
+    truth = [CLASSES[i % 2] for i in range(40)]
+    wrong = lambda x: CLASSES[1 - CLASSES.index(x)]  # noqa: E731
+    by_model = {"good": {f"r{i}": (t, wrong(t) if i < 4 else t) for i, t in enumerate(truth)},
+                "poor": {f"r{i}": (t, wrong(t) if i % 10 < 4 else t) for i, t in enumerate(truth)}}
+    fused = {f"r{i}": report.Decided(t, wrong(t) if i in (30, 31) else t, partial=i >= 30) for i, t in enumerate(truth)}
+    return {**report.evaluate(dict(list(by_model.items())[:n_models]), fused, CLASSES),
+            "records": 40, "partial": 10, "duplicates_dropped": 0}
+
+
+def test_evaluate_scores_partial_results_apart_and_compares_fused_with_each_model_by_record_id():
+    rep = canned()
+    assert rep["fused"]["accuracy"] == pytest.approx(38 / 40)
+    assert (rep["fused_complete"]["accuracy"], rep["fused_complete"]["records"]) == (1.0, 30)
+    assert (rep["fused_partial"]["accuracy"], rep["fused_partial"]["records"]) == (0.8, 10)
+    assert rep["fused_complete"]["intervals"]["f1_macro"] == [1.0, 1.0]
+    for scores in (rep["models"]["good"], rep["models"]["poor"], rep["fused"]):
+        low, high = scores["intervals"]["f1_macro"]
+        assert low <= scores["f1_macro"] <= high and set(scores["intervals"]["per_class"]) == set(CLASSES)
+    poor = rep["comparisons"]["poor"]  # 14 records only fused got right, none only poor did
+    assert (poor["records"], poor["only_a_right"], poor["only_b_right"]) == (40, 14, 0)
+    assert poor["mcnemar_p"] < 0.01 and poor["verdict"] == "better" and poor["f1_macro_diff"] > 0.3
+    good = rep["comparisons"]["good"]  # 4 against 2 records: not enough to tell
+    assert (good["only_a_right"], good["only_b_right"], good["verdict"]) == (4, 2, "not distinguishable")
+    assert json.loads(json.dumps(rep)) == rep  # --json carries all of it
+    text = format_table(rep)
+    assert "FUSED vs poor: macro F1 +" in text and ": better" in text and "FUSED, partial results  (n=10)" in text
+
+
+def test_the_summary_is_one_row_per_model_and_the_fused_result_with_intervals():
+    rep = canned()
+    rep["partial"], rep["fused_partial"] = 0, report.scored([], [], CLASSES)  # no partial results: no sub-rows
     lines = format_summary(rep).splitlines()
-    assert lines[0] == "records with a result: 4   partial results: 1"
-    assert lines[-3].split() == ["model", "accuracy", "macro", "F1", "F1", "normal", "F1", "nodule", "n"]
-    assert lines[-2].split() == ["cnn", "0.750", "0.733", "0.800", "0.667", "4"]
-    assert lines[-1].split() == ["FUSED", "1.000", "1.000", "1.000", "0.667", "4"]
+    assert lines[0] == "records with a result: 40   partial results: 0"
+    assert lines[2].startswith("FUSED vs the best model (good): macro F1 +0.050 (") and "not distinguishable" in lines[2]
+    assert lines[-4].split() == ["model", "accuracy", "(95%", "CI)", "macro", "F1", "(95%", "CI)", "F1", "normal",
+                                 "F1", "nodule", "n"]
+    good = rep["models"]["good"]["intervals"]
+    assert lines[-3].split()[:3] == ["good", "0.900", f"({good['accuracy'][0]:.3f}-{good['accuracy'][1]:.3f})"]
+    assert lines[-3].split()[-1] == "40" and lines[-2].startswith("poor") and lines[-1].startswith("FUSED")
+    assert max(map(len, lines[3:])) <= 80
+
+
+def test_the_summary_shows_partial_results_beside_the_complete_ones():
+    lines = format_summary(canned()).splitlines()
+    assert [line.split()[0] for line in lines[-3:]] == ["FUSED", "complete", "partial"]
+    assert lines[-1].split()[1] == "0.800" and lines[-1].split()[-1] == "10"
