@@ -184,6 +184,13 @@ def test_the_resolver_names_registry_ids_and_refuses_others(served: registry.Ser
     with pytest.raises(UnknownSchemaId):
         resolve(77)
     assert list(served.store.requests).count("GET /schemas/ids/77") == asked + 1
+    served.stop()  # a registry gone later: retried (a ConnectionError), never a dead letter, never cached
+    from tensorline.engine.errors import Kind, classify
+    for _ in range(2):
+        with pytest.raises(RegistryUnavailable) as down:
+            resolve(foreign + 1)
+        assert classify(down.value) is Kind.TRANSIENT
+    assert resolve(1) == RECORD  # what was read before is cached
 
 
 def test_served_ids_can_start_elsewhere(demo: config.PipelineConfig) -> None:

@@ -102,6 +102,12 @@ def test_installed_ids_replace_the_table_and_unknown_ids_are_resolved_once() -> 
             schema_name(1)  # the built-in ids mean nothing to a registry
         with pytest.raises(UnknownSchemaName, match="schema tensorline.v1.FusedResult has no id from the schema"):
             schema_id(FUSED_RESULT)
+        registered: list[str] = []
+        registry.install({}, resolve, lambda name: registered.append(name) or 13)
+        assert schema_id(FUSED_RESULT) == schema_id(FUSED_RESULT) == 13 and registered == [FUSED_RESULT]
+        assert schema_name(13) == FUSED_RESULT  # written once: read without asking the registry
+        with pytest.raises(UnknownSchemaName):
+            schema_id("tensorline.v1.Tensor")  # never registered: not a message schema
     finally:
         registry.install_builtin()
     assert schema_id(RECORD) == 1 and schema_name(2) == DETECTION
