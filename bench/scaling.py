@@ -21,13 +21,15 @@ processed from its "worker stopped" log line.
 
 Measured capacity against kafka-python's CooperativeStickyAssignor: one stage of two workers whose
 model really differs in speed (the model-free Scale stage with params.work, 128x128 matrix products
-per record: 8 on the cpu worker, 24 on the gpu:0 one, both on this CPU) and no declared capacity,
+per record: 16 on the cpu worker, 48 on the gpu:0 one, both on this CPU) and no declared capacity,
 on 12 partitions. First a warm-up backlog (as many records as each worker needs for its first
 MIN_MEASURED_BUSY_S of processing at an even split) during which the workers measure their
 capacity and the group places again; once it is settled, a timed stream released at once. The
 same run, records and warm-up with every worker on the cooperative-sticky assignor (patched into
-the worker process by `sticky_worker`) is the baseline. Records per worker come from each
-worker's Prometheus counter, read before and after the timed stream.
+the worker process by `sticky_worker`) is the baseline; the runs go measured, sticky, sticky,
+measured, and vs_sticky is the mean rate of the measured runs over that of the sticky ones.
+Records per worker come from each worker's Prometheus counter, read before and after the timed
+stream.
 
 Every namespace is new to the broker (`run_name`, checked empty); a run whose outputs are not
 exactly the records sent, or whose window is empty, is not reported: its figures print as n/a.
@@ -78,13 +80,18 @@ TRANSACTION_TIMEOUT_MS = 300_000
 PURE_CASES = ((12, {"a": 3, "b": 1}), (12, {"a": 2, "b": 1, "c": 1}), (8, {"a": 3, "b": 1}), (10, {"a": 3, "b": 1}))
 # Measured capacity vs sticky: 12 partitions, so 3:1 is 9:3 exactly.
 MEASURED_PARTITIONS = 12
-# 128x128 products per record (~0.12 ms of a core each): the cpu worker ~1 ms, the gpu:0 one ~3 ms.
-WORK = {"cpu": 8, "gpu:0": 24}
+# 128x128 products per record (~0.12 ms of a core each): the cpu worker ~2 ms, the gpu:0 one ~6 ms,
+# so the model, not the Kafka path (~0.3 ms of worker and broker per record), sets each one's
+# speed. At 1 and 3 ms a loaded machine gave measured vs sticky 1.14-1.35 from run to run.
+WORK = {"cpu": 16, "gpu:0": 48}
 FAST = "cpu"
 # The warm-up: at an even split the fast worker gets half, and needs MIN_MEASURED_BUSY_S of model
-# time at ~1 ms per record (more on a loaded machine, when its calls also wait for a core).
-N_MEASURE_WARMUP = 12_000
-N_MEASURE_TIMED = 9_000
+# time at ~2 ms per record (more on a loaded machine, when its calls also wait for a core).
+N_MEASURE_WARMUP = 5_000
+N_MEASURE_TIMED = 4_000
+# Measured, sticky, sticky, measured: the load of other work on a shared machine drifts over
+# minutes (load average 6 to 11 within one pair), and this order cancels a steady drift.
+ALLOCATION_RUNS = ("measured", "sticky", "sticky", "measured")
 # The group counts as settled once its assignment has not changed for this long (the workers
 # compare their measurement with what they advertised every REMEASURE_EVERY_S).
 SETTLED_S = 2 * REMEASURE_EVERY_S + 2
@@ -408,6 +415,7 @@ class Allocation:
     """One stage of a fast and a slow worker, on the capacity assignor (measured) or the sticky one."""
 
     mode: str
+    key: str  # its measurement's name (see Measured)
     rps: float | None
     window_s: float
     warmup_s: float  # the warm-up backlog sent -> committed: measuring and placing again included
@@ -415,6 +423,7 @@ class Allocation:
     records: dict[str, int]  # device -> records of the timed stream it processed
     changed: bool  # the assignment changed during the timed stream
     placements: list[str]  # every placement the leader logged ("partitions assigned")
+    load: str  # the machine's load average when the run started
 
 
 def scale_records(n: int, prefix: str) -> list[tuple[bytes, bytes]]:
@@ -471,9 +480,10 @@ def settled(admin, group: str, check) -> dict[str, list[int]]:
         time.sleep(0.5)  # poll of the group's state
 
 
-def allocation(folder: Path, bootstrap: str, mode: str, stream: list[tuple[bytes, bytes]],
+def allocation(folder: Path, bootstrap: str, mode: str, n: int, stream: list[tuple[bytes, bytes]],
                measured: Measured) -> Allocation:
     """One run of the fast/slow stage: join, warm up (and measure), settle, then the timed stream."""
+    load = machine_load()
     cfg = measured_pipeline(folder, bootstrap, mode)
     admin = clients.admin(cfg)
     group = group_id(cfg, "scale", None)
@@ -499,7 +509,7 @@ def allocation(folder: Path, bootstrap: str, mode: str, stream: list[tuple[bytes
     finally:
         stop(sup)
         admin.close()
-    key = f"allocation {mode}"
+    key = f"allocation {mode} {n}"
     measured.count(key, len(stream), len(seen), "outputs")
     if set(seen) != {k for k, _ in stream}:
         measured.refuse(key, f"{len(set(seen) - {k for k, _ in stream})} outputs of records this run did not send")
@@ -517,8 +527,8 @@ def allocation(folder: Path, bootstrap: str, mode: str, stream: list[tuple[bytes
                 event = json.loads(line)
                 placements.append(f"{event.get('timestamp', '')} " + ", ".join(
                     f"{v['capacity']}: {v['partitions']}" for v in event["members"].values()))
-    return Allocation(mode, len(seen) / window if window > 0 else None, window, warmup_s, held, records, changed,
-                      sorted(placements))
+    return Allocation(mode, key, len(seen) / window if window > 0 else None, window, warmup_s, held, records, changed,
+                      sorted(placements), load)
 
 
 def produce_raw(cfg: config.PipelineConfig, records: list[tuple[bytes, bytes]]) -> None:
@@ -546,8 +556,8 @@ def main() -> None:
     with local_broker() as (folder, status):
         allocation_stream = scale_records(N_MEASURE_TIMED, "m")
         if args.allocation_only:
-            allocations = [allocation(folder, status.bootstrap, mode, allocation_stream, measured)
-                           for mode in ("measured", "sticky")]
+            allocations = [allocation(folder, status.bootstrap, mode, i, allocation_stream, measured)
+                           for i, mode in enumerate(ALLOCATION_RUNS, 1)]
             report_allocations(measured, allocations)
             print(f"after the bench: {machine_load()}")
             return
@@ -558,8 +568,8 @@ def main() -> None:
         runs = [throughput(folder, status.bootstrap, status.pid, label, n, env, stream, measured)
                 for label, env in (("as-is", {}), ("1-thread", ONE_THREAD)) for n in (1, 2)]
         shares = capacity_shares(folder, status.bootstrap, measured)
-        allocations = [allocation(folder, status.bootstrap, mode, allocation_stream, measured)
-                       for mode in ("measured", "sticky")]
+        allocations = [allocation(folder, status.bootstrap, mode, i, allocation_stream, measured)
+                       for i, mode in enumerate(ALLOCATION_RUNS, 1)]
     report(measured, runs, shares, ceiling, allocations)
 
 
@@ -568,30 +578,37 @@ def report_allocations(m: Measured, allocations: list[Allocation]) -> dict[str, 
     print(f"measured capacity vs cooperative-sticky: one Scale stage, {MEASURED_PARTITIONS} partitions, "
           f"work per record {WORK} (128x128 products; {FAST} is the fast worker, both on this CPU), "
           f"{N_MEASURE_WARMUP} warm-up records then {N_MEASURE_TIMED} timed, released at once")
-    print(f"{'assignor':<10}{'rec/s':>9}{'window s':>10}{'warm-up s':>11}   partitions and records of the "
-          f"timed stream per worker")
-    by = {a.mode: a for a in allocations}
+    print(f"{'run':<12}{'rec/s':>9}{'window s':>10}{'warm-up s':>11}   partitions and records of the "
+          f"timed stream per worker; load at the start")
     for a in allocations:
-        key = f"allocation {a.mode}"
-        per = "; ".join(f"{d}: {len(a.held.get(d, []))} partitions {a.held.get(d, [])}, {a.records.get(d, 0)} records"
-                        for d in WORK)
-        print(f"{a.mode:<10}{m.value(a.rps, key, fmt='.1f'):>9}{a.window_s:>10.2f}{a.warmup_s:>11.1f}   {per}"
+        per = "; ".join(f"{d}: {len(a.held.get(d, []))} partitions, {a.records.get(d, 0)} records" for d in WORK)
+        print(f"{a.key.removeprefix('allocation '):<12}{m.value(a.rps, a.key, fmt='.1f'):>9}{a.window_s:>10.2f}"
+              f"{a.warmup_s:>11.1f}   {per}; {a.load}"
               + ("  (the assignment changed during the timed stream)" if a.changed else ""))
-    for line in by["measured"].placements:
-        print(f"  measured: leader's placement (capacity: partitions) {line}")
-    fast = by["measured"]
-    key = "allocation measured"
-    share = m.ratio(len(fast.held.get(FAST, [])), sum(len(ps) for ps in fast.held.values()), key, fmt=".3f")
-    records_share = m.ratio(fast.records.get(FAST, 0), sum(fast.records.values()), key, f"{key} records", fmt=".3f")
-    sticky_records = m.ratio(by["sticky"].records.get(FAST, 0), sum(by["sticky"].records.values()),
-                             "allocation sticky", "allocation sticky records", fmt=".3f")
-    vs = m.ratio(fast.rps, by["sticky"].rps, key, "allocation sticky")
-    print(f"  fast worker's share: partitions {share}, records {records_share} (sticky: records {sticky_records}); "
-          f"work ratio {WORK['gpu:0'] / WORK[FAST]:.0f}:1, so ideal {WORK['gpu:0'] / sum(WORK.values()):.2f}")
-    print(f"  measured vs sticky throughput: {vs}")
+    runs = {mode: [a for a in allocations if a.mode == mode] for mode in ("measured", "sticky")}
+    for a in runs["measured"]:
+        for line in a.placements:
+            print(f"  {a.key.removeprefix('allocation ')}: leader's placement (capacity: partitions) {line}")
+    keys = {mode: [a.key for a in runs[mode]] for mode in runs}
+    rps = {mode: sum(a.rps or 0.0 for a in runs[mode]) / len(runs[mode]) for mode in runs}
+
+    def fast_share(mode: str, of: str) -> str:
+        counts = [(len(a.held.get(FAST, [])), sum(len(ps) for ps in a.held.values())) if of == "partitions" else
+                  (a.records.get(FAST, 0), sum(a.records.values())) for a in runs[mode]]
+        names = keys[mode] + ([f"{k} records" for k in keys[mode]] if of == "records" else [])
+        return m.ratio(sum(c for c, _ in counts), sum(t for _, t in counts), *names, fmt=".3f")
+
+    figures = {"measured_share_fast": fast_share("measured", "partitions"),
+               "measured_records_share_fast": fast_share("measured", "records"),
+               "vs_sticky": m.ratio(rps["measured"], rps["sticky"], *keys["measured"], *keys["sticky"])}
+    print(f"  fast worker's share in the measured runs: partitions {figures['measured_share_fast']}, records "
+          f"{figures['measured_records_share_fast']} (sticky: partitions {fast_share('sticky', 'partitions')}, "
+          f"records {fast_share('sticky', 'records')}); work {WORK[FAST]}:{WORK['gpu:0']}, so ideal "
+          f"{WORK['gpu:0'] / sum(WORK.values()):.2f}")
+    print(f"  mean rec/s measured {rps['measured']:.1f} vs sticky {rps['sticky']:.1f}: {figures['vs_sticky']}")
     for reason in m.reasons():
         print(reason)
-    return {"measured_share_fast": share, "measured_records_share_fast": records_share, "vs_sticky": vs}
+    return figures
 
 
 def report(m: Measured, runs: list[Run], shares: Shares, ceiling: float, allocations: list[Allocation]) -> None:
