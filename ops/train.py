@@ -11,10 +11,17 @@ complementary half-and-half mixes of plain and re-windowed patches, the MLP on t
 of the plain ones, the logistic model on those of the backbone's mix. Every model gets a card
 with its held-out scores, and each fusion strategy is scored offline through the fusion stage's
 own `combine`.
+
+The fusion is chosen on the validation split by cross-validation grouped by source image (no
+image both fitted on and scored), and it must earn its place: unless a fusion the stacker file can
+hold beats the best single model out of fold, the file passes that model through
+(`choose_fusion`, `fusion.choice`). `train_seeds` repeats the whole training under several model
+seeds, to show how much of a gain is the seed's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -28,6 +35,7 @@ import numpy as np
 
 from tensorline import config
 from tensorline.config import ModelConfig, PipelineConfig
+from tensorline.fusion import choice
 from tensorline.fusion.stacking import Stacker, fit_stacker
 from tensorline.fusion.stage import combine
 from tensorline.ops.report import classification_report
@@ -52,8 +60,12 @@ PREPROCESS_CHUNK = 256
 # Re-drawn windows: width 10-60 % of the patch's 5th-95th percentile range, centre inside it.
 WINDOW_WIDTH = (0.1, 0.6)
 WINDOW_PERCENTILES = (5, 95)
-# Folds for scoring the stacker on the split it is fitted on (strategy choice only).
+# Folds of the cross-validation that chooses the fusion on val: at most this many, never more than
+# the source images in val (each image is in one fold).
 STACKER_FOLDS = 5
+# What the stacker file (fusion.strategy = "stacking", the demo's) can hold: a fitted stacker, or a
+# strategy that is linear in the scores; else the best single model passed through.
+HELD_BY_A_STACKER = ("stacking", "soft_vote", "weighted_average")
 
 
 @dataclass(frozen=True)
@@ -242,13 +254,15 @@ def _card(model: ModelConfig, arch: Arch, inputs: tuple[int, ...], outputs: dict
 
 
 def train(cfg: PipelineConfig, *, seed: int = 7, epochs: int | None = None,
-          limit: int | None = None, show: bool = True) -> dict[str, dict]:
-    """Train and save the backbone, every detection model and the stacker; score all on val and test
-    (printed as a table when `show`).
+          limit: int | None = None, show: bool = True, data_seed: int | None = None) -> dict[str, dict]:
+    """Train and save the backbone and every detection model; choose the fusion (`choose_fusion`)
+    and save it as the stacker file; score all on val and test (printed as a table when `show`).
 
+    `seed` seeds the models' training, `data_seed` (default: `seed`) the demo set and its subsets.
     `epochs` overrides every model's epochs and `limit` caps the patches per split (fast runs for
-    tests). Returns {"models": {name: card}, "fusion": {strategy: {"val": report, "test": report}},
-    "summary": {...}}; the fusion numbers are also written to `fusion.card.json` beside the stacker.
+    tests). Returns {"models": {name: card}, "fusion": {candidate: {"val": report, "test":
+    report}}, "summary": {...}}; the fusion numbers are also written to `fusion.card.json` beside
+    the stacker.
     """
     import keras
 
@@ -269,8 +283,10 @@ def train(cfg: PipelineConfig, *, seed: int = 7, epochs: int | None = None,
             raise ValueError(f"{cfg.path}: stages.{where}.models.{m.name}.input: expected "
                              f"{' or '.join(map(repr, expected))}, got {m.input!r}")
 
+    data_seed = seed if data_seed is None else data_seed
     rng = np.random.default_rng(seed)
-    splits = {k: _subset(s, limit, rng) for k, s in demo_data.build(seed).items()}
+    data_rng = rng if data_seed == seed else np.random.default_rng(data_seed)
+    splits = {k: _subset(s, limit, data_rng) for k, s in demo_data.build(data_seed).items()}
     data = {k: preprocess(cfg, s, k) for k, s in splits.items()}
     y = data["train"].labels
     views = {name: {"plain": x} for name, x in data["train"].images.items()}
@@ -283,7 +299,7 @@ def train(cfg: PipelineConfig, *, seed: int = 7, epochs: int | None = None,
                                 "mix_b": np.where(half, plain, rewindowed)}
     n_epochs = {k: epochs or v for k, v in EPOCHS.items()}
     image_shape = data["train"].images[backbone_cfg.input].shape[1:]
-    base_training = {"seed": seed, "splits": {k: len(t.labels) for k, t in data.items()},
+    base_training = {"seed": seed, "data_seed": data_seed, "splits": {k: len(t.labels) for k, t in data.items()},
                      "source_images": {k: sorted(set(map(str, t.sources))) for k, t in data.items()},
                      "data": LESIONS}
 
@@ -326,51 +342,94 @@ def train(cfg: PipelineConfig, *, seed: int = 7, epochs: int | None = None,
     names = tuple(m.name for m in detectors)
     versions = {m.name: m.version for m in detectors}
     stacked = {k: np.stack([scores[n][k] for n in names], 1).astype(np.float64) for k in ("val", "test")}
-    stacker = fit_stacker(stacked["val"], data["val"].labels, model_names=names, classes=cfg.classes)
+    labels = {k: data[k].labels for k in ("val", "test")}
+    fusion, summary = choose_fusion(cfg, names, versions, stacked, labels, data["val"].sources, seed)
     path = stacker_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    stacker.save(path)
-
-    weights = {n: round(max(cards[n]["scores"]["val"]["f1_macro"] - 1 / len(cfg.classes), 1e-3), 4) for n in names}
-    fusion = evaluate_fusion(cfg, names, versions, stacked, {k: data[k].labels for k in ("val", "test")},
-                             stacker, weights, seed)
-    summary = {"configured": cfg.fusion.strategy if cfg.fusion else None,
-               "best_on_val": max(FUSION_STRATEGIES, key=lambda s: fusion[s]["val"]["f1_macro"]),
-               "best_single_on_val": max(names, key=lambda n: cards[n]["scores"]["val"]["f1_macro"]),
-               "weights": weights, "stacker": str(path), "seconds": round(time.monotonic() - started, 1)}
-    _write_json(path.with_name("fusion.card.json"),
-                {**summary, "data": LESIONS, "stacker_val_scores": f"{STACKER_FOLDS}-fold cross-fitted on val",
-                 "strategies": fusion})
+    summary.pop("stacker_object").save(path)
+    summary = {"configured": cfg.fusion.strategy if cfg.fusion else None, **summary, "stacker": str(path),
+               "seconds": round(time.monotonic() - started, 1)}
+    _write_json(path.with_name("fusion.card.json"), {**summary, "data": LESIONS, "strategies": fusion})
     if show:
         print(format_table(cards, names, fusion, summary))
     return {"models": cards, "fusion": fusion, "summary": summary}
 
 
 # -- fusion, offline -----------------------------------------------------------------------------
-def evaluate_fusion(cfg: PipelineConfig, names: tuple[str, ...], versions: Mapping[str, str],
-                    stacked: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray], stacker: Stacker,
-                    weights: Mapping[str, float], seed: int) -> dict[str, dict[str, Any]]:
-    """Each strategy on val and test through `fusion.stage.combine`, as the fusion stage runs it.
+def _weights(cfg: PipelineConfig, names: Sequence[str], scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """weighted_average's weights: each model's macro-F1 above chance on these records (at least 1e-3)."""
+    return {n: round(max(_report(cfg, labels, scores[:, i])["f1_macro"] - 1 / len(cfg.classes), 1e-3), 4)
+            for i, n in enumerate(names)}
 
-    The stacker's val scores are cross-fitted (each fold scored by a stacker fitted on the
-    others), so choosing a strategy on val does not favour the one fitted there.
+
+def _best_single(cfg: PipelineConfig, names: Sequence[str], scores: np.ndarray, labels: np.ndarray) -> str:
+    """The model with the best macro-F1 on these records (ties: the first named)."""
+    return max(names, key=lambda n: _report(cfg, labels, scores[:, names.index(n)])["f1_macro"])
+
+
+def _decisions(cfg: PipelineConfig, candidate: str, names: tuple[str, ...], versions: Mapping[str, str],
+               scores: np.ndarray, weights: Mapping[str, float], stacker: Stacker, single: str) -> list[str]:
+    """Each record's decision by a candidate: a strategy through `fusion.stage.combine`, as the fusion
+    stage runs it, or SINGLE (model `single`'s own decision)."""
+    if candidate == choice.SINGLE:
+        return [cfg.classes[k] for k in scores[:, names.index(single)].argmax(1)]
+    params = {"weights": dict(weights)} if candidate == "weighted_average" else {}
+    return [combine(f"r{i}", _detections(cfg, f"r{i}", names, versions, row), names, cfg.classes, candidate, params,
+                    stacker).decision for i, row in enumerate(scores)]
+
+
+def choose_fusion(cfg: PipelineConfig, names: tuple[str, ...], versions: Mapping[str, str],
+                  stacked: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray], groups: np.ndarray,
+                  seed: int) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Choose the fusion by cross-validation on val grouped by source image, and score every
+    candidate on val (out of fold) and on test (fitted on the whole of val).
+
+    Candidates: each strategy (the stacker and weighted_average's weights fitted on the other
+    folds) and SINGLE, the model best on the other folds passed through. The stacker file holds
+    the best of the candidates it can hold (stacking, soft_vote, weighted_average) if it beats
+    SINGLE out of fold, else the model best on val passed through (`fusion.choice`). No image is
+    in a fold and in the records fitted for it; with one source image in val, the folds are by
+    record, and say so. Returns ({candidate or "chosen": {"val": report, "test": report}},
+    summary), the summary holding the file's Stacker as "stacker_object".
     """
-    folds = np.random.default_rng(seed).permutation(len(labels["val"])) % STACKER_FOLDS
-    fold_stackers = [fit_stacker(stacked["val"][folds != f], labels["val"][folds != f],
-                                 model_names=names, classes=cfg.classes) for f in range(STACKER_FOLDS)]
-    joins = {split: [_detections(cfg, f"{split}-{i}", names, versions, row) for i, row in enumerate(stacked[split])]
-             for split in ("val", "test")}
-    out: dict[str, dict[str, Any]] = {}
-    for strategy in FUSION_STRATEGIES:
-        params = {"weights": dict(weights)} if strategy == "weighted_average" else {}
-        out[strategy] = {}
-        for split in ("val", "test"):
-            decisions = [combine(f"{split}-{i}", detections, names, cfg.classes, strategy, params,
-                                 fold_stackers[folds[i]] if split == "val" else stacker).decision
-                         for i, detections in enumerate(joins[split])]
-            truth = [cfg.classes[k] for k in labels[split]]
-            out[strategy][split] = classification_report(truth, decisions, cfg.classes)
-    return out
+    y_val, truth = labels["val"], {k: [cfg.classes[i] for i in v] for k, v in labels.items()}
+    if len(set(map(str, groups))) >= 2:
+        folds, by = choice.grouped_folds(groups, STACKER_FOLDS), "source image"
+    else:
+        folds, by = np.random.default_rng(seed).permutation(len(y_val)) % STACKER_FOLDS, "record"
+    candidates = (*FUSION_STRATEGIES, choice.SINGLE)
+    out_of_fold = {c: np.empty(len(y_val), object) for c in candidates}
+    for f in np.unique(folds):
+        fit, held = folds != f, folds == f
+        stacker = fit_stacker(stacked["val"][fit], y_val[fit], model_names=names, classes=cfg.classes)
+        weights = _weights(cfg, names, stacked["val"][fit], y_val[fit])
+        single = _best_single(cfg, names, stacked["val"][fit], y_val[fit])
+        for c in candidates:
+            out_of_fold[c][held] = _decisions(cfg, c, names, versions, stacked["val"][held], weights, stacker, single)
+    cv = {c: classification_report(truth["val"], list(out_of_fold[c]), cfg.classes) for c in candidates}
+
+    stacker = fit_stacker(stacked["val"], y_val, model_names=names, classes=cfg.classes)
+    weights = _weights(cfg, names, stacked["val"], y_val)
+    single = _best_single(cfg, names, stacked["val"], y_val)
+    chosen = choice.choose({c: r["f1_macro"] for c, r in cv.items()}, HELD_BY_A_STACKER)
+    n = len(y_val)
+    held = {"stacking": stacker, "soft_vote": choice.linear_stacker(dict.fromkeys(names, 1.0), names, cfg.classes,
+                                                                    n_samples=n),
+            "weighted_average": choice.linear_stacker(weights, names, cfg.classes, n_samples=n),
+            choice.SINGLE: choice.linear_stacker({single: 1.0}, names, cfg.classes, n_samples=n)}[chosen]
+    out = {c: {"val": cv[c], "test": classification_report(
+        truth["test"], _decisions(cfg, c, names, versions, stacked["test"], weights, stacker, single), cfg.classes)}
+           for c in candidates}
+    out["chosen"] = {"val": cv[chosen], "test": classification_report(
+        truth["test"], _decisions(cfg, "stacking", names, versions, stacked["test"], weights, held, single),
+        cfg.classes)}
+    summary = {"chosen": chosen if chosen != choice.SINGLE else f"{choice.SINGLE}: {single}",
+               "best_on_val": max(FUSION_STRATEGIES, key=lambda c: cv[c]["f1_macro"]),
+               "best_single_on_val": single, "weights": weights,
+               "cross_validation": {"by": by, "folds": int(len(np.unique(folds))),
+                                    "source_images": sorted(set(map(str, groups)))},
+               "stacker_object": held}
+    return out, summary
 
 
 def _detections(cfg: PipelineConfig, record_id: str, names: Sequence[str], versions: Mapping[str, str],
@@ -381,18 +440,30 @@ def _detections(cfg: PipelineConfig, record_id: str, names: Sequence[str], versi
             for name, s in zip(names, row)}
 
 
+def applied(summary: Mapping[str, Any]) -> str:
+    """What the fusion stage will run: the configured strategy, and what a stacker file holds."""
+    configured = summary["configured"] or "stacking"
+    return f"{configured} ({summary['chosen']})" if configured == "stacking" else configured
+
+
 def format_table(cards: Mapping[str, dict], names: Sequence[str], fusion: Mapping[str, dict],
                  summary: Mapping[str, Any]) -> str:
-    """Accuracy and macro-F1 on val and test, per detection model and per fusion strategy."""
+    """Accuracy and macro-F1 on val (fusion: out of fold) and test, per detection model and per
+    fusion candidate, then what the stacker file holds."""
+    cv = summary["cross_validation"]
     lines = [f"{'':<25}{'val acc':>9}{'val F1':>9}{'test acc':>10}{'test F1':>9}"]
-    rows = [(n, cards[n]["scores"]) for n in names] + [(f"fused: {s}", v) for s, v in fusion.items()]
+    rows = [(n, cards[n]["scores"]) for n in names] + [
+        (f"fused: {c}" if c != "chosen" else "fused: the file", v) for c, v in fusion.items()]
     for label, s in rows:
         mark = "".join(f"  <- {what}" for what, s_ in (("best on val", summary["best_on_val"]),
                                                         ("configured", summary["configured"]))
                        if label == f"fused: {s_}")
+        if label == "fused: the file":
+            mark = f"  <- {summary['chosen']}"
         lines.append(f"{label:<25}{s['val']['accuracy']:>9.3f}{s['val']['f1_macro']:>9.3f}"
                      f"{s['test']['accuracy']:>10.3f}{s['test']['f1_macro']:>9.3f}{mark}")
-    lines.append(f"stacker: {summary['stacker']}   weighted_average weights: {summary['weights']}   "
+    lines.append(f"fusion val scores: {cv['folds']}-fold cross-validation by {cv['by']}; the stacker file "
+                 f"({summary['stacker']}) holds {summary['chosen']}; weighted_average weights: {summary['weights']}   "
                  f"{summary['seconds']:.0f} s")
     return "\n".join(lines)
 
@@ -447,8 +518,92 @@ def ensure(cfg: PipelineConfig, *, own: Path = DEMO_MODEL_DIR, seed: int = 7, ep
         return
     print(f"training the demo models ({missing[0][1]} is missing) into {own} ...", file=sys.stderr)
     summary = train(cfg, seed=seed, epochs=epochs, limit=limit, show=False)["summary"]
-    fusion = summary["configured"] or summary["best_on_val"]
-    print(f"trained in {summary['seconds']:.0f} s; fusion: {fusion} (best on validation: {summary['best_on_val']}); "
-          f"each model's scores: {own}/*.card.json, all strategies: tensorline train", file=sys.stderr)
+    print(f"trained in {summary['seconds']:.0f} s; fusion: {applied(summary)}, chosen by cross-validation over "
+          f"the validation images; scores: {own}/*.card.json, all strategies: tensorline train", file=sys.stderr)
 
 
+
+
+# -- several seeds -------------------------------------------------------------------------------
+def in_folder(cfg: PipelineConfig, folder: Path) -> PipelineConfig:
+    """The pipeline with every model file and the stacker under `folder` (same file names)."""
+    stages = {name: dataclasses.replace(s, models=tuple(dataclasses.replace(m, path=str(folder / Path(m.path).name))
+                                                        for m in s.models))
+              for name, s in cfg.stages.items()}
+    fusion = cfg.fusion and dataclasses.replace(cfg.fusion, params={**cfg.fusion.params,
+                                                                    "path": str(folder / stacker_path(cfg).name)})
+    return dataclasses.replace(cfg, stages=stages, fusion=fusion)
+
+
+def seed_row(result: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """One seed's test scores (macro-F1): each model, the best of them, the fused result as the
+    stacker file holds it, its gain over the best model, and what was chosen."""
+    models = {n: result["models"][n]["scores"]["test"]["f1_macro"] for n in names}
+    fused = result["fusion"]["chosen"]["test"]["f1_macro"]
+    best = max(models.values())
+    return {"seed": result["models"][names[0]]["training"]["seed"], "models": models, "best_single": best,
+            "fused": fused, "gain": fused - best, "chosen": result["summary"]["chosen"],
+            "best_single_on_val": result["summary"]["best_single_on_val"],
+            "strategies": {c: v["test"]["f1_macro"] for c, v in result["fusion"].items() if c != "chosen"},
+            "cross_validated": {c: v["val"]["f1_macro"] for c, v in result["fusion"].items() if c != "chosen"}}
+
+
+def over_seeds(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean, min and max over the seeds of each model's, the best single's and the fused test
+    macro-F1 and of the gain, and how often each fusion was chosen."""
+    def stats(values: Sequence[float]) -> dict[str, float]:
+        v = np.asarray(values, np.float64)
+        return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()),
+                "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+    names = list(rows[0]["models"])
+    return {"seeds": len(rows), **{n: stats([r["models"][n] for r in rows]) for n in names},
+            "best_single": stats([r["best_single"] for r in rows]), "fused": stats([r["fused"] for r in rows]),
+            "gain": stats([r["gain"] for r in rows]),
+            "chosen": {c: sum(r["chosen"] == c for r in rows) for c in sorted({r["chosen"] for r in rows})}}
+
+
+def train_seeds(cfg: PipelineConfig, seeds: int, *, seed: int = 7, epochs: int | None = None,
+                limit: int | None = None, show: bool = True) -> dict[str, Any]:
+    """Train the demo models under `seeds` model seeds (seed, seed + 1, ...) on the same demo set
+    (data seed `seed`: the demo's test split), each into a scratch folder (the pipeline's own files
+    are left alone); per seed and over all, each model's and the fused test macro-F1 and the
+    fusion chosen (`seed_row`, `over_seeds`), printed as each seed ends when `show`."""
+    import tempfile
+
+    names = tuple(m.name for m in cfg.stages["detection"].models)
+    rows = []
+    if show:
+        print(seeds_header(names), flush=True)
+    for s in range(seed, seed + seeds):
+        with tempfile.TemporaryDirectory(prefix=f"tensorline-seed{s}-") as folder:
+            result = train(in_folder(cfg, Path(folder)), seed=s, data_seed=seed, epochs=epochs, limit=limit,
+                           show=False)
+        rows.append(seed_row(result, names))
+        if show:
+            print(format_seed(rows[-1]), flush=True)
+    summary = over_seeds(rows)
+    if show:
+        print(format_over_seeds(summary, names))
+    return {"per_seed": rows, "over_seeds": summary, "data_seed": seed, "limit": limit, "epochs": epochs}
+
+
+def seeds_header(names: Sequence[str]) -> str:
+    return (f"{'seed':<6}" + "".join(f"{n:>8}" for n in names) + f"{'best':>8}{'FUSED':>8}{'gain':>8}"
+            + "  fusion chosen (test macro-F1)")
+
+
+def format_seed(row: Mapping[str, Any]) -> str:
+    return (f"{row['seed']:<6}" + "".join(f"{v:>8.3f}" for v in row["models"].values())
+            + f"{row['best_single']:>8.3f}{row['fused']:>8.3f}{row['gain']:>+8.3f}  {row['chosen']}")
+
+
+def format_over_seeds(summary: Mapping[str, Any], names: Sequence[str]) -> str:
+    lines = []
+    for what in ("mean", "min", "max"):
+        lines.append(f"{what:<6}" + "".join(f"{summary[n][what]:>8.3f}" for n in names)
+                     + f"{summary['best_single'][what]:>8.3f}{summary['fused'][what]:>8.3f}"
+                     f"{summary['gain'][what]:>+8.3f}")
+    chosen = ", ".join(f"{c} x{k}" for c, k in summary["chosen"].items())
+    lines.append(f"over {summary['seeds']} seeds: gain over the best single model {summary['gain']['mean']:+.3f} "
+                 f"mean, {summary['gain']['min']:+.3f} min; chosen: {chosen}")
+    return "\n".join(lines)

@@ -66,10 +66,15 @@ def test_the_stacker_and_fusion_numbers_are_written(trained):
     cfg, result = trained
     stacker = load_stacker(train.stacker_path(cfg), model_names=cfg.fusion.expected_models, classes=cfg.classes)
     assert stacker.n_samples == 120
-    assert set(result["fusion"]) == set(train.FUSION_STRATEGIES)
+    assert set(result["fusion"]) == {*train.FUSION_STRATEGIES, "single", "chosen"}
     written = json.loads((train.stacker_path(cfg).parent / "fusion.card.json").read_text())
     assert written["strategies"] == result["fusion"]
     assert written["best_on_val"] in train.FUSION_STRATEGIES
+    assert written["chosen"] in (*train.HELD_BY_A_STACKER, f"single: {written['best_single_on_val']}")
+    # chosen by cross-validation over the validation split's two source images, one fold each
+    cv = written["cross_validation"]
+    assert (cv["by"], cv["folds"]) == ("source image", 2) and len(cv["source_images"]) == 2
+    assert set(cv["source_images"]) == set(result["models"]["cnn"]["training"]["source_images"]["val"])
 
 
 def test_the_pipeline_stages_load_the_models_with_their_shapes(trained):
@@ -152,7 +157,8 @@ def test_a_detection_model_without_a_recipe_is_rejected_before_training(tmp_path
 def trainer(monkeypatch) -> list[config.PipelineConfig]:
     """`train.train` replaced by a recorder: the pipelines it would have trained."""
     calls: list[config.PipelineConfig] = []
-    monkeypatch.setattr(train, "train", lambda cfg, **kw: calls.append(cfg))
+    summary = {"seconds": 0.0, "configured": "stacking", "chosen": "stacking"}
+    monkeypatch.setattr(train, "train", lambda cfg, **kw: calls.append(cfg) or {"summary": summary})
     return calls
 
 
@@ -217,3 +223,76 @@ def test_the_demo_checks_its_models_before_it_starts_anything(tmp_path, monkeypa
     with pytest.raises(config.MissingFile, match="stages.detection.models.cnn.path"):
         demo.main("pipeline.toml")
     assert trainer == []
+
+
+NAMES, VERSIONS = ("a", "b", "c"), {"a": "1", "b": "1", "c": "1"}
+
+
+def hand_made(rng: np.random.Generator, n: int, right: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Labels, and each model's scores (n, 3 models, 2 classes): model m right on a share right[m] of
+    the records, with a confidence drawn in [0.6, 1)."""
+    y = rng.integers(0, 2, n)
+    columns = []
+    for name in NAMES:
+        correct = rng.random(n) < right[name]
+        p_true = rng.uniform(0.6, 1.0, n)
+        p_nodule = np.where(correct == (y == 1), p_true, 1 - p_true)
+        columns.append(np.stack([1 - p_nodule, p_nodule], 1))
+    return y, np.stack(columns, 1)
+
+
+def choose(cfg, y, scores, groups):
+    half = len(y) // 2
+    return train.choose_fusion(cfg, NAMES, VERSIONS, {"val": scores[:half], "test": scores[half:]},
+                               {"val": y[:half], "test": y[half:]}, groups[:half], seed=0)
+
+
+def test_the_fallback_passes_the_single_model_through_when_fusion_loses_on_validation():
+    cfg = config.load(PIPELINE)
+    rng = np.random.default_rng(0)
+    y, scores = hand_made(rng, 800, {"a": 1.0, "b": 0.55, "c": 0.55})  # a is always right: nothing beats it
+    groups = np.repeat(["img1", "img2", "img3", "img4"], 200)
+    fusion, summary = choose(cfg, y, scores, groups)
+    assert fusion["soft_vote"]["val"]["f1_macro"] < fusion["single"]["val"]["f1_macro"] == 1.0
+    assert summary["chosen"] == "single: a" and summary["best_single_on_val"] == "a"
+    assert summary["cross_validation"] == {"by": "source image", "folds": 2, "source_images": ["img1", "img2"]}
+    # the stacker file decides as model a does, through the fusion stage's own combine
+    assert fusion["chosen"]["test"]["f1_macro"] == fusion["single"]["test"]["f1_macro"] == 1.0
+    held = summary["stacker_object"]
+    assert held.predict_proba(scores[400:], models=NAMES).argmax(1).tolist() == scores[400:, 0].argmax(1).tolist()
+
+
+def test_a_fusion_that_beats_every_model_out_of_fold_is_chosen():
+    cfg = config.load(PIPELINE)
+    rng = np.random.default_rng(1)
+    y, scores = hand_made(rng, 2000, {"a": 0.8, "b": 0.8, "c": 0.8})  # independent errors: voting helps
+    fusion, summary = choose(cfg, y, scores, np.repeat(["i1", "i2", "i3", "i4", "i5", "i6", "i7", "i8"], 250))
+    assert summary["chosen"] in train.HELD_BY_A_STACKER and summary["cross_validation"]["folds"] == 4
+    assert fusion[summary["chosen"]]["val"]["f1_macro"] > fusion["single"]["val"]["f1_macro"] + 0.05
+    assert fusion["chosen"]["test"]["f1_macro"] > max(fusion["single"]["test"]["f1_macro"], 0.85)
+
+
+def test_train_seeds_trains_each_model_seed_on_the_same_data_into_a_scratch_folder(monkeypatch, tmp_path, capsys):
+    cfg = pipeline_in(tmp_path)
+    calls = []
+
+    def fake_train(c, *, seed, data_seed, epochs, limit, show):
+        calls.append((seed, data_seed, limit, c.model("detection", "cnn").path))
+        f1 = {"cnn": 0.90 + seed / 1000, "mlp": 0.85, "logreg": 0.80}
+        models = {n: {"scores": {"test": {"f1_macro": v}}, "training": {"seed": seed}} for n, v in f1.items()}
+        fused = 0.93 if seed == 7 else 0.908
+        return {"models": models, "fusion": {"chosen": {"test": {"f1_macro": fused}, "val": {"f1_macro": 0.9}},
+                                             "single": {"test": {"f1_macro": f1["cnn"]}, "val": {"f1_macro": 0.9}}},
+                "summary": {"chosen": "stacking" if seed == 7 else "single: cnn", "best_single_on_val": "cnn"}}
+    monkeypatch.setattr(train, "train", fake_train)
+    out = train.train_seeds(cfg, 2, seed=7, limit=50)
+    assert [c[:3] for c in calls] == [(7, 7, 50), (8, 7, 50)]
+    assert all(not c[3].startswith(str(tmp_path)) for c in calls)  # never the pipeline's own files
+    rows = out["per_seed"]
+    assert [r["gain"] for r in rows] == pytest.approx([0.93 - 0.907, 0.0])
+    assert [r["chosen"] for r in rows] == ["stacking", "single: cnn"]
+    s = out["over_seeds"]
+    assert s["gain"]["mean"] == pytest.approx((0.023 + 0.0) / 2) and s["gain"]["min"] == pytest.approx(0.0)
+    assert s["chosen"] == {"single: cnn": 1, "stacking": 1} and s["best_single"]["mean"] == pytest.approx(0.9075)
+    printed = capsys.readouterr().out
+    assert "gain over the best single model +0.012 mean, +0.000 min" in printed

@@ -1,0 +1,60 @@
+"""Choosing the fusion that generalises: folds grouped by source image for cross-validation, the
+rule that falls back to the best single model unless a fusion beats it there, and the linear forms
+a stacker file can hold besides a fitted stacker (a strategy's weighting, one model passed through).
+
+Pure: arrays and names in, folds, a choice or a `Stacker` out (`ops.train` runs the
+cross-validation and writes the file).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from tensorline.fusion.stacking import Stacker
+
+# The logits of a linear form are this times the weighted mean of the scores: its decision is the
+# weighting's (ties to the lowest class, as argmax), its scores a softmax that keeps the order;
+# at 4 a mean score of 0.9 of two classes reads 0.96.
+PASS_SCALE = 4.0
+# The name of the single-model fallback among the candidates.
+SINGLE = "single"
+
+
+def grouped_folds(groups: Sequence[object] | np.ndarray, n_folds: int) -> np.ndarray:
+    """A fold index per record such that every record of a group is in one fold: no group on both
+    sides of any fold. Groups go, largest first (then by name), to the fold holding the fewest
+    records so far; with fewer groups than `n_folds`, there is one fold per group."""
+    keys = np.asarray(groups).astype(str)
+    names, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    n = min(n_folds, len(names))
+    if n < 2:
+        raise ValueError(f"cross-validation by group needs 2 or more groups, got {len(names)}: {names.tolist()}")
+    sizes = np.zeros(n, np.int64)
+    fold_of = np.empty(len(names), np.int64)
+    for g in sorted(range(len(names)), key=lambda g: (-counts[g], names[g])):
+        fold_of[g] = int(np.argmin(sizes))
+        sizes[fold_of[g]] += counts[g]
+    return fold_of[inverse]
+
+
+def choose(cv_scores: Mapping[str, float], fusions: Sequence[str]) -> str:
+    """The fusion among `fusions` with the best cross-validated score if it beats the single
+    model's (`cv_scores[SINGLE]`) strictly, else SINGLE: fusion must earn its place."""
+    best = max(fusions, key=lambda f: cv_scores[f])
+    return best if cv_scores[best] > cv_scores[SINGLE] else SINGLE
+
+
+def linear_stacker(weights: Mapping[str, float], model_names: Sequence[str], classes: Sequence[str], *,
+                   n_samples: int = 0) -> Stacker:
+    """A stacker whose class logits are PASS_SCALE times the `weights`-weighted mean of the models'
+    scores (models not named weigh 0): weighted_average's decision as a stacker; equal weights are
+    soft_vote's; one model alone passes that model's decision through."""
+    w = np.array([float(weights.get(m, 0.0)) for m in model_names])
+    if (w < 0).any() or not w.sum() > 0:
+        raise ValueError(f"weights must be non-negative with one positive, got {dict(weights)}")
+    k = len(classes)
+    matrix = PASS_SCALE * (w / w.sum())[:, None, None] * np.eye(k)[None]
+    return Stacker(weights=matrix, bias=np.zeros(k), model_names=tuple(model_names), classes=tuple(classes),
+                   l2=0.0, n_samples=n_samples)
