@@ -58,12 +58,14 @@ def _log():
 
 class Store:
     """Schemas by id and subjects' versions, in memory; thread-safe. Ids are global: the same
-    schema (by Parsing Canonical Form) has one id whatever the subject, as in Confluent's."""
+    schema has one id whatever the subject, as in Confluent's. "The same" is the same JSON (docs
+    and defaults included, whitespace not), as Confluent compares them; two schemas of one Parsing
+    Canonical Form with different docs get two ids, both of which tensorline reads."""
 
     def __init__(self, subjects: Mapping[str, str], *, first_id: int = 1):
         self._lock = threading.Lock()
         self._schemas: dict[int, str] = {}
-        self._by_form: dict[str, int] = {}
+        self._by_text: dict[str, int] = {}
         self._subjects: dict[str, list[int]] = {}
         self._next_id = first_id
         self.requests: deque[str] = deque(maxlen=1000)  # "GET /subjects", newest last: what clients asked
@@ -71,15 +73,15 @@ class Store:
         for name in SCHEMA_NAMES.values():
             self._add(schema_text(name))
         for subject, name in subjects.items():
-            self._subjects.setdefault(subject, []).append(self._by_form[canonical_form(schema_text(name))])
+            self._subjects.setdefault(subject, []).append(self._by_text[_same(schema_text(name))])
 
     def _add(self, text: str) -> int:
-        form = canonical_form(text)
-        if form not in self._by_form:
-            self._by_form[form] = self._next_id
+        key = _same(text)
+        if key not in self._by_text:
+            self._by_text[key] = self._next_id
             self._schemas[self._next_id] = text
             self._next_id += 1
-        return self._by_form[form]
+        return self._by_text[key]
 
     # -- reads ---------------------------------------------------------------------------------
     def schema(self, schema_id: int) -> str:
@@ -130,10 +132,10 @@ class Store:
     def register(self, subject: str, text: str) -> int:
         """The schema's id under `subject`, added as its next version when new there; refused (409)
         when it cannot read data written with the subject's latest version (BACKWARD)."""
-        form = _form(text)
+        _form(text)
         with self._lock:
             ids = self._subjects.get(subject, [])
-            known = self._by_form.get(form)
+            known = self._by_text.get(_same(text))
             if known is not None and known in ids:
                 return known
             if ids:
@@ -146,10 +148,10 @@ class Store:
             return schema_id
 
     def lookup(self, subject: str, text: str) -> dict[str, Any]:
-        form = _form(text)
+        _form(text)
         with self._lock:
             ids = self._ids(subject)
-            schema_id = self._by_form.get(form)
+            schema_id = self._by_text.get(_same(text))
             if schema_id not in ids:
                 raise ApiError(404, 40403, "Schema not found")
             return {"subject": subject, "version": ids.index(schema_id) + 1, "id": schema_id,
@@ -163,6 +165,11 @@ class Store:
         old = self.version(subject, version)["schema"]
         problems = backward_problems(text, old)
         return {"is_compatible": not problems, "messages": problems}
+
+
+def _same(text: str) -> str:
+    """What two registrations must share to be one schema: the JSON, whitespace aside."""
+    return json.dumps(json.loads(text), separators=(",", ":"))
 
 
 def _form(text: Any) -> str:

@@ -101,7 +101,7 @@ class RegistryClient:
     def register(self, subject: str, schema: str) -> int:
         """The id of `schema` under `subject`, registering it as the subject's next version if it is
         new there (409 when the subject's compatibility rule refuses it)."""
-        key = (subject, canonical_form(schema))
+        key = (subject, json.dumps(json.loads(schema), separators=(",", ":")))
         with self._lock:
             if key in self._registered:
                 return self._registered[key]
