@@ -132,7 +132,9 @@ def _types(depth: int = 2) -> st.SearchStrategy[object]:
 
 WRITERS = st.builds(lambda fields: record(*fields), st.lists(
     st.tuples(FIELD_NAMES, _types()).map(lambda p: field(*p)), min_size=1, max_size=5, unique_by=lambda f: f["name"]))
-PROMOTE = {"int": "long", "long": "double", "float": "double", "string": "bytes", "bytes": "string"}
+# bytes -> string is allowed by the spec (test_type_promotions) but reads only bytes that are UTF-8,
+# which random data is not: left out of the evolutions whose old data is random.
+PROMOTE = {"int": "long", "long": "double", "float": "double", "string": "bytes"}
 
 
 @st.composite
@@ -152,7 +154,7 @@ def evolutions(draw: st.DrawFn) -> tuple[dict, dict]:
         elif op == "remove" and fields:
             fields.pop(i)
         elif op in ("promote", "demote") and fields and isinstance(fields[i]["type"], str):
-            table = PROMOTE if op == "promote" else {v: k for k, v in PROMOTE.items()}
+            table = PROMOTE if op == "promote" else {v: k for k, v in PROMOTE.items() if v != "bytes"}
             fields[i]["type"] = table.get(fields[i]["type"], fields[i]["type"])
         elif op == "optional" and fields and isinstance(fields[i]["type"], str) and fields[i]["type"] != "null":
             fields[i]["type"] = ["null", fields[i]["type"]]
