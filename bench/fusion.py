@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7, help="the first model seed and the data seed")
     parser.add_argument("--limit", type=int, help="at most N patches per split")
     parser.add_argument("--epochs", type=int, help="every model's epochs (default: the training recipe's)")
-    parser.add_argument("--json", action="store_true", help="print the per-seed JSON before the bench line")
+    parser.add_argument("--json", action="store_true", help="print the per-seed JSON after the tables")
     parser.add_argument("-c", "--config", default=str(ROOT / "pipeline.toml"))
     args = parser.parse_args(argv)
 
@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     from tensorline.ops import train
 
     quiet_tensorflow()
+    # The per-seed lines print as each seed ends (a long run shows what it has), the JSON after them.
     result = train.train_seeds(config.load(args.config), args.seeds, seed=args.seed, epochs=args.epochs,
-                               limit=args.limit, show=not args.json)
+                               limit=args.limit, show=True)
     if args.json:
         print(json.dumps(result))
     s = result["over_seeds"]
