@@ -17,10 +17,10 @@ broker's CPU per record over the timed window, less the models' CPU per record
 in-memory source and sink (this process's CPU over its run). The models' CPU per record is the
 ceiling's (this process's CPU over its fastest pass, backbone and head on the same records and
 batch size): the workers' own model calls cannot be told apart from the rest of their CPU, as
-TensorFlow's compute threads are unnamed and the trace holds wall time only. Smaller batches in
-the workers, or the model slowed by its neighbours, land in the overhead, never the other way.
-An overhead within how much the models' own CPU per record varied between the ceiling's passes
-is not told apart from noise: it prints as n/a.
+TensorFlow's compute threads are unnamed and the trace holds wall time only. What the models
+cost more in the workers (smaller batches, neighbours contending for the cores) lands in the
+overhead. An overhead within how much the models' own CPU per record varied between the
+ceiling's passes is not told apart from noise: it prints as n/a.
 The realistic tier sends REAL_WARMUP + REAL_N 128x128x1 images (preprocess's output at size 128:
 one channel per view) through a features worker alone serving a MobileNet-style backbone
 (depthwise-separable convolutions, random weights, >= 5 ms of CPU per record), against the same
