@@ -4,10 +4,12 @@ A fixed backlog of 64x64x1 float32 records (keyed by study, `tl.ingest_ms` heade
 preprocess writes them) is produced to a fresh input topic; then one worker process runs the
 stage (`features`: the bench backbone, forwarding only the embedding, as bench/stages runs it; or
 `scale`: the model-free `stages.testing.Scale`, whose output is the whole tensor) exactly-once,
-bounded by the backlog's end offsets. Over the records committed after the first `--warmup`
+until it has committed the backlog. Over the records committed after the first `--warmup`
 ones, it measures per record:
 - the worker process's CPU (every thread: main loop, model thread, kafka-python's IO threads,
-  TensorFlow's pools), from `time.process_time()` in the worker, and per thread from /proc;
+  TensorFlow's pools), from `time.process_time()` in the worker, and per thread from /proc,
+  less the upkeep of its helper threads (kafka-python's IO, sender and heartbeat threads: their
+  CPU per second once the worker idles after the window) over the window;
 - the broker's CPU over the same window (/proc/PID/stat; the broker must serve nothing else),
   less its idle CPU per second (read before the worker starts) over the window: upkeep paid
   per second, not per record, which would make a slower run (a busier machine) look costlier;
@@ -56,7 +58,9 @@ MODELS = Path(tempfile.gettempdir()) / "profile-worker-models"
 PACKAGE_DIRS = {"tensorline": "tensorline", "tensorline/producers": "producers", "tensorline/schemas": "schemas",
                 "tensorline/stages": "stages", "tensorline/fusion": "fusion", "tensorline/ops": "ops"}
 SAMPLE_S = 0.02
-BROKER_IDLE_S = 4.0  # the broker's idle CPU, per second, is read over this long before each run  # the window's edges are found within this (a commit adds ~30-100 records at once)
+BROKER_IDLE_S = 4.0  # the broker's idle CPU, per second, is read over this long before each run
+SETTLE_S, IDLE_S = 1.0, 4.0  # after the window: the worker's last commit, then its idle CPU per second
+RUN_TIMEOUT_S = 900.0  # the window's edges are found within this (a commit adds ~30-100 records at once)
 
 PIPELINE = """\
 [pipeline]
@@ -189,7 +193,7 @@ def broker_idle(pid: int) -> float:
 def show(r: dict) -> str:
     threads = " ".join(f"{k}={v:.3f}" for k, v in sorted(r["threads_ms"].items(), key=lambda kv: -kv[1]) if v >= 0.005)
     return (f"[{r['ref']}] overhead={r['overhead_ms']:.3f} ms/rec: worker={r['worker_ms']:.3f} broker={r['broker_ms']:.3f} "
-            f"model={r['model_ms']:.3f} (broker idle {r['broker_idle_ms']:.3f} left out; records={r['records']} batch={r['batch']:.1f} rps={r['rps']:.0f})\n"
+            f"model={r['model_ms']:.3f} (upkeep left out: worker {r['upkeep_ms']:.3f}, broker {r['broker_idle_ms']:.3f}; records={r['records']} batch={r['batch']:.1f} rps={r['rps']:.0f})\n"
             f"    per thread ms/rec: {threads}")
 
 
@@ -320,7 +324,8 @@ def child(args) -> None:
         made.append(self)
     Worker.__init__ = spy_init
     window: dict = {}
-    done = threading.Event()
+    done, stop = threading.Event(), threading.Event()
+    deadline = time.monotonic() + RUN_TIMEOUT_S
 
     def sample() -> tuple[int, float, float, float, dict]:
         w = made[0]
@@ -342,6 +347,14 @@ def child(args) -> None:
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)
                     spy.wait(60)
+                time.sleep(SETTLE_S)  # the last commit and the idle settle, before the idle window
+                before = thread_cpu_s()
+                time.sleep(IDLE_S)  # the worker's idle window
+                window["idle"] = {k: (v - before.get(k, 0.0)) / IDLE_S for k, v in thread_cpu_s().items()}
+                stop.set()
+                return
+            if time.monotonic() > deadline:
+                stop.set()
                 return
             time.sleep(SAMPLE_S)  # sampling period of the window's edges
 
@@ -349,17 +362,22 @@ def child(args) -> None:
     profiles: list = []
     if args.cprofile:
         profile_threads(profiles)
-    stats = worker_module.run(cfg, "work", metrics_port=None, end_offsets=ends)
+    stats = worker_module.run(cfg, "work", metrics_port=None, stop=stop)
     done.set()
-    if "end" not in window:
+    if "idle" not in window:
         sys.exit(f"the window never closed: {stats}")
     (n0, c0, b0, t0, th0), (n1, c1, b1, t1, th1) = window["start"], window["end"]
     n = n1 - n0
     batch = stats.records_in / max(1, stats.batches)
     model = th1.get("native", 0.0) - th0.get("native", 0.0)
-    worker_ms, broker_ms, model_ms = 1000 * (c1 - c0) / n, 1000 * (b1 - b0) / n, 1000 * model / n
-    result = {"records": n, "rps": n / (t1 - t0), "batch": batch, "worker_ms": worker_ms, "broker_ms": broker_ms,
-              "model_ms": model_ms, "overhead_ms": worker_ms + broker_ms - model_ms,
+    # Upkeep: what the worker's other threads (kafka-python's IO, sender and heartbeat threads)
+    # spend per second with nothing to do, paid per second, not per record (as the broker's).
+    upkeep = sum(v for k, v in window["idle"].items() if k not in ("MainThread", "native", "profile-monitor"))
+    rps = n / (t1 - t0)
+    upkeep_ms = 1000 * upkeep / rps
+    worker_ms, broker_ms, model_ms = 1000 * (c1 - c0) / n - upkeep_ms, 1000 * (b1 - b0) / n, 1000 * model / n
+    result = {"records": n, "rps": rps, "batch": batch, "worker_ms": worker_ms, "broker_ms": broker_ms,
+              "model_ms": model_ms, "overhead_ms": worker_ms + broker_ms - model_ms, "upkeep_ms": upkeep_ms,
               "threads_ms": {k: 1000 * (v - th0.get(k, 0.0)) / n for k, v in th1.items() if k != "profile-monitor"}}
     profile = []
     if "raw" in window:
