@@ -1,8 +1,13 @@
-"""The project's own single-node Kafka broker (KRaft mode, no ZooKeeper), run on the machine's Java.
+"""The project's own Kafka broker (KRaft mode, no ZooKeeper), run on the machine's Java: a single
+node by default, or a local cluster of N nodes (`start(nodes=3)`) to see what replication and
+broker failures do to a pipeline.
 
 The jars come from Maven Central (`ops/kafka/pom.xml`, resolved once into a cache folder); the
-broker lives under a data dir with its storage, config, log, pid and bootstrap files. Start is
-idempotent and recovers from a stale pid left by a killed broker; stop waits for the exit.
+broker lives under a data dir with its storage, config, log, pid and bootstrap files (a
+cluster: one folder per node, `node-1`, ..., each its node's own, and `nodes.json` with their
+ports). Every node is broker and controller at once; the controllers are a quorum of all nodes.
+Start is idempotent, starts only the nodes that are not running, and recovers from a stale pid
+left by a killed one; stop waits for the exit.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from importlib import resources
 from pathlib import Path
 
 from tensorline.config import DEFAULT_MAX_MESSAGE_BYTES
-from tensorline.engine.local import (DATA_DIR_ENV, DEFAULT_DATA_DIR, BrokerStatus, pid_alive, read_pid,  # noqa: F401
-                                     data_dir_default, local_bootstrap, status)
+from tensorline.engine.local import (DATA_DIR_ENV, DEFAULT_DATA_DIR, NODES_FILE, BrokerStatus, NodeStatus,  # noqa: F401
+                                     data_dir_default, local_bootstrap, node_dir, pid_alive, read_nodes,
+                                     read_pid, status)
 
 KAFKA_VERSION = "4.1.1"  # keep in step with ops/kafka/pom.xml and docker/compose.yaml
 DEFAULT_PORT = 9092
@@ -30,8 +36,16 @@ LIBS_ENV = "TENSORLINE_KAFKA_LIBS"
 JVM_OPTS_ENV = "TENSORLINE_BROKER_JVM_OPTS"  # space-separated, replace JVM_OPTS (e.g. a bigger heap)
 # Generous: a first start on a cold 2-core machine (JIT, storage format) takes about 10 s.
 START_TIMEOUT_S = 90.0
-# The broker flushes and closes its logs on SIGTERM; 30 s is plenty for a single node.
+# The broker flushes and closes its logs on SIGTERM; 30 s is plenty for a single node, and for
+# the nodes of a local cluster stopped together.
 STOP_TIMEOUT_S = 30.0
+# A local cluster's nodes share the machine; more than a few only split its cores further (and
+# node folders stay one digit: node-1 is no prefix of another).
+MAX_NODES = 9
+# Copies of every partition on a cluster, at most; writes need 2 of the 3 in sync, so one node
+# may fail without losing an acknowledged record or stopping writes (Kafka's usual production
+# choice, and what `clients.create_topics` gives the pipeline's topics).
+MAX_REPLICATION = 3
 PORT_WAIT_S = 5.0
 # C1 only (TieredStopAtLevel=1): a fresh broker's C2 compiler took ~0.2 core for the first tens
 # of seconds of every new load on a 2-core machine, as much as the broker's own work; without it
@@ -39,31 +53,39 @@ PORT_WAIT_S = 5.0
 # production broker, on its own hosts, is configured by its operators, not by this launcher.
 JVM_OPTS = ["-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true"]
 
-# Single-node settings. Replication factor and min ISR 1 so transactions and group offsets work
-# on one broker; few internal partitions so the first group or transaction does not wait for 50
-# partitions to be created; no initial rebalance delay so a lone test worker starts at once;
-# no auto-created topics so a typo in a topic name is an error, not a new empty topic.
+# One node's settings. Internal topics (group offsets, transaction state) replicated on min(3,
+# nodes) nodes with min ISR 2 from three nodes on, 1 on a single node, so transactions and group
+# offsets work there; few internal partitions so the first group or transaction does not wait
+# for 50 partitions to be created; no initial rebalance delay so a lone test worker starts at
+# once; no auto-created topics so a typo in a topic name is an error, not a new empty topic.
+# The listeners' names and protocols are in one place (LISTENERS) so another protocol can
+# replace PLAINTEXT there.
 SERVER_PROPERTIES = """\
 process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:{controller_port}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port}
-controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+node.id={node_id}
+controller.quorum.voters={voters}
+{listeners}
 log.dirs={log_dir}
 num.partitions=1
 auto.create.topics.enable=false
 message.max.bytes={max_message_bytes}
 replica.fetch.max.bytes={max_message_bytes}
-offsets.topic.replication.factor=1
+default.replication.factor={replication}
+min.insync.replicas={min_isr}
+offsets.topic.replication.factor={replication}
 offsets.topic.num.partitions=8
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
+transaction.state.log.replication.factor={replication}
+transaction.state.log.min.isr={min_isr}
 transaction.state.log.num.partitions=8
 group.initial.rebalance.delay.ms=0
 """
+
+LISTENERS = """\
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"""
 
 LOG4J2_PROPERTIES = """\
 status = error
@@ -133,6 +155,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_range(count: int) -> int:
+    """The first of `count` consecutive free ports on 127.0.0.1 (for a cluster's client ports)."""
+    for _ in range(100):
+        base = free_port()
+        if base + count <= 65535 and all(_port_free(base + i) for i in range(count)):
+            return base
+    raise BrokerError(f"no {count} consecutive free ports on 127.0.0.1 found")
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -173,66 +204,223 @@ def _log_tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def _write_config(data_dir: Path, port: int, max_message_bytes: int) -> Path:
+def replication(nodes: int) -> tuple[int, int]:
+    """(replication factor, min in-sync replicas) for a cluster of `nodes` brokers: min(3, nodes)
+    copies, of which 2 must be in sync from three nodes on (1 below: a write needs every copy)."""
+    return min(MAX_REPLICATION, nodes), 2 if nodes >= MAX_REPLICATION else 1
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node's identity and ports: fixed at a cluster's first start (the controller quorum
+    names every node's controller port), recorded in nodes.json."""
+    node_id: int
+    port: int
+    controller_port: int
+
+    @property
+    def voter(self) -> str:
+        return f"{self.node_id}@127.0.0.1:{self.controller_port}"
+
+
+def _wait_ports_free(*ports: int) -> None:
+    """A broker killed a moment ago may still be closing its sockets: give them a few seconds."""
+    deadline = time.monotonic() + PORT_WAIT_S
+    while not all(_port_free(p) for p in ports) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _write_config(folder: Path, node: Node, voters: list[Node], max_message_bytes: int) -> Path:
+    """server.properties and log4j2.properties of one node, in its folder."""
+    replication_factor, min_isr = replication(len(voters))
+    props = folder / "server.properties"
+    props.write_text(SERVER_PROPERTIES.format(
+        node_id=node.node_id, voters=",".join(v.voter for v in voters),
+        listeners=LISTENERS.format(port=node.port, controller_port=node.controller_port),
+        log_dir=folder / "kraft", max_message_bytes=max_message_bytes,
+        replication=replication_factor, min_isr=min_isr))
+    (folder / "log4j2.properties").write_text(LOG4J2_PROPERTIES.format(log_file=folder / "broker.log"))
+    return props
+
+
+def _format(folders: list[tuple[Path, Path]], cluster_id: str) -> None:
+    """Format the storage of every (folder, its server.properties) not formatted yet, together
+    (one JVM start each: seconds on a loaded machine)."""
+    running = []
+    for folder, props in folders:
+        if (folder / "kraft" / "meta.properties").exists():
+            continue
+        log4j = f"-Dlog4j2.configurationFile={folder / 'log4j2.properties'}"
+        fmt = java_command("kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
+                           "-c", str(props), "--ignore-formatted", jvm=["-Xmx256m", log4j])
+        running.append((folder, subprocess.Popen(fmt, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    failed = [(folder, proc.communicate()[0]) for folder, proc in running]
+    failed = [(folder, out) for (folder, out), (_, proc) in zip(failed, running) if proc.returncode != 0]
+    if failed:
+        raise BrokerError("\n".join(f"formatting {folder / 'kraft'} failed:\n{out}" for folder, out in failed))
+
+
+def _launch(folder: Path, props: Path) -> subprocess.Popen:
+    """Start the node's JVM (its pid in broker.pid); its storage is formatted."""
+    log4j = f"-Dlog4j2.configurationFile={folder / 'log4j2.properties'}"
+    jvm = os.environ[JVM_OPTS_ENV].split() if os.environ.get(JVM_OPTS_ENV) else JVM_OPTS
+    cmd = java_command("kafka.Kafka", str(props), jvm=[*jvm, log4j])
+    with open(folder / "broker.out", "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=folder)
+    (folder / "broker.pid").write_text(str(proc.pid))
+    return proc
+
+
+def _exited(folder: Path, proc: subprocess.Popen, what: str) -> BrokerError:
+    (folder / "broker.pid").unlink(missing_ok=True)
+    return BrokerError(f"{what} exited with code {proc.returncode} during start; "
+                       f"{folder / 'broker.log'} ends with:\n{_log_tail(folder / 'broker.log')}\n"
+                       f"{_log_tail(folder / 'broker.out', 10)}")
+
+
+def start(data_dir: Path | None = None, port: int | None = None, *, nodes: int | None = None,
+          max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, timeout: float = START_TIMEOUT_S) -> BrokerStatus:
+    """Start the broker (formatting storage on first start) and wait until it answers.
+
+    `nodes`: a local cluster of that many nodes (`port`, default 9092, and the ports after it);
+    None is what the data dir holds, a single broker for a new one. A cluster's nodes that are not
+    running are started (the others left alone), and start returns once every node answers and
+    the cluster has every node registered."""
+    data_dir = (data_dir or data_dir_default()).resolve()
+    recorded = read_nodes(data_dir)
+    if nodes is None:
+        nodes = len(recorded) if recorded is not None else 1
+    if not 1 <= nodes <= MAX_NODES:
+        raise BrokerError(f"--nodes {nodes}: a local cluster has 1 to {MAX_NODES} nodes")
+    if recorded is not None or nodes > 1:
+        return _start_cluster(data_dir, port, nodes, recorded, max_message_bytes, timeout)
+    port = DEFAULT_PORT if port is None else port
+    current = status(data_dir)
+    if current.running:
+        return current
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "broker.pid").unlink(missing_ok=True)  # stale: its process is gone
     port_file = data_dir / "controller.port"
     if port_file.exists():
         controller_port = int(port_file.read_text())
     else:
         controller_port = free_port()
         port_file.write_text(str(controller_port))
-    # A broker killed a moment ago may still be closing its sockets: give them a few seconds.
-    deadline = time.monotonic() + PORT_WAIT_S
-    while not (_port_free(port) and _port_free(controller_port)) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    _wait_ports_free(port, controller_port)
     if not _port_free(port):
         raise BrokerError(f"port {port} on 127.0.0.1 is in use by another process; pass --port N")
     if not _port_free(controller_port):
         raise BrokerError(f"controller port {controller_port} (from {port_file}) is in use; "
                           f"free it or delete {data_dir} to start over")
-    props = data_dir / "server.properties"
-    props.write_text(SERVER_PROPERTIES.format(port=port, controller_port=controller_port,
-                                              log_dir=data_dir / "kraft", max_message_bytes=max_message_bytes))
-    (data_dir / "log4j2.properties").write_text(LOG4J2_PROPERTIES.format(log_file=data_dir / "broker.log"))
-    return props
-
-
-def start(data_dir: Path | None = None, port: int = DEFAULT_PORT, *,
-          max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, timeout: float = START_TIMEOUT_S) -> BrokerStatus:
-    """Start the broker (formatting storage on first start) and wait until it answers."""
-    data_dir = (data_dir or data_dir_default()).resolve()
-    current = status(data_dir)
-    if current.running:
-        return current
-    data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "broker.pid").unlink(missing_ok=True)  # stale: its process is gone
-    props = _write_config(data_dir, port, max_message_bytes)
-    log4j = f"-Dlog4j2.configurationFile={data_dir / 'log4j2.properties'}"
-    if not (data_dir / "kraft" / "meta.properties").exists():
-        fmt = java_command("kafka.tools.StorageTool", "format", f"--cluster-id={_cluster_id(data_dir)}",
-                           "-c", str(props), "--ignore-formatted", jvm=["-Xmx256m", log4j])
-        done = subprocess.run(fmt, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise BrokerError(f"formatting {data_dir / 'kraft'} failed:\n{done.stdout}{done.stderr}")
-    jvm = os.environ[JVM_OPTS_ENV].split() if os.environ.get(JVM_OPTS_ENV) else JVM_OPTS
-    cmd = java_command("kafka.Kafka", str(props), jvm=[*jvm, log4j])
-    with open(data_dir / "broker.out", "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=data_dir)
-    (data_dir / "broker.pid").write_text(str(proc.pid))
+    node = Node(1, port, controller_port)
+    props = _write_config(data_dir, node, [node], max_message_bytes)
+    _format([(data_dir, props)], _cluster_id(data_dir))
+    proc = _launch(data_dir, props)
     bootstrap = f"127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            (data_dir / "broker.pid").unlink(missing_ok=True)
-            raise BrokerError(f"the broker exited with code {proc.returncode} during start; "
-                              f"{data_dir / 'broker.log'} ends with:\n{_log_tail(data_dir / 'broker.log')}\n"
-                              f"{_log_tail(data_dir / 'broker.out', 10)}")
+            raise _exited(data_dir, proc, "the broker")
         if _answers(bootstrap):
             (data_dir / "bootstrap").write_text(bootstrap)
             return status(data_dir)
         time.sleep(0.5)
     stop(data_dir)
     raise BrokerError(f"the broker did not answer on {bootstrap} within {timeout:.0f} s; see {data_dir / 'broker.log'}")
+
+
+def _cluster_layout(data_dir: Path, port: int | None, nodes: int, recorded: list[dict] | None) -> list[Node]:
+    """The nodes as recorded at the cluster's first start, or new ones: ports `port`, `port`+1,
+    ... for clients, free ports for the controllers."""
+    if recorded is not None:
+        layout = [Node(**n) for n in recorded]
+        if len(layout) != nodes:
+            raise BrokerError(f"{data_dir} holds a cluster of {len(layout)} nodes, not {nodes}; "
+                              f"use another --data-dir or delete it to start over")
+        if port is not None and port != layout[0].port:
+            raise BrokerError(f"the cluster under {data_dir} listens on ports "
+                              f"{', '.join(str(n.port) for n in layout)}, not from {port}; delete it to start over")
+        return layout
+    if (data_dir / "kraft").exists():
+        raise BrokerError(f"{data_dir} holds a single broker's data; use another --data-dir for a cluster "
+                          f"or delete it to start over")
+    base = DEFAULT_PORT if port is None else port
+    taken = [p for p in range(base, base + nodes) if not _port_free(p)]
+    if taken:
+        raise BrokerError(f"port(s) {', '.join(map(str, taken))} on 127.0.0.1 in use by another process: "
+                          f"a cluster of {nodes} nodes listens on {base} to {base + nodes - 1}; pass --port N")
+    controller_ports: list[int] = []
+    while len(controller_ports) < nodes:  # distinct, and none of the client ports
+        candidate = free_port()
+        if candidate not in controller_ports and not base <= candidate < base + nodes:
+            controller_ports.append(candidate)
+    layout = [Node(i + 1, base + i, controller_ports[i]) for i in range(nodes)]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / NODES_FILE).write_text(json.dumps([asdict(n) for n in layout]))
+    return layout
+
+
+def _start_cluster(data_dir: Path, port: int | None, nodes: int, recorded: list[dict] | None,
+                   max_message_bytes: int, timeout: float) -> BrokerStatus:
+    layout = _cluster_layout(data_dir, port, nodes, recorded)
+    running = {n.node_id for n in status(data_dir).nodes if n.running}
+    cluster_id = _cluster_id(data_dir)
+    started: dict[int, subprocess.Popen] = {}
+    try:
+        configs = {}
+        for node in layout:
+            if node.node_id in running:
+                continue
+            folder = node_dir(data_dir, node.node_id)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "broker.pid").unlink(missing_ok=True)  # stale: its process is gone
+            _wait_ports_free(node.port, node.controller_port)
+            busy = [p for p in (node.port, node.controller_port) if not _port_free(p)]
+            if busy:
+                raise BrokerError(f"node {node.node_id}'s port(s) {', '.join(map(str, busy))} (from "
+                                  f"{data_dir / NODES_FILE}) in use by another process; free them or delete "
+                                  f"{data_dir} to start over")
+            configs[node.node_id] = (folder, _write_config(folder, node, layout, max_message_bytes))
+        _format(list(configs.values()), cluster_id)
+        for node_id, (folder, props) in configs.items():
+            started[node_id] = _launch(folder, props)
+        # The nodes start together: a controller quorum needs a majority of them before any answers.
+        (data_dir / "bootstrap").write_text(",".join(f"127.0.0.1:{n.port}" for n in layout))
+        deadline = time.monotonic() + timeout
+        waiting = {n.node_id: n for n in layout if n.node_id in started}
+        while time.monotonic() < deadline:
+            for node_id, proc in started.items():
+                if proc.poll() is not None:
+                    raise _exited(node_dir(data_dir, node_id), proc, f"node {node_id}")
+            waiting = {i: n for i, n in waiting.items() if not _answers(f"127.0.0.1:{n.port}")}
+            if not waiting and _registered(f"127.0.0.1:{layout[0].port}") >= nodes:
+                return status(data_dir)
+            time.sleep(0.5)
+        raise BrokerError(f"node(s) {', '.join(map(str, waiting)) or '(all answered)'} of the cluster under "
+                          f"{data_dir} did not answer, or not every node registered, within {timeout:.0f} s; "
+                          f"see {data_dir / 'node-*' / 'broker.log'}")
+    except BaseException:
+        # What this call started, nothing it found running.
+        _stop_nodes([node_dir(data_dir, node_id) for node_id in started], STOP_TIMEOUT_S)
+        raise
+
+
+def _registered(bootstrap: str) -> int:
+    """How many brokers the cluster's metadata lists (0 when it does not answer)."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+    except (KafkaError, OSError):
+        return 0
+    try:
+        return len(admin.describe_cluster()["brokers"])
+    except (KafkaError, OSError):
+        return 0
+    finally:
+        admin.close()
 
 
 def _cluster_id(data_dir: Path) -> str:
@@ -246,19 +434,40 @@ def _cluster_id(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def stop(data_dir: Path | None = None, timeout: float = STOP_TIMEOUT_S) -> BrokerStatus:
-    """Stop the broker cleanly (SIGTERM, then SIGKILL after `timeout`) and wait for its exit."""
+def stop(data_dir: Path | None = None, timeout: float = STOP_TIMEOUT_S, *, node: int | None = None) -> BrokerStatus:
+    """Stop the broker, or every node of a cluster together (`node`: that one only), cleanly
+    (SIGTERM, then SIGKILL after `timeout`) and wait for the exit."""
     data_dir = (data_dir or data_dir_default()).resolve()
-    pid = read_pid(data_dir)
-    if pid is not None and pid_alive(pid, data_dir):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while pid_alive(pid, data_dir) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if pid_alive(pid, data_dir):
-            os.kill(pid, signal.SIGKILL)
-            while pid_alive(pid, data_dir):
-                time.sleep(0.1)
-    (data_dir / "broker.pid").unlink(missing_ok=True)
-    (data_dir / "bootstrap").unlink(missing_ok=True)
+    recorded = read_nodes(data_dir)
+    if recorded is None:
+        if node is not None and node != 1:
+            raise BrokerError(f"{data_dir} holds a single broker, not a cluster: it has no node {node}")
+        _stop_nodes([data_dir], timeout)
+        (data_dir / "bootstrap").unlink(missing_ok=True)
+        return status(data_dir)
+    ids = [n["node_id"] for n in recorded]
+    if node is not None and node not in ids:
+        raise BrokerError(f"the cluster under {data_dir} has nodes {ids}, not {node}")
+    _stop_nodes([node_dir(data_dir, i) for i in ids if node in (None, i)], timeout)
+    after = status(data_dir)
+    if not after.running:
+        (data_dir / "bootstrap").unlink(missing_ok=True)
     return status(data_dir)
+
+
+def _stop_nodes(folders: list[Path], timeout: float) -> None:
+    """SIGTERM every live broker of `folders` at once (a node stopped alone waits on a quorum
+    its stopped peers no longer make), SIGKILL those left after `timeout`, wait for every exit."""
+    live = {f: p for f in folders if (p := read_pid(f)) is not None and pid_alive(p, f)}
+    for pid in live.values():
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(p, f) for f, p in live.items()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for f, pid in live.items():
+        if pid_alive(pid, f):
+            os.kill(pid, signal.SIGKILL)
+            while pid_alive(pid, f):
+                time.sleep(0.1)
+    for f in folders:
+        (f / "broker.pid").unlink(missing_ok=True)

@@ -34,19 +34,31 @@ def cmd_broker(args: argparse.Namespace) -> int:
     if args.action == "fetch":
         print(broker.fetch())
         return 0
+    if args.node is not None and args.action != "stop":
+        raise SystemExit("tensorline broker: --node is for stop (start starts every node not running)")
+    if args.nodes is not None and args.action != "start":
+        raise SystemExit("tensorline broker: --nodes is for start (stop and status find every node of the data dir)")
     if args.action == "start":
-        st = broker.start(data_dir, args.port)
+        st = broker.start(data_dir, args.port, nodes=args.nodes)
     elif args.action == "stop":
-        st = broker.stop(data_dir)
+        st = broker.stop(data_dir, node=args.node)
     else:
         st = broker.status(data_dir)
     if args.json:
         print(st.to_json())
+    elif st.nodes:
+        print(f"cluster of {len(st.nodes)} nodes, {st.nodes_running} running (data {st.data_dir})")
+        for n in st.nodes:
+            print(f"  node {n.node_id} at {n.bootstrap}: " +
+                  (f"running (pid {n.pid}, log {n.log})" if n.running else "not running"))
     elif st.running:
         print(f"broker running at {st.bootstrap} (pid {st.pid}, data {st.data_dir}, log {st.log})")
     else:
         print(f"broker not running (data {st.data_dir})")
-    return 0 if st.running or args.action == "stop" else 1
+    if args.action == "stop":
+        return 0
+    # A cluster with a node down still serves, but status says so by its exit code.
+    return 0 if st.running and st.nodes_running == max(1, len(st.nodes)) else 1
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
@@ -315,10 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", default=DEFAULT_PIPELINE, help="pipeline file (default: %(default)s)")
         return p
 
-    b = sub.add_parser("broker", help="the local single-node Kafka broker (KRaft)")
+    b = sub.add_parser("broker", help="the local Kafka broker (KRaft): one node, or a cluster of --nodes N")
     b.add_argument("action", choices=["start", "stop", "status", "fetch"])
     b.add_argument("--data-dir", help="broker data folder (default: $TENSORLINE_BROKER_DIR or .tensorline/broker)")
-    b.add_argument("--port", type=int, default=9092, help="listener port on 127.0.0.1 (default: %(default)s)")
+    b.add_argument("--port", type=int, help="listener port on 127.0.0.1 (default: 9092; a cluster's nodes: "
+                                            "this one and the ports after it)")
+    b.add_argument("--nodes", type=int, help="start: a local cluster of N nodes, each broker and controller "
+                                             "(default: what the data dir holds, else 1)")
+    b.add_argument("--node", type=int, help="stop: only this node of the cluster (its id, 1 to N)")
     b.add_argument("--json", action="store_true", help="print the status as JSON")
     b.set_defaults(func=cmd_broker)
 

@@ -1,6 +1,11 @@
 """The files a local broker started by `tensorline broker start` keeps in its data dir (pid,
 bootstrap address): how clients find it when no bootstrap is configured. The launcher that
-writes them is `tensorline.ops.broker`."""
+writes them is `tensorline.ops.broker`.
+
+A single broker keeps them in the data dir itself; a local cluster (`broker start --nodes N`)
+keeps one folder per node (`node-1`, ...) with its own pid file, and in the data dir the list of
+its nodes (`nodes.json`) and the bootstrap address of all of them.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +16,48 @@ from pathlib import Path
 
 DEFAULT_DATA_DIR = Path(".tensorline/broker")
 DATA_DIR_ENV = "TENSORLINE_BROKER_DIR"
+NODES_FILE = "nodes.json"  # a cluster's nodes: [{"node_id", "port", "controller_port"}, ...]
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """One node of a local cluster."""
+    node_id: int
+    running: bool
+    bootstrap: str
+    pid: int | None
+    data_dir: str
+    log: str
 
 
 @dataclass(frozen=True)
 class BrokerStatus:
+    """The local broker, or a local cluster: running while any of its nodes runs (clients can
+    reach it), `nodes` saying which (empty for a single broker)."""
     running: bool
     bootstrap: str | None
     pid: int | None
     data_dir: str
     log: str
+    nodes: tuple[NodeStatus, ...] = ()
+
+    @property
+    def nodes_running(self) -> int:
+        return sum(n.running for n in self.nodes) if self.nodes else int(self.running)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        out = asdict(self)
+        if not self.nodes:  # a single broker's status reads as it always has
+            del out["nodes"]
+        return json.dumps(out)
 
 
 def data_dir_default() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+
+
+def node_dir(data_dir: Path, node_id: int) -> Path:
+    return data_dir / f"node-{node_id}"
 
 
 def pid_alive(pid: int, data_dir: Path) -> bool:
@@ -45,15 +76,41 @@ def read_pid(data_dir: Path) -> int | None:
         return None
 
 
+def read_nodes(data_dir: Path) -> list[dict] | None:
+    """A cluster's nodes as its launcher recorded them, None for a single broker's data dir."""
+    try:
+        return json.loads((data_dir / NODES_FILE).read_text())
+    except FileNotFoundError:
+        return None
+
+
 def status(data_dir: Path | None = None) -> BrokerStatus:
-    """Whether the broker of `data_dir` runs, and its bootstrap address."""
+    """Whether the broker (or a node of the cluster) of `data_dir` runs, and its bootstrap address."""
     data_dir = (data_dir or data_dir_default()).resolve()
+    nodes = read_nodes(data_dir)
+    if nodes is not None:
+        return _cluster_status(data_dir, nodes)
     pid = read_pid(data_dir)
     running = pid is not None and pid_alive(pid, data_dir)
     bootstrap = (data_dir / "bootstrap").read_text().strip() if running and (data_dir / "bootstrap").exists() else None
     return BrokerStatus(running, bootstrap, pid if running else None, str(data_dir), str(data_dir / "broker.log"))
 
 
+def _cluster_status(data_dir: Path, nodes: list[dict]) -> BrokerStatus:
+    found = []
+    for node in nodes:
+        folder = node_dir(data_dir, node["node_id"])
+        pid = read_pid(folder)
+        running = pid is not None and pid_alive(pid, folder)
+        found.append(NodeStatus(node["node_id"], running, f"127.0.0.1:{node['port']}", pid if running else None,
+                                str(folder), str(folder / "broker.log")))
+    running = any(n.running for n in found)
+    # Every node's address, the stopped ones too: a client retries them, and one started while a
+    # node is down still reaches it once it is back.
+    bootstrap = ",".join(n.bootstrap for n in found) if running else None
+    return BrokerStatus(running, bootstrap, None, str(data_dir), str(data_dir / "node-*" / "broker.log"), tuple(found))
+
+
 def local_bootstrap(data_dir: Path | None = None) -> str | None:
-    """The bootstrap address of the local broker, when it runs."""
+    """The bootstrap address of the local broker (every node of a local cluster), when it runs."""
     return status(data_dir).bootstrap
