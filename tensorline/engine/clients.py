@@ -21,8 +21,10 @@ from tensorline import logs
 from tensorline.config import COMPACTED_TOPIC_CONFIGS, PipelineConfig
 from tensorline.engine import compat, local
 
-# Every client the project builds reads foreign records as the Java client does (see compat).
+# Every client the project builds reads foreign records as the Java client does, and retries a
+# transactional request its coordinator's broker refused instead of dropping it (see compat).
 compat.lenient_header_keys()
+compat.retry_unsent_transactional_requests()
 # A client's close() cancels its requests in flight; kafka-python logs some as errors (see logs).
 logs.quiet_close("kafka")
 
@@ -34,6 +36,14 @@ READ_POLL_MS = 200
 # kafka-python's own metrics (sensors recorded per record and per request, ~4% of a worker's
 # client CPU in a profile) are read by nothing of ours: the workers export their own (engine.metrics).
 CLIENT_METRICS = False
+# Reconnecting to a broker backs off up to 1 s, as the Java client does (reconnect.backoff.max.ms);
+# kafka-python's 30 s left workers idle up to half a minute after a cluster came back
+# (bench/failover.py: 20-35 s after a 36 s outage).
+RECONNECT_BACKOFF_MAX_MS = 1000
+# Copies of each partition of a topic created here, at most, and how many must be in sync for a
+# write from three brokers on: one broker may fail with nothing lost (see `replication`).
+MAX_REPLICATION = 3
+MIN_INSYNC_REPLICAS = 2
 # A created topic reaches the broker's metadata within milliseconds; a loaded cluster may take seconds.
 CREATE_TIMEOUT_S = 30.0
 CREATE_POLL_S = 0.05
@@ -53,7 +63,8 @@ def bootstrap(cfg: PipelineConfig) -> str:
 
 
 def _common(cfg: PipelineConfig) -> dict[str, Any]:
-    return {"bootstrap_servers": bootstrap(cfg).split(","), **cfg.kafka}
+    return {"bootstrap_servers": bootstrap(cfg).split(","), "reconnect_backoff_max_ms": RECONNECT_BACKOFF_MAX_MS,
+            **cfg.kafka}
 
 
 def producer(cfg: PipelineConfig, *, transactional_id: str | None = None, **overrides: Any) -> KafkaProducer:
@@ -101,18 +112,29 @@ def admin(cfg: PipelineConfig) -> KafkaAdminClient:
     return KafkaAdminClient(**_common(cfg))
 
 
+def replication(brokers: int) -> tuple[int, dict[str, str]]:
+    """A new topic's replication factor and the configs that go with it on a cluster of `brokers`:
+    min(3, brokers) copies; from three brokers on, a write needs 2 of them in sync
+    (`min.insync.replicas`), so one broker may fail without losing an acknowledged record
+    (producers send with acks=all) or stopping writes."""
+    factor = min(MAX_REPLICATION, brokers)
+    return factor, ({"min.insync.replicas": str(MIN_INSYNC_REPLICAS)} if brokers >= MAX_REPLICATION else {})
+
+
 def create_topics(cfg: PipelineConfig, *, timeout_s: float = CREATE_TIMEOUT_S) -> list[str]:
-    """Create every topic of the pipeline that does not exist yet; return the names created. Returns
-    once the broker's metadata shows them: the controller answers CreateTopics before that, and
-    a describe or a read just after would find no such topic."""
+    """Create every topic of the pipeline that does not exist yet, replicated as `replication`
+    says for the brokers the cluster's metadata lists; return the names created. Returns once the
+    broker's metadata shows them: the controller answers CreateTopics before that, and a describe
+    or a read just after would find no such topic."""
     client = admin(cfg)
     try:
         existing = set(client.list_topics())
-        # Replication factor -1: the cluster's default.replication.factor (1 on the local broker).
-        wanted = [NewTopic(t.name, t.partitions, -1,
+        factor, replicated = replication(len(client.describe_cluster()["brokers"]))
+        wanted = [NewTopic(t.name, t.partitions, factor,
                            topic_configs={"retention.ms": str(t.retention_ms),
                                           "cleanup.policy": t.cleanup_policy,
                                           "max.message.bytes": str(cfg.max_message_bytes),
+                                          **replicated,
                                           **(COMPACTED_TOPIC_CONFIGS if t.cleanup_policy == "compact" else {})})
                   for t in cfg.topics.values() if t.name not in existing]
         created = []
