@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
+import contextlib
 from contextlib import contextmanager
 from dataclasses import replace
 from types import SimpleNamespace
@@ -310,7 +311,9 @@ def test_a_sample_stuck_on_the_broker_does_not_hold_stop():
 
 
 def test_serve_logs_its_url_and_stops_on_ctrl_c():
-    script = ("from tensorline import config, logs; from tensorline.ops import dashboard; logs.configure(json=True); "
+    # SIGUSR1 makes the child print every thread's stack: what held it, should it not stop.
+    script = ("import faulthandler, signal; faulthandler.register(signal.SIGUSR1, all_threads=True); "
+              "from tensorline import config, logs; from tensorline.ops import dashboard; logs.configure(json=True); "
               "dashboard.serve(config.parse({'pipeline': {'name': 'dash', 'bootstrap': '127.0.0.1:1'}}), port=0)")
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TENSORLINE_BOOTSTRAP": ""})
@@ -324,7 +327,15 @@ def test_serve_logs_its_url_and_stops_on_ctrl_c():
         assert url.startswith("http://127.0.0.1:"), url
         assert get(url)[0] == 200
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 0
+        try:
+            assert proc.wait(30) == 0
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)
+            stacks = []
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    stacks.append(lines.get(timeout=5))
+            raise AssertionError("still running 30 s after Ctrl-C:\n" + "".join(stacks[-200:])) from None
     finally:
         proc.kill()
         proc.wait()
