@@ -95,6 +95,14 @@ def test_the_single_broker_server_properties_are_unchanged(tmp_path):
         assert line + "\n" in props
 
 
+def test_a_stall_is_the_longest_output_gap_reaching_into_the_events_window():
+    gap = load_failover().longest_gap
+    assert gap([1.0, 1.5, 2.0, 9.0, 9.5], 2.5, 20.0) == 7.0  # the gap open at the event counts whole
+    assert gap([1.0, 1.5, 2.0, 9.0, 9.5], 9.2, 20.0) == 0.5
+    assert gap([1.0, 2.0], 5.0, 9.0) == 7.0  # nothing after the event: stalled to the window's end
+    assert gap([], 0.0, 3.0) == 3.0
+
+
 # -- on the cluster ------------------------------------------------------------------------
 
 def test_status_lists_every_node(cluster):
