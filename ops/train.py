@@ -38,6 +38,7 @@ from tensorline.config import ModelConfig, PipelineConfig
 from tensorline.fusion import choice
 from tensorline.fusion.stacking import Stacker, fit_stacker
 from tensorline.fusion.stage import combine
+from tensorline.ops import evaluation
 from tensorline.ops.report import classification_report
 from tensorline.producers import demo_data
 from tensorline.schemas import Detection, ModelRef, Record
@@ -420,10 +421,16 @@ def choose_fusion(cfg: PipelineConfig, names: tuple[str, ...], versions: Mapping
     out = {c: {"val": cv[c], "test": classification_report(
         truth["test"], _decisions(cfg, c, names, versions, stacked["test"], weights, stacker, single), cfg.classes)}
            for c in candidates}
-    out["chosen"] = {"val": cv[chosen], "test": classification_report(
-        truth["test"], _decisions(cfg, "stacking", names, versions, stacked["test"], weights, held, single),
-        cfg.classes)}
+    decided = _decisions(cfg, "stacking", names, versions, stacked["test"], weights, held, single)
+    out["chosen"] = {"val": cv[chosen], "test": classification_report(truth["test"], decided, cfg.classes)}
+    # On test, the file's decisions against the model best there, record by record (the report's
+    # paired comparison): is the gain real or the records'?
+    best_on_test = _best_single(cfg, names, stacked["test"], labels["test"])
+    versus = evaluation.paired(truth["test"], decided,
+                               _decisions(cfg, choice.SINGLE, names, versions, stacked["test"], weights, held,
+                                          best_on_test), cfg.classes)
     summary = {"chosen": chosen if chosen != choice.SINGLE else f"{choice.SINGLE}: {single}",
+               "test_vs_best_single": {"model": best_on_test, **(versus or {})},
                "best_on_val": max(FUSION_STRATEGIES, key=lambda c: cv[c]["f1_macro"]),
                "best_single_on_val": single, "weights": weights,
                "cross_validation": {"by": by, "folds": int(len(np.unique(folds))),
@@ -462,6 +469,11 @@ def format_table(cards: Mapping[str, dict], names: Sequence[str], fusion: Mappin
             mark = f"  <- {summary['chosen']}"
         lines.append(f"{label:<25}{s['val']['accuracy']:>9.3f}{s['val']['f1_macro']:>9.3f}"
                      f"{s['test']['accuracy']:>10.3f}{s['test']['f1_macro']:>9.3f}{mark}")
+    versus = summary.get("test_vs_best_single") or {}
+    if versus.get("interval"):
+        lines.append(f"on test, the file against the best model there ({versus['model']}): macro F1 "
+                     f"{versus['f1_macro_diff']:+.3f} (95% CI {versus['interval'][0]:+.3f} to "
+                     f"{versus['interval'][1]:+.3f}), McNemar p {versus['mcnemar_p']:.2g}: {versus['verdict']}")
     lines.append(f"fusion val scores: {cv['folds']}-fold cross-validation by {cv['by']}; the stacker file "
                  f"({summary['stacker']}) holds {summary['chosen']}; weighted_average weights: {summary['weights']}   "
                  f"{summary['seconds']:.0f} s")
@@ -541,8 +553,10 @@ def seed_row(result: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
     models = {n: result["models"][n]["scores"]["test"]["f1_macro"] for n in names}
     fused = result["fusion"]["chosen"]["test"]["f1_macro"]
     best = max(models.values())
+    versus = result["summary"].get("test_vs_best_single") or {}
     return {"seed": result["models"][names[0]]["training"]["seed"], "models": models, "best_single": best,
-            "fused": fused, "gain": fused - best, "chosen": result["summary"]["chosen"],
+            "fused": fused, "gain": fused - best, "gain_interval": versus.get("interval"),
+            "gain_verdict": versus.get("verdict"), "chosen": result["summary"]["chosen"],
             "best_single_on_val": result["summary"]["best_single_on_val"],
             "strategies": {c: v["test"]["f1_macro"] for c, v in result["fusion"].items() if c != "chosen"},
             "cross_validated": {c: v["val"]["f1_macro"] for c, v in result["fusion"].items() if c != "chosen"}}
@@ -589,12 +603,14 @@ def train_seeds(cfg: PipelineConfig, seeds: int, *, seed: int = 7, epochs: int |
 
 def seeds_header(names: Sequence[str]) -> str:
     return (f"{'seed':<6}" + "".join(f"{n:>8}" for n in names) + f"{'best':>8}{'FUSED':>8}{'gain':>8}"
-            + "  fusion chosen (test macro-F1)")
+            + "  fusion chosen (gain's 95% CI on test: verdict)")
 
 
 def format_seed(row: Mapping[str, Any]) -> str:
+    interval = row.get("gain_interval")
+    versus = f" ({interval[0]:+.3f} to {interval[1]:+.3f}: {row['gain_verdict']})" if interval else ""
     return (f"{row['seed']:<6}" + "".join(f"{v:>8.3f}" for v in row["models"].values())
-            + f"{row['best_single']:>8.3f}{row['fused']:>8.3f}{row['gain']:>+8.3f}  {row['chosen']}")
+            + f"{row['best_single']:>8.3f}{row['fused']:>8.3f}{row['gain']:>+8.3f}  {row['chosen']}{versus}")
 
 
 def format_over_seeds(summary: Mapping[str, Any], names: Sequence[str]) -> str:

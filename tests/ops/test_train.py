@@ -260,6 +260,8 @@ def test_the_fallback_passes_the_single_model_through_when_fusion_loses_on_valid
     assert fusion["chosen"]["test"]["f1_macro"] == fusion["single"]["test"]["f1_macro"] == 1.0
     held = summary["stacker_object"]
     assert held.predict_proba(scores[400:], models=NAMES).argmax(1).tolist() == scores[400:, 0].argmax(1).tolist()
+    versus = summary["test_vs_best_single"]  # the file is model a: no difference on test
+    assert (versus["model"], versus["f1_macro_diff"], versus["verdict"]) == ("a", 0.0, "not distinguishable")
 
 
 def test_a_fusion_that_beats_every_model_out_of_fold_is_chosen():
@@ -270,6 +272,7 @@ def test_a_fusion_that_beats_every_model_out_of_fold_is_chosen():
     assert summary["chosen"] in train.HELD_BY_A_STACKER and summary["cross_validation"]["folds"] == 4
     assert fusion[summary["chosen"]]["val"]["f1_macro"] > fusion["single"]["val"]["f1_macro"] + 0.05
     assert fusion["chosen"]["test"]["f1_macro"] > max(fusion["single"]["test"]["f1_macro"], 0.85)
+    assert summary["test_vs_best_single"]["verdict"] == "better" and summary["test_vs_best_single"]["interval"][0] > 0
 
 
 def test_train_seeds_trains_each_model_seed_on_the_same_data_into_a_scratch_folder(monkeypatch, tmp_path, capsys):
