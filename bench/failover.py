@@ -18,6 +18,7 @@ from the kill until every node answered again). A stage that was not held up sho
 gap, a fraction of a second.
 
     python bench/failover.py [--records N] [--rate R] [--down-s S] [--cluster-down-s S] [--workers W]
+                             [--folder DIR]
 
 ends with one line `bench failover: records= missing= duplicates= stall_s_max= stall_s_p50=`;
 goal: 0 missing, 0 duplicates, longest stall at most twice the workers' session timeout.
@@ -27,6 +28,7 @@ tests/ops/test_broker_cluster.py runs a short version of the same scenario (`run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import statistics
@@ -437,11 +439,15 @@ def main() -> None:
                         help="seconds a killed node (then the whole cluster) stays down (default 20)")
     parser.add_argument("--cluster-down-s", type=float, help="seconds the whole cluster stays down (default: --down-s)")
     parser.add_argument("--workers", type=int, default=1, help="workers per stage (default 1)")
+    parser.add_argument("--folder", type=Path, help="run in this (new) folder and keep it: the cluster's and the "
+                                                    "workers' logs (default: a temporary folder, removed)")
     args = parser.parse_args()
     one, five, _ = os.getloadavg()
     print(f"before the bench: load average {one:.1f} (5 min: {five:.1f}) on {os.cpu_count()} cores")
-    with tempfile.TemporaryDirectory(prefix="tensorline-failover-") as tmp:
+    with (contextlib.nullcontext(str(args.folder)) if args.folder
+          else tempfile.TemporaryDirectory(prefix="tensorline-failover-")) as tmp:
         folder = Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
         data_dir = folder / "cluster"
         broker.start(data_dir, broker.free_port_range(NODES), nodes=NODES)
         try:
