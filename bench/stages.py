@@ -463,6 +463,8 @@ def realistic(cfg: config.PipelineConfig, workers: Workers, broker_pid: int, mea
     measured.count("realistic", len(sent), len(outputs.records), "outputs")
     if set(outputs.records) != sent:
         measured.refuse("realistic", f"{len(set(outputs.records) - sent)} outputs of records this run did not send")
+    if outputs.duplicates:
+        measured.refuse("realistic", f"{outputs.duplicates} outputs seen twice")
     window = outputs.window(REAL_WARMUP)
     if window is None:
         measured.refuse("realistic", "every output was visible at once: no window to time")
