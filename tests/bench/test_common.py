@@ -94,8 +94,10 @@ def test_bench_stages_prints_n_a_for_what_a_used_broker_skewed(monkeypatch, caps
     m.count("memory", 1000, 11000, "records committed at the first RSS")
     latency = {name: np.array([5.0, 7.0, 9.0]) for name in ("features", "detection", "e2e")}
     cores = {"features": 0.9, "detection": 0.5, "broker": 0.3, "machine": 1.9}
-    stages.report(m, [(500.0, 0.004), (480.0, 0.004)], 450.0, 50.0, 77533.5, cores, latency, latency, {}, 0,
-                  100.0, 2845.0)
+    real = {"rps": 20.0, "cores": {"realistic": 0.5, "broker": 0.05, "machine": 1.9}, "stats": {},
+            "ceilings": [[(21.0, 0.0095)], [(22.0, 0.0096)]], "load": "load average 1.0"}
+    stages.report(m, [[(500.0, 0.004)], [(480.0, 0.004)]], (450.0, 0.0042), 50.0, 77533.5, cores, latency, latency,
+                  {}, 0, 100.0, 2845.0, real)
     out = capsys.readouterr().out.splitlines()
     summary = dict(field.split("=") for field in out[-1].removeprefix("bench stages: ").split())
     assert {k: summary[k] for k in ("vs_ceiling", "vs_per_message", "kafka_rps", "cpu_bound_vs_ceiling",
