@@ -4,8 +4,9 @@ A chain of model-free Scale stages (in -> s1 -> s2 -> s3) under `tensorline up`,
 cluster of three brokers (`broker.start(nodes=3)`: topics replicated 3 times, min ISR 2,
 producers with acks=all), on fresh topics and groups. A plain producer sends records with unique
 ids at a steady rate; meanwhile:
-1. the broker leading the most of the pipeline's partitions is SIGKILLed, and restarted
-   `--down-s` seconds later (the pipeline runs on two brokers meanwhile);
+1. the broker leading the most of the pipeline's partitions is SIGKILLed, and restarted once
+   every stage committed records that came after the kill, and `--down-s` seconds after the
+   kill at the earliest (the pipeline runs on two brokers meanwhile);
 2. later, every broker of the cluster is SIGKILLed, and the cluster restarted `--down-s` later.
 The workers are left alone: they must reconnect by themselves. When every group's lag is 0 the
 pipeline is stopped (SIGTERM) and checked: every stage's output topic, read_committed, holds each
@@ -248,6 +249,21 @@ class Failover:
         finally:
             admin.close()
 
+    def input_ends(self) -> dict[str, int]:
+        """group -> the sum of its input topic's log-end offsets, now."""
+        from kafka import TopicPartition
+
+        consumer = clients.consumer(self.cfg, None)
+        try:
+            out = {}
+            for stage in self.stages:
+                topic = self.cfg.topic(self.cfg.stages[stage].input).name
+                tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+                out[self.cfg.group_id(stage)] = sum(consumer.end_offsets(tps).values())
+            return out
+        finally:
+            consumer.close()
+
     def drained(self) -> bool:
         try:
             return all(g.total == 0 for g in lag.measure(self.cfg))
@@ -323,12 +339,13 @@ class Failover:
         producer = threading.Thread(target=self.produce, name="failover-producer", daemon=True)
         producer.start()
         self.wait_for(lambda: self.sent >= self.records // 5, START_TIMEOUT_S, "a fifth of the records sent")
-        before = self.committed()
+        ends = self.input_ends()
         node_id = self.kill_leader()
         killed = time.monotonic()
-        # The pipeline runs on the other brokers until every stage committed past where it was,
-        # and for `down_s` at least.
-        self.wait_for(lambda: all(self.committed()[g] > o for g, o in before.items()), DRAIN_TIMEOUT_S,
+        # The pipeline runs on the other brokers until every stage committed past the end its
+        # input had at the kill (records that came after it: commits in flight at the kill do not
+        # count), and for `down_s` at least.
+        self.wait_for(lambda: all(self.committed()[g] > o for g, o in ends.items()), DRAIN_TIMEOUT_S,
                       "every stage committing on the brokers left")
         self.note(f"every stage committed again, {time.monotonic() - killed:.1f} s after the kill")
         time.sleep(max(0.0, killed + self.down_s - time.monotonic()))
