@@ -31,8 +31,6 @@ LABELS = ("normal", "nodule")
 _MODALITIES = frozenset({"CT", "MR", "CR", "DX", "MG", "US", "NM", "PT", "XA", "RF", "IO", "PX"})
 # Smaller images give too few distinct 64x64 patches.
 _MIN_SIDE = 128
-# From this many source images, val gets two (test one or more, train two or more remain).
-VAL_IMAGES_FROM = 5
 
 # Lesion and noise. The blob's contrast is in units of the local std (stored values, noise
 # included) within 3 sigma of its centre. The range is tuned to keep the task short of trivial:
@@ -99,8 +97,7 @@ def build(
     seed: int = 7, patch: int = 64, patches_per_image: int = 600, positive_fraction: float = 0.5
 ) -> dict[str, Split]:
     """'train', 'val' and 'test' splits, by source image: a quarter of the images (at least one)
-    for test, an eighth for val but at least two when there are five or more (the fusion is
-    chosen by cross-validation over val's images, which needs two), the rest for train.
+    for test, an eighth (at least one) for val, the rest for train.
 
     Each image gives `patches_per_image` patches at random positions, skipping nearly constant
     ones; exactly round(positive_fraction * patches_per_image) of them get a blob.
@@ -111,8 +108,7 @@ def build(
     if len(paths) < 3:
         raise RuntimeError(f"need 3 usable source images for 3 splits, found {len(paths)}")
     order = np.random.default_rng(seed).permutation(len(paths))
-    n_test = max(1, round(len(paths) / 4))
-    n_val = max(2 if len(paths) >= VAL_IMAGES_FROM else 1, round(len(paths) / 8))
+    n_test, n_val = max(1, round(len(paths) / 4)), max(1, round(len(paths) / 8))
     groups = {
         "test": order[:n_test],
         "val": order[n_test : n_test + n_val],
