@@ -12,10 +12,12 @@ of the plain ones, the logistic model on those of the backbone's mix. Every mode
 with its held-out scores, and each fusion strategy is scored offline through the fusion stage's
 own `combine`.
 
-The fusion is chosen on the validation split by cross-validation grouped by source image (no
-image both fitted on and scored), and it must earn its place: unless a fusion the stacker file can
-hold beats the best single model out of fold, the file passes that model through
-(`choose_fusion`, `fusion.choice`). `train_seeds` repeats the whole training under several model
+The fusion is chosen on the validation split by cross-validation, grouped by source image (no
+image both fitted on and scored) when val holds two or more; the demo set's val holds one (a second
+taken from train made val unlike test: see bench/fusion.py), so there the folds are by record, and
+the fusion card says which. It must earn its place: unless a fusion the stacker file can hold
+beats the best single model out of fold, the file passes that model through (`choose_fusion`,
+`fusion.choice`). `train_seeds` repeats the whole training under several model
 seeds, to show how much of a gain is the seed's.
 """
 
