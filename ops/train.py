@@ -533,7 +533,7 @@ def ensure(cfg: PipelineConfig, *, own: Path = DEMO_MODEL_DIR, seed: int = 7, ep
     print(f"training the demo models ({missing[0][1]} is missing) into {own} ...", file=sys.stderr)
     summary = train(cfg, seed=seed, epochs=epochs, limit=limit, show=False)["summary"]
     print(f"trained in {summary['seconds']:.0f} s; fusion: {applied(summary)}, chosen by cross-validation over "
-          f"the validation images; scores: {own}/*.card.json, all strategies: tensorline train", file=sys.stderr)
+          f"the validation split; scores: {own}/*.card.json, all strategies: tensorline train", file=sys.stderr)
 
 
 
