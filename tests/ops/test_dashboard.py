@@ -315,8 +315,11 @@ def test_serve_logs_its_url_and_stops_on_ctrl_c():
     script = ("import faulthandler, signal; faulthandler.register(signal.SIGUSR1, all_threads=True); "
               "from tensorline import config, logs; from tensorline.ops import dashboard; logs.configure(json=True); "
               "dashboard.serve(config.parse({'pipeline': {'name': 'dash', 'bootstrap': '127.0.0.1:1'}}), port=0)")
+    # Started with SIGINT ignored, as a shell script's background job starts it (and this suite's
+    # processes when `./run test &` runs in one): serve handles SIGINT itself.
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TENSORLINE_BOOTSTRAP": ""})
+                            env={**os.environ, "TENSORLINE_BOOTSTRAP": ""},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
     try:
