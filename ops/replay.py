@@ -161,7 +161,7 @@ def _plan(admin, cfg: PipelineConfig, stage: str, groups: list[str], start: Star
     tps = _partitions(admin, cfg.topic(cfg.stages[stage].input).name)
     starts = _starts(admin, tps, start)
     ends = _offsets(admin, starts, OffsetTimestamp(_ms(end)) if end else OffsetSpec.LATEST)
-    committed = admin.list_group_offsets({g: list(starts) for g in groups})
+    committed = clients.with_coordinator(lambda: admin.list_group_offsets({g: list(starts) for g in groups}))
     out = []
     for g in groups:
         for tp in starts:
@@ -195,7 +195,7 @@ def format_plan(plans: list[PartitionPlan]) -> str:
 def _refuse_live(admin, groups: list[str]) -> None:
     """GroupActive naming the members of any of `groups` that has some."""
     busy = []
-    for group, d in admin.describe_groups(groups).items():
+    for group, d in clients.with_coordinator(lambda: admin.describe_groups(groups)).items():
         if d.get("members"):
             members = ", ".join(f"{m['client_id']} ({m['client_host'].lstrip('/')})" for m in d["members"])
             busy.append(f"group {group} has {len(d['members'])} live member(s): {members}")
@@ -341,9 +341,9 @@ def into_version(cfg: PipelineConfig, stage: str, version: str, start: Start,
                               "version, or delete these topics first")
         plans = _plan(admin, cfg, stage, [g for _, g in stage_groups(cfg, stage)], start, end)
         _refuse_live(admin, vgroups)
-        stale = [g for g in vgroups if g in {d["group_id"] for d in admin.list_groups()}]
+        stale = [g for g in vgroups if g in {d["group_id"] for d in clients.with_coordinator(admin.list_groups)}]
         if stale:  # left by a deleted version: their offsets would skip records of the new topics
-            admin.delete_groups(stale)
+            clients.with_coordinator(lambda: admin.delete_groups(stale))
         tps = _partitions(admin, cfg.topic(cfg.stages[stage].input).name)
         log_end = _offsets(admin, tps, OffsetSpec.LATEST)
         bounds = {tp: (log_end[tp], log_end[tp]) for tp in tps}  # partitions not replayed: nothing to read

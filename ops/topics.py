@@ -42,9 +42,10 @@ def reset(cfg: PipelineConfig, *, timeout_s: float = 30.0) -> None:
         names = [t.name for t in cfg.topics.values()]
         existing = [n for n in names if n in set(admin.list_topics())]
         groups = [g for _, g, _ in lag.groups(cfg)]
-        known = {g["group_id"] for g in admin.list_groups()}
+        # A broker started a moment ago may still be loading its group coordinator.
+        known = {g["group_id"] for g in clients.with_coordinator(admin.list_groups)}
         if [g for g in groups if g in known]:
-            admin.delete_groups([g for g in groups if g in known])
+            clients.with_coordinator(lambda: admin.delete_groups([g for g in groups if g in known]))
         if existing:
             admin.delete_topics(existing)
         deadline = time.monotonic() + timeout_s

@@ -92,3 +92,34 @@ def test_describe_counts_each_partitions_records_and_warns_of_skew_on_the_broker
     out, err = capsys.readouterr()
     assert "records=100,0,100,0 exists" in out and "records=75,75 exists" in out
     assert f"warning: topic {namespace}.raw: traffic skewed, partitions 1, 3 hold no records" in err
+
+
+def test_reset_waits_for_a_group_coordinator_still_loading(monkeypatch):
+    """The demo resets its topics right after starting its broker, whose group coordinator may still
+    be loading (CoordinatorLoadInProgressError from ListGroups): reset retries, not a traceback."""
+    from kafka.errors import CoordinatorLoadInProgressError
+
+    class LoadingAdmin:
+        """An admin client whose coordinator answers from the third ListGroups on."""
+        def __init__(self):
+            self.asked, self.deleted_groups, self.closed = 0, [], False
+
+        def list_topics(self):
+            return []
+
+        def list_groups(self):
+            self.asked += 1
+            if self.asked < 3:
+                raise CoordinatorLoadInProgressError("loading")
+            return [{"group_id": "w.scale"}, {"group_id": "someone.else"}]
+
+        def delete_groups(self, groups):
+            self.deleted_groups.append(groups)
+
+        def close(self):
+            self.closed = True
+
+    admin = LoadingAdmin()
+    monkeypatch.setattr(clients, "admin", lambda cfg: admin)
+    topics.reset(config.parse({"pipeline": {"name": "w"}, **TABLE}))
+    assert admin.asked == 3 and admin.deleted_groups == [["w.scale"]] and admin.closed
