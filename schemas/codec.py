@@ -31,7 +31,7 @@ from tensorline.schemas.errors import (
     UnknownMagicByte,
     UnsupportedDtype,
 )
-from tensorline.schemas.registry import RECORD, parsed_schema, schema_id, schema_name
+from tensorline.schemas.registry import RECORD, on_change, parsed_schema, schema_id, schema_name
 
 MAGIC_BYTE = 0
 _HEADER = struct.Struct(">BI")  # magic byte, schema id
@@ -200,6 +200,10 @@ def _frame(name: str) -> tuple[dict[str, Any], bytes]:
         named_schemas=dict(parsed_schema(name)["__named_schemas"]),
     )
     return cast(dict[str, Any], frame), header
+
+
+# A frame holds its schema id: built again when a schema registry's ids are installed.
+on_change(_frame.cache_clear)
 
 
 class _Sink:

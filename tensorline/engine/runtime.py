@@ -558,6 +558,9 @@ class Worker:
                 items.append((message, item))
             except Exception as e:
                 if classify(e) is not Kind.RECORD:
+                    # not the record's fault (a schema registry unreachable): the batch's records go
+                    # back to the buffer, which the retry's abort rewinds, so they are read again
+                    self._buffer = messages + self._buffer
                     raise
                 batch.dead.append(self._dead(message, e))
         batch.model = self._model_thread.submit(self._run_model, batch, items)

@@ -280,3 +280,67 @@ def test_a_registry_down_at_start_stops_the_worker_with_one_fatal_line(namespace
     assert done.stderr.strip().splitlines()[-1] == (
         f"tensorline run scale: stopped by a fatal error: schema registry POST "
         f"http://127.0.0.1:{port}/subjects/{namespace}.out-value/versions: unreachable: [Errno 111] Connection refused")
+
+
+def test_a_registry_gone_after_start_is_retried_not_dead_lettered(namespace, kafka_bootstrap, write_pipeline,
+                                                                   tmp_path, monkeypatch) -> None:
+    import struct
+    import threading
+
+    from prometheus_client import REGISTRY
+
+    from tensorline.engine import worker
+    from tensorline.ops import broker
+    from tensorline.ops import topics as topic_tools
+    from tensorline.schemas import registry as ids
+    from tensorline.schemas.registry import schema_text
+    from tensorline.schemas.registry_client import connect
+    from tensorline.stages.testing import scale_pipeline_body
+    from tests.conftest import wait_for
+
+    monkeypatch.setenv("TENSORLINE_STATE_DIR", str(tmp_path / "state"))
+    port = broker.free_port()
+    # Another writer's Record: the same wire form with another doc, so a registry gives it its own id.
+    variant = json.loads(schema_text("tensorline.v1.Record"))
+    variant["doc"] = "a Record registered by another producer"
+
+    def registry_with_variant() -> tuple[registry.Server, int]:
+        server = registry.Server({}, port=port).start()  # ids 1, 2, 3 are its built-ins: the codec's too
+        return server, RegistryClient(server.url).register("elsewhere-value", json.dumps(variant))
+
+    server, variant_id = registry_with_variant()
+    cfg = write_pipeline(tmp_path / "p.toml", scale_pipeline_body(partitions=1)
+                         + f'factor = 2.0\n[schema_registry]\nurl = "{server.url}"\n')
+    stop = threading.Event()
+    record = bytes(encode_record(Record("a", "a.npy", TS, {"x": np.ones(3, np.float32)}, stage="produce")))
+    producer = clients.producer(cfg)
+    runner = None
+    try:
+        connect(server.url, subjects.stage_subjects(cfg, "scale"))  # what `tensorline run scale` does
+        runner = threading.Thread(target=worker.run, args=(cfg, "scale"),
+                                  kwargs={"metrics_port": None, "stop": stop}, daemon=True)
+        runner.start()
+        producer.send(cfg.topic("in").name, key=b"a", value=record)
+        producer.flush(30)
+        out = cfg.topic("out").name
+        wait_for(lambda: len(topic_tools.read_all(cfg, out, timeout_s=5)) == 1, 120, "the first record through")
+
+        server.stop()  # the registry goes away; a record framed with an id this worker never met arrives
+        producer.send(cfg.topic("in").name, key=b"b", value=struct.pack(">bI", 0, variant_id) + record[5:])
+        producer.flush(30)
+        retries = lambda: REGISTRY.get_sample_value(  # noqa: E731
+            "tensorline_retries_total", {"stage": "scale", "model": "", "error": "RegistryUnavailable"}) or 0
+        wait_for(lambda: retries() >= 1, 120, "a retry on the unreachable registry")
+        assert topic_tools.read_all(cfg, cfg.topic(cfg.dlq).name, timeout_s=5) == []
+
+        server, again = registry_with_variant()  # back, with the same ids
+        assert again == variant_id
+        wait_for(lambda: len(topic_tools.read_all(cfg, out, timeout_s=5)) == 2, 180, "the second record through")
+        assert topic_tools.read_all(cfg, cfg.topic(cfg.dlq).name, timeout_s=5) == []
+    finally:
+        stop.set()
+        if runner is not None:
+            runner.join(60)
+        producer.close()
+        server.stop()
+        ids.install_builtin()

@@ -111,3 +111,21 @@ def test_installed_ids_replace_the_table_and_unknown_ids_are_resolved_once() -> 
     finally:
         registry.install_builtin()
     assert schema_id(RECORD) == 1 and schema_name(2) == DETECTION
+
+
+def test_installed_ids_frame_what_the_codec_writes_next() -> None:
+    import numpy as np
+
+    from tensorline.schemas import Record, decode_record, encode_record, read_header
+    from tensorline.schemas import registry
+
+    record = Record("r", "r.npy", 1, {"x": np.zeros(2, np.float32)}, stage="s")
+    assert bytes(encode_record(record))[:5] == b"\x00\x00\x00\x00\x01"
+    try:
+        registry.install({RECORD: 11}, lambda wire_id: RECORD)
+        message = encode_record(record)  # the frame built for id 1 is not reused
+        assert bytes(message)[:5] == b"\x00\x00\x00\x00\x0b" and read_header(message) == RECORD
+        assert decode_record(message).record_id == "r"
+    finally:
+        registry.install_builtin()
+    assert bytes(encode_record(record))[:5] == b"\x00\x00\x00\x00\x01"
