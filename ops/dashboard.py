@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import signal
 import threading
 import time
 import urllib.request
@@ -41,7 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tensorline import logs
 from tensorline.config import PipelineConfig
 from tensorline.engine import clients
-from tensorline.ops import lag, latency
+from tensorline.ops import lag, latency, signals
 from tensorline.engine.runtime import header
 from tensorline.engine.worker import STATE_DIR_ENV
 
@@ -447,9 +446,7 @@ class Dashboard:
 
 def serve(cfg: PipelineConfig, host: str = "127.0.0.1", port: int = 8050,
           interval_s: float = DEFAULT_INTERVAL_S) -> None:
-    """Serve the dashboard until SIGINT (Ctrl-C) or SIGTERM (port 0: a free port; the URL is logged).
-    Both are handled here, so they stop it also where the shell started it with SIGINT ignored
-    (a background job of a script)."""
+    """Serve the dashboard until SIGINT (Ctrl-C) or SIGTERM (port 0: a free port; the URL is logged)."""
     # kafka-python logs every failed reconnect, every 2 s while the broker is down; the dashboard
     # says so itself (on the page, and one warning per outage).
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
@@ -458,11 +455,7 @@ def serve(cfg: PipelineConfig, host: str = "127.0.0.1", port: int = 8050,
     log.info("dashboard serving", url=dashboard.url, pipeline=cfg.name)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("dashboard reachable beyond this host; it has no authentication", host=host)
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        stop.wait()
+        signals.wait_for_stop()
     finally:
         dashboard.stop(CTRL_C_STOP_S)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

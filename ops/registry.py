@@ -36,6 +36,7 @@ from tensorline.schemas.compat import backward_problems
 from tensorline.schemas.registry import SCHEMA_NAMES, canonical_form, schema_text
 from tensorline.schemas.registry_client import DEFAULT_TIMEOUT_S, RegistryClient
 from tensorline.schemas.subjects import topic_schemas, value_subject
+from tensorline.ops import signals
 
 CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 # Schema Registry's own default port.
@@ -337,7 +338,7 @@ class Server:
 
 
 def serve(subjects: Mapping[str, str], host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
-    """Serve until Ctrl-C (port 0: a free port; the URL is logged)."""
+    """Serve until SIGINT (Ctrl-C) or SIGTERM (port 0: a free port; the URL is logged)."""
     server = Server(subjects, host=host, port=port).start()
     log = _log()
     log.info("schema registry serving", url=server.url, subjects=len(subjects),
@@ -346,9 +347,7 @@ def serve(subjects: Mapping[str, str], host: str = "127.0.0.1", port: int = DEFA
         log.warning("schema registry reachable beyond this host; it has no authentication and takes "
                     "registrations", host=host)
     try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
+        signals.wait_for_stop()
     finally:
         server.stop()
 

@@ -243,7 +243,8 @@ def test_serve_logs_its_url_warns_beyond_localhost_and_stops_on_ctrl_c() -> None
 
     proc = subprocess.Popen([sys.executable, "-m", "tensorline.cli", "registry", "-c", str(ROOT / "pipeline.toml"),
                              "serve", "--port", "0", "--host", "0.0.0.0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ})
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # as a script's & job
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:

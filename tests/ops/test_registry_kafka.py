@@ -131,21 +131,9 @@ def test_kcat_reads_a_result_through_the_registry(topics_written) -> None:
     assert datum["decision"] == "nodule" and datum["missing"] == ["mlp"]
 
 
-@pytest.mark.skipif(shutil.which("kcat") is None,
-                    reason="kcat is not installed (./run test installs it as root on Debian/Ubuntu: "
-                           "apt-get install kcat)")
-def test_kcat_prints_a_result_as_json_with_value_avro(topics_written) -> None:
-    cfg, server, _ = topics_written
-    out = kcat("-b", cfg.bootstrap, "-C", "-t", cfg.topic("results").name, "-o", "beginning", "-c", "1", "-e", "-q",
-               "-s", "value=avro", "-r", server.url)
-    if b"lacks Avro" in out.stderr:
-        pytest.skip(f"this kcat ({shutil.which('kcat')}) is built without Avro/Schema-Registry support "
-                    f"({out.stderr.decode().strip()}): Debian's package has no libserdes; a kcat built with it "
-                    "(e.g. from source with libserdes) runs this test")
-    assert out.returncode == 0, out.stderr.decode()
-    result = json.loads(out.stdout)
-    assert result["decision"] == "nodule" and result["record_id"] == "r-1"
-    assert result["label"] in ("nodule", {"string": "nodule"})  # Avro's JSON encoding of a union, or plain
+# kcat's own Avro decoding (`-s value=avro -r URL`) is not tested: Debian's kcat is built without
+# libserdes ("This build of kcat lacks Avro/Schema-Registry support") and nothing else installs one
+# here; the frame test above reads what it would decode.
 
 
 # -- the pipeline on a registry that gives other ids than the built-in 1, 2, 3 ------------------
