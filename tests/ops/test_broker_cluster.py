@@ -185,7 +185,8 @@ def test_a_transactional_request_survives_its_coordinators_broker_killed(all_nod
     finally:
         producer.close(timeout=0)
         consumer.close()
-    assert [r.value for r in clients.read_range(cfg, out)] == [b"first", b"second"]
+    # Each once (the two may sit on different partitions, which read_range reads one after another).
+    assert sorted(r.value for r in clients.read_range(cfg, out)) == [b"first", b"second"]
 
 
 @pytest.mark.timeout(420)
