@@ -29,7 +29,6 @@ import urllib.request
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tensorline import logs
 from tensorline.config import PipelineConfig
-from tensorline.engine import clients
+from tensorline.engine import clients, http
 from tensorline.ops import lag, latency, signals
 from tensorline.engine.runtime import header
 from tensorline.engine.worker import STATE_DIR_ENV
@@ -129,8 +128,9 @@ def held(endpoint: str | None, timeout_s: float = METRICS_READ_S) -> bool | None
         return None
     host, _, port = endpoint.rpartition(":")
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+    request = urllib.request.Request(url, headers=http.authorization(http.token()))
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as r:  # noqa: S310 (a local slot's http address)
+        with urllib.request.urlopen(request, timeout=timeout_s) as r:  # noqa: S310 (a local slot's http address)
             return dlq_paused(r.read().decode())
     except (OSError, ValueError):  # gone, refused, slow, or not Prometheus text
         return None
@@ -383,7 +383,7 @@ def static_files() -> dict[str, tuple[str, bytes]]:
     return {path: (content_type, (folder / name).read_bytes()) for path, (name, content_type) in STATIC.items()}
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(http.Handler):
     sampler: Sampler  # set on the subclass each Dashboard makes
     files: dict[str, tuple[str, bytes]]  # likewise: `static_files()`
 
@@ -405,9 +405,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
-        _log().debug("http", client=self.client_address[0], request=format % args)
-
 
 class Dashboard:
     """The sampler and the web server, each on its own thread: `start()`, `url`, `stop()`."""
@@ -415,26 +412,20 @@ class Dashboard:
     def __init__(self, cfg: PipelineConfig, *, host: str = "127.0.0.1", port: int = 0,
                  interval_s: float = DEFAULT_INTERVAL_S, sampler: Sampler | None = None):
         self.sampler = sampler or Sampler(cfg, interval_s=interval_s)
-        handler = type("Handler", (_Handler,), {"sampler": self.sampler, "files": static_files()})
-        self.server = ThreadingHTTPServer((host, port), handler)
-        self.server.daemon_threads = True
-        self._thread: threading.Thread | None = None
+        self.http = http.Server(_Handler, host=host, port=port, name="dashboard", log=_log(),
+                                sampler=self.sampler, files=static_files())
 
     @property
     def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{port}/"
+        return self.http.url + "/"
 
     def start(self) -> "Dashboard":
         self.sampler.start()
-        self._thread = threading.Thread(target=self.server.serve_forever, name="dashboard-http", daemon=True)
-        self._thread.start()
+        self.http.start()
         return self
 
     def stop(self, timeout_s: float = STOP_S) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.stop()
         self.sampler.stop(timeout_s)
 
     def __enter__(self) -> "Dashboard":
@@ -453,8 +444,6 @@ def serve(cfg: PipelineConfig, host: str = "127.0.0.1", port: int = 8050,
     dashboard = Dashboard(cfg, host=host, port=port, interval_s=interval_s).start()
     log = _log()
     log.info("dashboard serving", url=dashboard.url, pipeline=cfg.name)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("dashboard reachable beyond this host; it has no authentication", host=host)
     try:
         signals.wait_for_stop()
     finally:

@@ -11,8 +11,9 @@ pipeline file and under each record's full name (`schemas/subjects.py`).
 It also takes registrations (`POST /subjects/{s}/versions`, `POST /subjects/{s}`,
 `POST /compatibility/subjects/{s}/versions/latest`), in memory, under BACKWARD compatibility
 (`schemas/compat.py`), so a pipeline may point `[schema_registry] url` at it for a trial; they are
-gone when it stops, so production wants a real registry. Bound to localhost unless told otherwise:
-it has no authentication.
+gone when it stops, so production wants a real registry. Bound to localhost unless told otherwise;
+beyond it, set `TENSORLINE_HTTP_TOKEN` so that only clients given the token (as the basic-auth
+password: Confluent's `basic.auth.user.info`) reach it (`tensorline.engine.http`).
 
 `check` is `tensorline schemas check`: this version's schemas against a registry's latest
 versions, under BACKWARD, before anything is registered.
@@ -27,11 +28,11 @@ import urllib.parse
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from tensorline import logs
 from tensorline.config import PipelineConfig
+from tensorline.engine import http
 from tensorline.schemas.compat import backward_problems
 from tensorline.schemas.registry import SCHEMA_NAMES, canonical_form, schema_text
 from tensorline.schemas.registry_client import DEFAULT_TIMEOUT_S, RegistryClient
@@ -41,7 +42,6 @@ from tensorline.ops import signals
 CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 # Schema Registry's own default port.
 DEFAULT_PORT = 8081
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 _MAX_BODY_BYTES = 1024 * 1024  # a schema is a few KiB; refuse anything absurd before reading it
 
 
@@ -200,7 +200,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
 ]
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(http.Handler):
     store: Store  # set on the subclass each Server makes
     protocol_version = "HTTP/1.1"  # keep-alive: Confluent's clients reuse connections
 
@@ -301,40 +301,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
-        _log().debug("http", client=self.client_address[0], request=format % args)
 
-
-class Server:
+class Server(http.Server):
     """The registry on a thread of its own: `start()`, `url`, `stop()`; a context manager."""
 
     def __init__(self, subjects: Mapping[str, str], *, host: str = "127.0.0.1", port: int = 0, first_id: int = 1):
         self.store = Store(subjects, first_id=first_id)
-        handler = type("Handler", (_Handler,), {"store": self.store})
-        self.server = ThreadingHTTPServer((host, port), handler)
-        self.server.daemon_threads = True
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{port}"
-
-    def start(self) -> "Server":
-        self._thread = threading.Thread(target=self.server.serve_forever, name="registry-http", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def __enter__(self) -> "Server":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(_Handler, host=host, port=port, name="schema registry", log=_log(), store=self.store)
 
 
 def serve(subjects: Mapping[str, str], host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
@@ -343,9 +316,6 @@ def serve(subjects: Mapping[str, str], host: str = "127.0.0.1", port: int = DEFA
     log = _log()
     log.info("schema registry serving", url=server.url, subjects=len(subjects),
              ids=", ".join(f"{i}={n}" for i, n in SCHEMA_NAMES.items()))
-    if host not in LOCAL_HOSTS:
-        log.warning("schema registry reachable beyond this host; it has no authentication and takes "
-                    "registrations", host=host)
     try:
         signals.wait_for_stop()
     finally:

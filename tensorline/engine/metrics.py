@@ -6,7 +6,11 @@ from the records themselves, so it measures the pipeline, not a worker's view of
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+
+from tensorline.engine import http
 
 _LABELS = ("stage", "model")
 # Batch and model time: 1 ms to a minute. End to end: 10 ms to 10 minutes (a backlog drains).
@@ -37,7 +41,17 @@ PARTIAL_RESULTS = Counter("tensorline_partial_results_total", "Fused results emi
                           (*_LABELS, "cause"))
 
 
-def serve(port: int, host: str = "127.0.0.1") -> int:
-    """Expose /metrics on host:port (0 picks a free port); returns the port."""
-    server, _ = start_http_server(port, addr=host)
-    return server.server_address[1]
+class _Handler(http.Handler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        body = generate_latest(REGISTRY)
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def serve(port: int, host: str = "127.0.0.1", log: Any = None) -> http.Server:
+    """Expose the metrics (any path, as prometheus-client's own server) on host:port, 0 picking a
+    free port; with a token in the environment, only to requests carrying it (`http`)."""
+    return http.Server(_Handler, host=host, port=port, name="metrics", log=log).start()

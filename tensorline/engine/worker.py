@@ -88,9 +88,10 @@ def run(pipeline: PipelineConfig, stage: str, *, model: str | None = None, devic
     index, slot = claim_slot(group)
     member = f"{socket.gethostname()}-{index}"
     log = logs.get(stage=stage, model=model, group=group, member=member, device=device)
-    endpoint = None
+    endpoint = server = None
     if metrics_port is not None:
-        endpoint = f"{metrics_host}:{metrics.serve(metrics_port, metrics_host)}"
+        server = metrics.serve(metrics_port, metrics_host, log=log)
+        endpoint = f"{metrics_host}:{server.port}"
         slot.write(json.dumps({"group": group, "member": member, "device": device, "metrics": endpoint,
                                "pid": os.getpid()}))
         slot.flush()
@@ -143,5 +144,7 @@ def run(pipeline: PipelineConfig, stage: str, *, model: str | None = None, devic
         sink.close()
         source.close()
         slot.close()
+        if server is not None:
+            server.stop()
     log.info("worker stopped", **asdict(stats))
     return stats

@@ -99,6 +99,22 @@ def test_a_confluent_client_reads_the_served_schemas(served: registry.Server) ->
     assert sorted(client.get_subjects()) == get(f"{served.url}/subjects")[2]
 
 
+def test_with_a_token_confluents_client_reads_with_it_as_the_basic_auth_password(
+        demo: config.PipelineConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    from tensorline.engine import http
+
+    monkeypatch.setenv(http.TOKEN_ENV, "registry-token")
+    with registry.Server(subjects.served_subjects(demo)) as server:
+        client = SchemaRegistryClient({"url": server.url, "basic.auth.user.info": "reader:registry-token"})
+        assert client.get_schema(2).schema_str == schema_text(DETECTION)
+        with pytest.raises(SchemaRegistryError) as refused:
+            SchemaRegistryClient({"url": server.url}).get_schema(1)
+        assert refused.value.http_status_code == 401
+
+
 def test_tensorline_client_registers_fetches_and_caches(served: registry.Server) -> None:
     client = RegistryClient(served.url)
     assert client.register("demo.raw-value", schema_text(RECORD)) == 1  # already there: its id
@@ -249,7 +265,10 @@ def test_serve_logs_its_url_warns_beyond_localhost_and_stops_on_ctrl_c() -> None
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:
         seen: list[dict] = []
-        while not any(e.get("event", "").startswith("schema registry reachable beyond") for e in seen):
+        def said(prefix: str) -> bool:
+            return any(e.get("event", "").startswith(prefix) for e in seen)
+
+        while not (said("schema registry serving") and said("schema registry reachable beyond this host")):
             line = lines.get(timeout=60)
             if line.startswith("{"):
                 seen.append(json.loads(line))
