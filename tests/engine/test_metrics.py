@@ -41,7 +41,7 @@ def test_counters_follow_a_run_with_a_dead_letter():
 
 
 def test_metrics_are_served_over_http():
-    port = metrics.serve(0)
     metrics.RECORDS_IN.labels("served", "").inc()
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    with metrics.serve(0) as server:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5).read().decode()
     assert 'tensorline_records_in_total{model="",stage="served"} 1.0' in body
