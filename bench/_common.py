@@ -1,6 +1,7 @@
 """What the worker-process benchmarks share: a broker in a temp dir, the Keras backbones (a small
 CNN, and a MobileNet-style one for a realistic model's cost), the image stream, waiting on
-groups, and reading trace headers. Imported as `_common` by scripts in bench/.
+groups, reading trace headers, and a pipeline under `tensorline up` fed at a steady rate (`UpRun`,
+for the fault benches). Imported as `_common` by scripts in bench/.
 
 A bench measures only what it sent: every run works on a pipeline of its own (`run_name`: fresh
 topics and consumer groups, checked empty by `require_fresh`), on the broker `local_broker`
@@ -13,6 +14,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -24,7 +28,7 @@ import numpy as np
 
 from tensorline import config
 from tensorline.engine import clients
-from tensorline.ops import broker
+from tensorline.ops import broker, lag
 from tensorline.schemas import Record, encode_record
 from tensorline.engine.runtime import INGEST_MS, header
 
@@ -266,3 +270,105 @@ def ms(r, name: str) -> int:
 
 def pct(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q, method="inverted_cdf"))
+
+
+class UpRun:
+    """A pipeline under `tensorline up` in `folder` (its pipeline file, state dir and the log of
+    `up` and its workers), fed by a paced producer: what the fault benches (chaos, failover)
+    share. Subclasses run their scenario; `notes` are the run's events as they came, each also
+    logged by `say`."""
+
+    source = "bench"  # the records' source field
+    stop_timeout_s = 60.0  # `up` stops its workers (their own stop bound is 30 s)
+
+    def __init__(self, folder: Path, pipeline_text: str, *, records: int, rate: float,
+                 log: Callable[[str], None] = print, env: dict[str, str] | None = None):
+        self.folder, self.records, self.rate, self.say = folder, records, rate, log
+        self.path = (folder / "pipeline.toml").resolve()
+        self.path.write_text(pipeline_text)
+        self.cfg = config.load(self.path)
+        clients.create_topics(self.cfg)
+        self.state_dir = folder / "state"
+        self.env = {**os.environ, "TENSORLINE_STATE_DIR": str(self.state_dir), **(env or {})}
+        self.log_path = folder / "up.log"
+        self.up: subprocess.Popen | None = None
+        self.sent = 0
+        self.send_errors: list[str] = []
+        self.notes: list[str] = []
+        self.started = time.time()
+
+    def note(self, what: str) -> None:
+        line = f"{time.time() - self.started:6.1f}s sent={self.sent:<5} {what}"
+        self.notes.append(line)
+        self.say(line)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        """Poll every 0.2 s; raise on timeout, or when `up` exited meanwhile."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self.up is not None and self.up.poll() is not None:
+                raise RuntimeError(f"`tensorline up` exited with {self.up.returncode} while waiting for {what}; "
+                                   f"see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}; see {self.log_path}")
+            time.sleep(0.2)
+
+    def start_up(self) -> None:
+        with open(self.log_path, "ab") as err:
+            # cwd: the run's folder, so `-m tensorline.cli` never picks up a source tree from the caller's cwd.
+            self.up = subprocess.Popen([sys.executable, "-m", "tensorline.cli", "up", "-c", str(self.path)],
+                                       cwd=self.folder, env=self.env, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=err)
+        self.note(f"tensorline up started (pid {self.up.pid})")
+
+    def stop_up(self) -> None:
+        """SIGTERM `up` (it stops its workers); SIGKILL if it has not ended in `stop_timeout_s`."""
+        if self.up is None or self.up.poll() is not None:
+            return
+        self.up.send_signal(signal.SIGTERM)
+        try:
+            self.up.wait(self.stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            self.note(f"`up` still running {self.stop_timeout_s:.0f} s after SIGTERM: killed")
+            self.up.kill()
+            self.up.wait()
+        self.note(f"`up` stopped (SIGTERM), exit code {self.up.returncode}")
+
+    def kill_up(self) -> None:
+        """SIGKILL `up` if it still runs (cleanup: its workers are the subclass's to end)."""
+        if self.up is not None and self.up.poll() is None:
+            self.up.kill()
+            self.up.wait()
+
+    def gate(self, i: int) -> bool:
+        """Called before record `i` is sent; True when it waited (the pacing starts again from
+        there). The default never waits."""
+        return False
+
+    def produce(self) -> None:
+        """Send `records` records (ids r0, r1, ...) to the `in` topic at `rate` per second, keyed
+        by id; failed sends are kept in `send_errors` (the producer retries through broker
+        failures as any idempotent producer does)."""
+        producer = clients.producer(self.cfg)
+        try:
+            started = time.monotonic()
+            for i in range(self.records):
+                if self.gate(i):
+                    started = time.monotonic() - i / self.rate
+                time.sleep(max(0.0, started + i / self.rate - time.monotonic()))
+                rec = Record(record_id=f"r{i}", source=self.source, ingest_ts_ms=int(time.time() * 1000),
+                             tensors={"x": np.arange(4, dtype=np.float32) + i}, stage="producer")
+                future = producer.send(self.cfg.topic("in").name, key=f"r{i}".encode(),
+                                       value=bytes(encode_record(rec)))
+                future.add_errback(lambda e, i=i: self.send_errors.append(f"r{i}: {e!r}"))
+                self.sent = i + 1
+            producer.flush()
+        finally:
+            producer.close()
+
+    def drained(self) -> bool:
+        """Every stage group committed to its input's end (measured in pipeline order)."""
+        try:
+            return all(g.total == 0 for g in lag.measure(self.cfg))
+        except Exception:  # a group's coordinator moving: measure again
+            return False

@@ -28,7 +28,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -38,13 +37,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from kafka import TopicPartition
 
-from tensorline import config
 from tensorline.engine import clients
-from tensorline.ops import lag, offsets, topics
-from tensorline.schemas import Record, decode_record, encode_record
+from tensorline.ops import offsets, topics
+from tensorline.schemas import decode_record
+
+from _common import UpRun
 
 STAGES = ("s1", "s2", "s3")
 WORKERS = 2  # per stage: a frozen worker's partitions have somewhere to go
@@ -58,7 +57,6 @@ ORPHAN_WAIT_S = 20.0
 START_TIMEOUT_S = 90.0
 # Draining the backlog a supervisor restart or a frozen worker leaves, at the stages' pace.
 DRAIN_TIMEOUT_S = 180.0
-STOP_TIMEOUT_S = 60.0  # `up` stops its workers (their own stop bound is 30 s)
 
 Log = Callable[[str], None]
 
@@ -226,46 +224,28 @@ class Outcome:
         return "\n".join([self.line(), *self.problems(), *(f"  event: {e}" for e in self.events)])
 
 
-class Chaos:
+class Chaos(UpRun):
     """One run of the scenario on a broker, in `folder` (pipeline file, state dir, the log of
     `up` and its workers)."""
 
+    source = "chaos"
+
     def __init__(self, bootstrap: str, folder: Path, *, name: str, records: int, rate: float, log: Log = print):
-        self.folder, self.records, self.rate, self.say = folder, records, rate, log
-        self.path = (folder / "pipeline.toml").resolve()
-        self.path.write_text(pipeline_file(name, bootstrap))
-        self.cfg = config.load(self.path)
-        clients.create_topics(self.cfg)
-        self.state_dir = folder / "state"
-        self.env = {**os.environ, "TENSORLINE_STATE_DIR": str(self.state_dir)}
-        self.log_path = folder / "up.log"
-        self.up: subprocess.Popen | None = None
-        self.sent = 0
+        super().__init__(folder, pipeline_file(name, bootstrap), records=records, rate=rate, log=log)
         # The last quarter of the stream waits for the freeze: its first half is sent once a
         # worker is frozen, the second once it resumed, so records flow both while it is frozen
         # and after SIGCONT, however late the freeze comes.
         self.frozen, self.resumed = threading.Event(), threading.Event()
         self.gates = {records - records // 4: self.frozen, records - records // 8: self.resumed}
-        self.started = time.monotonic()
-        self.outcome = Outcome(records)
+        self.outcome = Outcome(records, events=self.notes)
         self.admin = clients.admin(self.cfg)
 
-    def note(self, what: str) -> None:
-        line = f"{time.monotonic() - self.started:6.1f}s sent={self.sent:<5} {what}"
-        self.outcome.events.append(line)
-        self.say(line)
-
-    # -- conditions ------------------------------------------------------------------------
-    def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> bool:
-        """Poll every 0.2 s; raise on timeout, or when `up` exited meanwhile."""
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if self.up is not None and self.up.poll() is not None:
-                raise RuntimeError(f"`tensorline up` exited with {self.up.returncode} while waiting for {what}; "
-                                   f"see {self.log_path}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}; see {self.log_path}")
-            time.sleep(0.2)
+    def gate(self, i: int) -> bool:
+        """Hold record `i` until its gate (the freeze, the resume) is open."""
+        event = self.gates.get(i)
+        if event is None or event.is_set():
+            return False
+        event.wait()
         return True
 
     def assignment(self, group: str) -> dict[str, list[int]] | None:
@@ -302,14 +282,6 @@ class Chaos:
         return [w for w in worker_procs(self.path) if w.stage == stage and w.ppid == pid]
 
     # -- the supervisor --------------------------------------------------------------------
-    def start_up(self) -> None:
-        with open(self.log_path, "ab") as err:
-            # cwd: the run's folder, so `-m tensorline.cli` never picks up a source tree from the caller's cwd.
-            self.up = subprocess.Popen([sys.executable, "-m", "tensorline.cli", "up", "-c", str(self.path)],
-                                       cwd=self.folder, env=self.env, stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.DEVNULL, stderr=err)
-        self.note(f"tensorline up started (pid {self.up.pid})")
-
     def orphans_after(self, when: str, pids: list[int]) -> None:
         """Workers of a gone supervisor: wait for them to exit; the ones that do not are orphans
         (recorded, then killed so the run goes on with its normal worker count)."""
@@ -398,32 +370,6 @@ class Chaos:
         found = self.admin.list_group_offsets({group: None}).get(group, {})
         return {tp.partition: found[tp].offset for tp in tps if tp in found}
 
-    # -- the stream ------------------------------------------------------------------------
-    def produce(self) -> None:
-        """Send `records` records (ids r0, r1, …) at `rate` per second, keyed by id."""
-        producer = clients.producer(self.cfg)
-        try:
-            started = time.monotonic()
-            for i in range(self.records):
-                if i in self.gates and not self.gates[i].is_set():
-                    self.gates[i].wait()
-                    started = time.monotonic() - i / self.rate
-                time.sleep(max(0.0, started + i / self.rate - time.monotonic()))
-                record = Record(record_id=f"r{i}", source="chaos", ingest_ts_ms=int(time.time() * 1000),
-                                tensors={"x": np.arange(4, dtype=np.float32) + i}, stage="producer")
-                producer.send(self.cfg.topic("in").name, key=f"r{i}".encode(), value=bytes(encode_record(record)))
-                self.sent = i + 1
-            producer.flush()
-        finally:
-            producer.close()
-
-    def drained(self) -> bool:
-        """Every stage group committed to its input's end (measured in pipeline order)."""
-        try:
-            return all(g.total == 0 for g in lag.measure(self.cfg))
-        except Exception:  # a group's coordinator moving: measure again
-            return False
-
     # -- checks ----------------------------------------------------------------------------
     def check(self) -> None:
         want = {f"r{i}" for i in range(self.records)}
@@ -461,7 +407,7 @@ class Chaos:
             self.check()
         finally:
             self.cleanup()
-        self.outcome.seconds = time.monotonic() - self.started
+        self.outcome.seconds = time.time() - self.started
         return self.outcome
 
     def scenario(self, plan: list[Event]) -> None:
@@ -488,22 +434,12 @@ class Chaos:
     def stop_up(self) -> None:
         """SIGTERM `up` (it stops its workers), then look for workers left behind."""
         children = [w.pid for w in worker_procs(self.path)]
-        if self.up is not None and self.up.poll() is None:
-            self.up.send_signal(signal.SIGTERM)
-            try:
-                self.up.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.note(f"`up` still running {STOP_TIMEOUT_S:.0f} s after SIGTERM: killed")
-                self.up.kill()
-                self.up.wait()
-            self.note(f"`up` stopped (SIGTERM), exit code {self.up.returncode}")
+        super().stop_up()
         self.orphans_after("after the stage was stopped", children)
 
     def cleanup(self) -> None:
         """Whatever this run started and is still running: the supervisor, then its workers."""
-        if self.up is not None and self.up.poll() is None:
-            self.up.kill()
-            self.up.wait()
+        self.kill_up()
         for w in worker_procs(self.path):
             signal_pid(w.pid, signal.SIGCONT)
             signal_pid(w.pid, signal.SIGKILL)

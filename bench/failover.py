@@ -33,7 +33,6 @@ import contextlib
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,12 +43,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from tensorline import config
 from tensorline.engine import clients
-from tensorline.ops import broker, lag, topics
-from tensorline.schemas import Record, decode_record, encode_record
+from tensorline.ops import broker, topics
+from tensorline.schemas import decode_record
+
+from _common import UpRun
 
 STAGES = ("s1", "s2", "s3")
 PARTITIONS = 4  # per topic: the leaders spread over the three brokers
@@ -62,7 +61,6 @@ STALL_GOAL_S = 2 * SESSION_TIMEOUT_S
 START_TIMEOUT_S = 120.0
 # Draining the backlog the failures leave, at the stages' pace, after the cluster is back.
 DRAIN_TIMEOUT_S = 240.0
-STOP_TIMEOUT_S = 60.0  # `up` stops its workers (their own stop bound is 30 s)
 
 Log = Callable[[str], None]
 
@@ -175,45 +173,23 @@ class Outcome:
                           *(f"  note: {n}" for n in self.notes if notes)])
 
 
-class Failover:
+class Failover(UpRun):
     """One run of the scenario on the running cluster under `data_dir`, in `folder` (pipeline
     file, state dir, the log of `up` and its workers)."""
+
+    source = "failover"
 
     def __init__(self, data_dir: Path, folder: Path, *, name: str, records: int, rate: float, down_s: float,
                  cluster_down_s: float | None = None, stages: tuple[str, ...] = STAGES, workers: int = 1,
                  log: Log = print):
-        self.data_dir, self.folder, self.records, self.rate, self.down_s = data_dir, folder, records, rate, down_s
+        self.data_dir, self.down_s, self.stages = data_dir, down_s, stages
         self.cluster_down_s = down_s if cluster_down_s is None else cluster_down_s
-        self.stages, self.say = stages, log
         bootstrap = broker.status(data_dir).bootstrap
         if not bootstrap:
             raise RuntimeError(f"no cluster running under {data_dir}")
-        self.path = (folder / "pipeline.toml").resolve()
-        self.path.write_text(pipeline_file(name, bootstrap, stages, workers))
-        self.cfg = config.load(self.path)
-        clients.create_topics(self.cfg)
-        self.env = {**os.environ, "TENSORLINE_STATE_DIR": str(folder / "state"), config.BOOTSTRAP_ENV: bootstrap}
-        self.log_path = folder / "up.log"
-        self.up: subprocess.Popen | None = None
-        self.sent = 0
-        self.started = time.time()
-        self.outcome = Outcome(records, stages)
-
-    def note(self, what: str) -> None:
-        line = f"{time.time() - self.started:6.1f}s sent={self.sent:<5} {what}"
-        self.outcome.notes.append(line)
-        self.say(line)
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
-        """Poll every 0.2 s; raise on timeout, or when `up` exited meanwhile."""
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if self.up is not None and self.up.poll() is not None:
-                raise RuntimeError(f"`tensorline up` exited with {self.up.returncode} while waiting for {what}; "
-                                   f"see {self.log_path}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}; see {self.log_path}")
-            time.sleep(0.2)
+        super().__init__(folder, pipeline_file(name, bootstrap, stages, workers), records=records, rate=rate,
+                         log=log, env={config.BOOTSTRAP_ENV: bootstrap})
+        self.outcome = Outcome(records, stages, notes=self.notes, send_errors=self.send_errors)
 
     # -- the pipeline ----------------------------------------------------------------------
     def joined(self) -> bool:
@@ -264,30 +240,6 @@ class Failover:
         finally:
             consumer.close()
 
-    def drained(self) -> bool:
-        try:
-            return all(g.total == 0 for g in lag.measure(self.cfg))
-        except Exception:  # a group's coordinator moving: measure again
-            return False
-
-    def produce(self) -> None:
-        """Send `records` records (ids r0, r1, ...) at `rate` per second, keyed by id; the
-        producer retries through the failures as any idempotent producer does."""
-        producer = clients.producer(self.cfg)
-        try:
-            started = time.monotonic()
-            for i in range(self.records):
-                time.sleep(max(0.0, started + i / self.rate - time.monotonic()))
-                record = Record(record_id=f"r{i}", source="failover", ingest_ts_ms=int(time.time() * 1000),
-                                tensors={"x": np.arange(4, dtype=np.float32) + i}, stage="producer")
-                future = producer.send(self.cfg.topic("in").name, key=f"r{i}".encode(),
-                                       value=bytes(encode_record(record)))
-                future.add_errback(lambda e, i=i: self.outcome.send_errors.append(f"r{i}: {e!r}"))
-                self.sent = i + 1
-            producer.flush()
-        finally:
-            producer.close()
-
     # -- failures --------------------------------------------------------------------------
     def kill_leader(self) -> int:
         """SIGKILL the node leading the most of the pipeline's partitions; its id."""
@@ -329,11 +281,7 @@ class Failover:
 
     # -- the run ---------------------------------------------------------------------------
     def scenario(self, whole_cluster: bool) -> None:
-        with open(self.log_path, "ab") as err:
-            self.up = subprocess.Popen([sys.executable, "-m", "tensorline.cli", "up", "-c", str(self.path)],
-                                       cwd=self.folder, env=self.env, stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.DEVNULL, stderr=err)
-        self.note(f"tensorline up started (pid {self.up.pid})")
+        self.start_up()
         self.wait_for(self.joined, START_TIMEOUT_S, "every group with its workers owning partitions")
         self.note("every group joined; sending")
         producer = threading.Thread(target=self.produce, name="failover-producer", daemon=True)
@@ -402,22 +350,9 @@ class Failover:
         self.outcome.seconds = time.time() - self.started
         return self.outcome
 
-    def stop_up(self) -> None:
-        if self.up is not None and self.up.poll() is None:
-            self.up.send_signal(signal.SIGTERM)
-            try:
-                self.up.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.note(f"`up` still running {STOP_TIMEOUT_S:.0f} s after SIGTERM: killed")
-                self.up.kill()
-                self.up.wait()
-            self.note(f"`up` stopped (SIGTERM), exit code {self.up.returncode}")
-
     def cleanup(self) -> None:
         """Whatever this run started and is still running: the supervisor, then its workers."""
-        if self.up is not None and self.up.poll() is None:
-            self.up.kill()
-            self.up.wait()
+        self.kill_up()
         for pid in worker_pids(self.path):
             try:
                 os.kill(pid, signal.SIGKILL)

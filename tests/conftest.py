@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -33,6 +35,28 @@ def joined(cfg, group: str, topic: str, timeout_s: float = 60.0, **overrides):
     wait_for(lambda: consumer.poll(timeout_ms=200) is not None and consumer.assignment(), timeout_s,
              f"partitions of {topic} for group {group}", every_s=0)
     return consumer
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_script(name: str):
+    """bench/<name>.py as the module `bench_<name>`, loaded once. bench/ is scripts, not a package:
+    they import `_common` from their folder, which is on sys.path while the script loads."""
+    module_name = f"bench_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses look their module up while it runs
+        sys.path.insert(0, str(BENCH))
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+        finally:
+            sys.path.remove(str(BENCH))
+    return sys.modules[module_name]
 
 
 def drained(cfg) -> bool:

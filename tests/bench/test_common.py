@@ -3,25 +3,16 @@ of its own, on its own broker."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-COMMON = Path(__file__).resolve().parents[2] / "bench" / "_common.py"
+from tests.conftest import bench_script
 
 
 @pytest.fixture(scope="module")
 def common():
-    """bench/_common.py as a module (bench/ is scripts, not a package)."""
-    if "bench_common" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_common", COMMON)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_common"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["bench_common"]
+    return bench_script("_common")
 
 
 def test_a_ratio_is_printed_only_when_its_measurements_saw_what_was_sent(common):
@@ -85,10 +76,7 @@ def test_bench_stages_prints_n_a_for_what_a_used_broker_skewed(monkeypatch, caps
     first RSS read before its records were processed. Only what was measured is printed."""
     import numpy as np
 
-    monkeypatch.syspath_prepend(str(COMMON.parent))
-    spec = importlib.util.spec_from_file_location("bench_stages", COMMON.parent / "stages.py")
-    stages = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stages)
+    stages = bench_script("stages")
     m = stages.Measured()
     m.count("kafka", 4000, 77533, "outputs")
     m.count("memory", 1000, 11000, "records committed at the first RSS")

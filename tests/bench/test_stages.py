@@ -3,9 +3,6 @@ bench's read_committed consumer received the output, not to the trace's produced
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,22 +10,11 @@ import pytest
 from tensorline.engine.runtime import INGEST_MS
 from tensorline.ops import latency
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
+from tests.conftest import bench_script
 
 @pytest.fixture(scope="module")
 def stages():
-    """bench/stages.py as a module (bench/ is scripts, importing `_common` from their folder)."""
-    if "bench_stages" not in sys.modules:
-        sys.path.insert(0, str(BENCH))
-        try:
-            spec = importlib.util.spec_from_file_location("bench_stages", BENCH / "stages.py")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules["bench_stages"] = module
-            spec.loader.exec_module(module)
-        finally:
-            sys.path.remove(str(BENCH))
-    return sys.modules["bench_stages"]
+    return bench_script("stages")
 
 
 def output(key: bytes, visible_s: float, **ms: int) -> latency.Seen:

@@ -5,7 +5,6 @@ SIGKILL of the broker leading the most partitions (bench/failover.py's scenario,
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -24,22 +23,9 @@ from tensorline import config
 from tensorline.engine import clients
 from tensorline.ops import broker
 
-from tests.conftest import joined, pipeline_table, wait_for
+from tests.conftest import bench_script, joined, pipeline_table, wait_for
 
 pytestmark = pytest.mark.broker
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "failover.py"
-
-
-def load_failover():
-    """bench/failover.py as a module (bench/ is scripts, not a package)."""
-    if "bench_failover" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_failover", BENCH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_failover"] = module  # dataclasses look their module up while it runs
-        spec.loader.exec_module(module)
-    return sys.modules["bench_failover"]
-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
@@ -96,7 +82,7 @@ def test_the_single_broker_server_properties_are_unchanged(tmp_path):
 
 
 def test_a_stall_is_the_longest_output_gap_reaching_into_the_events_window():
-    gap = load_failover().longest_gap
+    gap = bench_script("failover").longest_gap
     assert gap([1.0, 1.5, 2.0, 9.0, 9.5], 2.5, 20.0) == 7.0  # the gap open at the event counts whole
     assert gap([1.0, 1.5, 2.0, 9.0, 9.5], 9.2, 20.0) == 0.5
     assert gap([1.0, 2.0], 5.0, 9.0) == 7.0  # nothing after the event: stalled to the window's end
@@ -192,7 +178,7 @@ def test_a_transactional_request_survives_its_coordinators_broker_killed(all_nod
 @pytest.mark.timeout(420)
 def test_leader_killed_mid_stream_every_record_exactly_once_in_every_stage(all_nodes, tmp_path, namespace):
     data_dir, _ = all_nodes
-    outcome = load_failover().run(data_dir, tmp_path, name=namespace, records=300, rate=15.0, down_s=0.0,
+    outcome = bench_script("failover").run(data_dir, tmp_path, name=namespace, records=300, rate=15.0, down_s=0.0,
                                   whole_cluster=False, stages=("s1", "s2"))
     assert outcome.clean, outcome.report()
     assert outcome.n_missing == 0 and outcome.n_duplicates == 0
