@@ -8,6 +8,14 @@ cluster: one folder per node, `node-1`, ..., each its node's own, and `nodes.jso
 ports). Every node is broker and controller at once; the controllers are a quorum of all nodes.
 Start is idempotent, starts only the nodes that are not running, and recovers from a stale pid
 left by a killed one; stop waits for the exit.
+
+`start(secure=True)` (`--secure`) makes the client listener SASL_SSL with SCRAM-SHA-512: a local
+CA and broker certificate made on first start (`ops/tls.py`, under `tls/`), an admin super user
+created when the storage is formatted (its password from $TENSORLINE_KAFKA_PASSWORD_ADMIN, else
+generated, kept in `credentials.toml`, owner-only), Kafka's StandardAuthorizer denying whatever no
+ACL allows (`tensorline acls apply` grants the pipeline's principals theirs). The KRaft controller
+listener stays on 127.0.0.1 without TLS, authenticated (SASL PLAIN, the admin alone): no
+unauthenticated principal is a super user anywhere. A data dir stays as first started: secure or not.
 """
 
 from __future__ import annotations
@@ -15,20 +23,24 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import time
+import tomllib
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from tensorline.config import DEFAULT_MAX_MESSAGE_BYTES
-from tensorline.engine.local import (DATA_DIR_ENV, DEFAULT_DATA_DIR, NODES_FILE, BrokerStatus, NodeStatus,  # noqa: F401
-                                     data_dir_default, local_bootstrap, node_dir, pid_alive, read_nodes,
-                                     read_pid, status)
+from tensorline.config import ADMIN_PRINCIPAL, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_SASL_MECHANISM, password_env
+from tensorline.engine.local import (CREDENTIALS_FILE, DATA_DIR_ENV, DEFAULT_DATA_DIR, NODES_FILE,  # noqa: F401
+                                     SECURITY_FILE, BrokerStatus, NodeStatus, data_dir_default, local_bootstrap,
+                                     node_dir, pid_alive, read_nodes, read_pid, read_security, status)
+from tensorline.ops import tls
 
 KAFKA_VERSION = "4.1.1"  # keep in step with ops/kafka/pom.xml and docker/compose.yaml
 DEFAULT_PORT = 9092
@@ -86,6 +98,35 @@ advertised.listeners=PLAINTEXT://127.0.0.1:{port}
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"""
+
+# --secure: clients and brokers (replication) on SASL_SSL as the admin; the controllers among
+# themselves and brokers to controllers on SASL_PLAINTEXT with PLAIN, whose only user is the
+# admin (SCRAM credentials live in the metadata the controllers serve, so they cannot guard it).
+# Nothing is allowed without an ACL but to the admin.
+SECURE_LISTENERS = """\
+listeners=SASL_SSL://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=SASL_SSL://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=SASL_SSL
+listener.security.protocol.map=SASL_SSL:SASL_SSL,CONTROLLER:SASL_PLAINTEXT
+sasl.enabled.mechanisms={mechanism}
+sasl.mechanism.inter.broker.protocol={mechanism}
+listener.name.sasl_ssl.{mechanism_lower}.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule \
+required username="{admin}" password="{password}";
+sasl.mechanism.controller.protocol=PLAIN
+listener.name.controller.sasl.enabled.mechanisms=PLAIN
+listener.name.controller.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule \
+required username="{admin}" password="{password}" user_{admin}="{password}";
+ssl.keystore.type=PEM
+ssl.keystore.location={keystore}
+ssl.truststore.type=PEM
+ssl.truststore.location={truststore}
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=false
+super.users=User:{admin}"""
+# A password the launcher writes into properties and a format argument unquoted: URL-safe
+# characters only (what `secrets.token_urlsafe` makes), long enough not to be guessed.
+ADMIN_PASSWORD = re.compile(r"[A-Za-z0-9_.~-]{16,}")
 
 LOG4J2_PROPERTIES = """\
 status = error
@@ -174,8 +215,8 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _answers(bootstrap: str) -> bool:
-    """True when the broker answers a metadata request."""
+def _answers(bootstrap: str, settings: dict) -> bool:
+    """True when the broker answers a metadata request (a client with `settings`: see `client_settings`)."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
@@ -185,7 +226,7 @@ def _answers(bootstrap: str) -> bool:
     except OSError:
         return False
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000, **settings)
     except (KafkaError, OSError):
         return False
     try:
@@ -230,34 +271,93 @@ def _wait_ports_free(*ports: int) -> None:
         time.sleep(0.2)
 
 
-def _write_config(folder: Path, node: Node, voters: list[Node], max_message_bytes: int) -> Path:
-    """server.properties and log4j2.properties of one node, in its folder."""
+@dataclass(frozen=True)
+class Security:
+    """A --secure broker's settings: its admin's name and password, the mechanism, its TLS files."""
+    admin: str
+    password: str = field(repr=False)
+    mechanism: str
+    material: tls.Material
+
+    def listeners(self, node: Node) -> str:
+        return SECURE_LISTENERS.format(
+            port=node.port, controller_port=node.controller_port, mechanism=self.mechanism,
+            mechanism_lower=self.mechanism.lower(), admin=self.admin, password=self.password,
+            keystore=self.material.keystore, truststore=self.material.ca_cert)
+
+    def client(self) -> dict[str, str]:
+        """kafka-python settings of the admin on the broker's listener."""
+        return {"security_protocol": "SASL_SSL", "sasl_mechanism": self.mechanism,
+                "sasl_plain_username": self.admin, "sasl_plain_password": self.password,
+                "ssl_cafile": str(self.material.ca_cert)}
+
+
+def _secure(data_dir: Path, make: bool) -> Security | None:
+    """The data dir's security: made now when `make` and it has none (the TLS files, the admin's
+    password), refused when `make` and the data dir holds a broker formatted without it."""
+    found = read_security(data_dir)
+    if found is None and not make:
+        return None
+    if found is None:
+        if (data_dir / "kraft").exists() or (data_dir / NODES_FILE).exists():
+            raise BrokerError(f"{data_dir} holds a broker started without --secure (its storage has no admin "
+                              f"user); use another --data-dir or delete it to start over")
+        password = os.environ.get(password_env(ADMIN_PRINCIPAL)) or secrets.token_urlsafe(24)
+        if not ADMIN_PASSWORD.fullmatch(password):
+            raise BrokerError(f"${password_env(ADMIN_PRINCIPAL)}: the admin password must be 16 or more of "
+                              f"A-Z a-z 0-9 _ . ~ - (the launcher writes it into the broker's properties)")
+        data_dir.mkdir(parents=True, exist_ok=True)
+        material = tls.ensure(data_dir / "tls")
+        tls.write_private(data_dir / CREDENTIALS_FILE, f'{ADMIN_PRINCIPAL} = "{password}"\n'.encode())
+        found = {"protocol": "SASL_SSL", "mechanism": DEFAULT_SASL_MECHANISM, "admin": ADMIN_PRINCIPAL,
+                 "ssl_cafile": str(material.ca_cert), "credentials_file": str(data_dir / CREDENTIALS_FILE)}
+        (data_dir / SECURITY_FILE).write_text(json.dumps(found))
+    with open(found["credentials_file"], "rb") as f:
+        password = tomllib.load(f)[found["admin"]]
+    return Security(found["admin"], password, found["mechanism"], tls.material(data_dir / "tls"))
+
+
+def client_settings(data_dir: Path | None = None) -> dict[str, str]:
+    """kafka-python settings for the admin of the broker under `data_dir` ({} when not --secure)."""
+    found = _secure((data_dir or data_dir_default()).resolve(), make=False)
+    return found.client() if found else {}
+
+
+def _write_config(folder: Path, node: Node, voters: list[Node], max_message_bytes: int,
+                  security: Security | None = None) -> Path:
+    """server.properties and log4j2.properties of one node, in its folder (the properties
+    owner-only: a secure node's hold the admin's password)."""
     replication_factor, min_isr = replication(len(voters))
     props = folder / "server.properties"
-    props.write_text(SERVER_PROPERTIES.format(
-        node_id=node.node_id, voters=",".join(v.voter for v in voters),
-        listeners=LISTENERS.format(port=node.port, controller_port=node.controller_port),
+    listeners = (security.listeners(node) if security else
+                 LISTENERS.format(port=node.port, controller_port=node.controller_port))
+    tls.write_private(props, SERVER_PROPERTIES.format(
+        node_id=node.node_id, voters=",".join(v.voter for v in voters), listeners=listeners,
         log_dir=folder / "kraft", max_message_bytes=max_message_bytes,
-        replication=replication_factor, min_isr=min_isr))
+        replication=replication_factor, min_isr=min_isr).encode())
     (folder / "log4j2.properties").write_text(LOG4J2_PROPERTIES.format(log_file=folder / "broker.log"))
     return props
 
 
-def _format(folders: list[tuple[Path, Path]], cluster_id: str) -> None:
+def _format(folders: list[tuple[Path, Path]], cluster_id: str, security: Security | None = None) -> None:
     """Format the storage of every (folder, its server.properties) not formatted yet, together
-    (one JVM start each: seconds on a loaded machine)."""
+    (one JVM start each: seconds on a loaded machine); a secure one with the admin's SCRAM
+    credentials in its first metadata (kafka-storage format --add-scram)."""
     running = []
+    scram = ["--add-scram", f"{security.mechanism}=[name={security.admin},password={security.password}]"] \
+        if security else []
     for folder, props in folders:
         if (folder / "kraft" / "meta.properties").exists():
             continue
         log4j = f"-Dlog4j2.configurationFile={folder / 'log4j2.properties'}"
         fmt = java_command("kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
-                           "-c", str(props), "--ignore-formatted", jvm=["-Xmx256m", log4j])
+                           "-c", str(props), "--ignore-formatted", *scram, jvm=["-Xmx256m", log4j])
         running.append((folder, subprocess.Popen(fmt, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
     failed = [(folder, proc.communicate()[0]) for folder, proc in running]
     failed = [(folder, out) for (folder, out), (_, proc) in zip(failed, running) if proc.returncode != 0]
     if failed:
-        raise BrokerError("\n".join(f"formatting {folder / 'kraft'} failed:\n{out}" for folder, out in failed))
+        text = "\n".join(f"formatting {folder / 'kraft'} failed:\n{out}" for folder, out in failed)
+        raise BrokerError(text.replace(security.password, "***") if security else text)
 
 
 def _launch(folder: Path, props: Path) -> subprocess.Popen:
@@ -280,21 +380,24 @@ def _exited(folder: Path, proc: subprocess.Popen, what: str) -> BrokerError:
 
 
 def start(data_dir: Path | None = None, port: int | None = None, *, nodes: int | None = None,
-          max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, timeout: float = START_TIMEOUT_S) -> BrokerStatus:
+          secure: bool = False, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+          timeout: float = START_TIMEOUT_S) -> BrokerStatus:
     """Start the broker (formatting storage on first start) and wait until it answers.
 
     `nodes`: a local cluster of that many nodes (`port`, default 9092, and the ports after it);
     None is what the data dir holds, a single broker for a new one. A cluster's nodes that are not
     running are started (the others left alone), and start returns once every node answers and
-    the cluster has every node registered."""
+    the cluster has every node registered. `secure`: SASL_SSL with SCRAM and ACLs (the module
+    docstring); a data dir first started so stays so without it."""
     data_dir = (data_dir or data_dir_default()).resolve()
     recorded = read_nodes(data_dir)
     if nodes is None:
         nodes = len(recorded) if recorded is not None else 1
     if not 1 <= nodes <= MAX_NODES:
         raise BrokerError(f"--nodes {nodes}: a local cluster has 1 to {MAX_NODES} nodes")
+    security = _secure(data_dir, secure)
     if recorded is not None or nodes > 1:
-        return _start_cluster(data_dir, port, nodes, recorded, max_message_bytes, timeout)
+        return _start_cluster(data_dir, port, nodes, recorded, max_message_bytes, timeout, security)
     port = DEFAULT_PORT if port is None else port
     current = status(data_dir)
     if current.running:
@@ -314,15 +417,16 @@ def start(data_dir: Path | None = None, port: int | None = None, *, nodes: int |
         raise BrokerError(f"controller port {controller_port} (from {port_file}) is in use; "
                           f"free it or delete {data_dir} to start over")
     node = Node(1, port, controller_port)
-    props = _write_config(data_dir, node, [node], max_message_bytes)
-    _format([(data_dir, props)], _cluster_id(data_dir))
+    props = _write_config(data_dir, node, [node], max_message_bytes, security)
+    _format([(data_dir, props)], _cluster_id(data_dir), security)
     proc = _launch(data_dir, props)
     bootstrap = f"127.0.0.1:{port}"
+    settings = security.client() if security else {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise _exited(data_dir, proc, "the broker")
-        if _answers(bootstrap):
+        if _answers(bootstrap, settings):
             (data_dir / "bootstrap").write_text(bootstrap)
             return status(data_dir)
         time.sleep(0.5)
@@ -362,7 +466,7 @@ def _cluster_layout(data_dir: Path, port: int | None, nodes: int, recorded: list
 
 
 def _start_cluster(data_dir: Path, port: int | None, nodes: int, recorded: list[dict] | None,
-                   max_message_bytes: int, timeout: float) -> BrokerStatus:
+                   max_message_bytes: int, timeout: float, security: Security | None) -> BrokerStatus:
     layout = _cluster_layout(data_dir, port, nodes, recorded)
     running = {n.node_id for n in status(data_dir).nodes if n.running}
     cluster_id = _cluster_id(data_dir)
@@ -381,20 +485,21 @@ def _start_cluster(data_dir: Path, port: int | None, nodes: int, recorded: list[
                 raise BrokerError(f"node {node.node_id}'s port(s) {', '.join(map(str, busy))} (from "
                                   f"{data_dir / NODES_FILE}) in use by another process; free them or delete "
                                   f"{data_dir} to start over")
-            configs[node.node_id] = (folder, _write_config(folder, node, layout, max_message_bytes))
-        _format(list(configs.values()), cluster_id)
+            configs[node.node_id] = (folder, _write_config(folder, node, layout, max_message_bytes, security))
+        _format(list(configs.values()), cluster_id, security)
         for node_id, (folder, props) in configs.items():
             started[node_id] = _launch(folder, props)
         # The nodes start together: a controller quorum needs a majority of them before any answers.
         (data_dir / "bootstrap").write_text(",".join(f"127.0.0.1:{n.port}" for n in layout))
+        settings = security.client() if security else {}
         deadline = time.monotonic() + timeout
         waiting = {n.node_id: n for n in layout if n.node_id in started}
         while time.monotonic() < deadline:
             for node_id, proc in started.items():
                 if proc.poll() is not None:
                     raise _exited(node_dir(data_dir, node_id), proc, f"node {node_id}")
-            waiting = {i: n for i, n in waiting.items() if not _answers(f"127.0.0.1:{n.port}")}
-            if not waiting and _registered(f"127.0.0.1:{layout[0].port}") >= nodes:
+            waiting = {i: n for i, n in waiting.items() if not _answers(f"127.0.0.1:{n.port}", settings)}
+            if not waiting and _registered(f"127.0.0.1:{layout[0].port}", settings) >= nodes:
                 return status(data_dir)
             time.sleep(0.5)
         raise BrokerError(f"node(s) {', '.join(map(str, waiting)) or '(all answered)'} of the cluster under "
@@ -406,13 +511,13 @@ def _start_cluster(data_dir: Path, port: int | None, nodes: int, recorded: list[
         raise
 
 
-def _registered(bootstrap: str) -> int:
+def _registered(bootstrap: str, settings: dict) -> int:
     """How many brokers the cluster's metadata lists (0 when it does not answer)."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000, **settings)
     except (KafkaError, OSError):
         return 0
     try:

@@ -4,8 +4,9 @@ Every error names the file, the key and what was expected; a key a table does no
 with the closest allowed key as a suggestion (a typo must not silently become a default). The files
 the pipeline names are checked apart, when a command starts (`require_files`), so the demo can
 still train into its own default paths. Environment variables override the bootstrap address
-(``TENSORLINE_BOOTSTRAP``) and the Kafka secrets (``TENSORLINE_SASL_PLAIN_PASSWORD``,
-``TENSORLINE_SSL_PASSWORD``), so secrets need not live in the file.
+(``TENSORLINE_BOOTSTRAP``). Secrets never live in the pipeline file: the [kafka] ones come from
+``TENSORLINE_SASL_PLAIN_PASSWORD`` and ``TENSORLINE_SSL_PASSWORD``, the [security] principals'
+from ``TENSORLINE_KAFKA_PASSWORD_<PRINCIPAL>`` or the credentials file the table names (`password`).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ KAFKA_PASSTHROUGH = frozenset({
     "request_timeout_ms",
 })
 SECRET_KEYS = frozenset({"sasl_plain_password", "ssl_password"})
+# What [security] sets for every client; the [kafka] table may not set them beside it.
+SECURITY_PASSTHROUGH = frozenset({"security_protocol", "sasl_mechanism", "sasl_plain_username", "ssl_cafile"})
 SECRET_ENV = {"sasl_plain_password": "TENSORLINE_SASL_PLAIN_PASSWORD",
               "ssl_password": "TENSORLINE_SSL_PASSWORD"}
 BOOTSTRAP_ENV = "TENSORLINE_BOOTSTRAP"
@@ -79,13 +82,27 @@ _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 # The keys each table may have; anything else is an UnknownKey. Tables of names (topics, stages,
 # models, capacity) and the plugins' own `params` tables are free-form and checked otherwise.
-ROOT_KEYS = ("pipeline", "topics", "producer", "stages", "fusion", "kafka", "schema_registry")
+ROOT_KEYS = ("pipeline", "topics", "producer", "stages", "fusion", "kafka", "schema_registry", "security")
 PIPELINE_KEYS = ("name", "bootstrap", "dlq", "delivery", "max_message_bytes", "on_bad_file", "classes")
 PRODUCER_KEYS = ("key",)
 SCHEMA_REGISTRY_KEYS = ("url", "timeout_ms")
 # A registry answers in milliseconds; ten seconds without an answer is a registry that is down.
 DEFAULT_SCHEMA_REGISTRY_TIMEOUT_MS = 10_000
 TOPIC_KEYS = ("name", "partitions", "retention_ms")
+# [security]: one SCRAM principal per stage, a read-only one for ops commands, one for `produce`
+# and the cluster's admin (see SecurityConfig).
+SECURITY_KEYS = ("protocol", "mechanism", "ssl_cafile", "credentials_file", "admin")
+SECURITY_PROTOCOLS = ("SASL_SSL", "SASL_PLAINTEXT")
+SASL_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256")
+# SCRAM-SHA-512: the strongest SASL mechanism Kafka has that needs no outside service (Kerberos,
+# OAuth), and the one `tensorline broker start --secure` enables.
+DEFAULT_SASL_MECHANISM = "SCRAM-SHA-512"
+# The principals other than the stages: the cluster's super user, the read-only one of the
+# commands that only look (lag, dashboard, results, ...), and the one `produce` writes raw with.
+ADMIN_PRINCIPAL = "admin"
+OPS_PRINCIPAL = "ops"
+PRODUCER_PRINCIPAL = "producer"
+PASSWORD_ENV_PREFIX = "TENSORLINE_KAFKA_PASSWORD_"
 MODEL_KEYS = ("path", "version", "input")
 # The runtime settings a stage table and the [fusion] table share.
 RUNTIME_KEYS = ("max_batch", "max_delay_ms", "commit_interval_ms", "dlq_max_ratio", "dlq_window", "workers")
@@ -179,6 +196,29 @@ class SchemaRegistryConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """A SASL cluster's principals ([security] table): the admin, `ops` (read-only), `producer`
+    and one per stage, each "<pipeline>.<principal>" but the admin. Passwords come from
+    $TENSORLINE_KAFKA_PASSWORD_<PRINCIPAL> or `credentials_file`, never from the pipeline file."""
+
+    # TLS on every connection; SASL_PLAINTEXT only where the network itself is trusted.
+    protocol: str = "SASL_SSL"
+    mechanism: str = DEFAULT_SASL_MECHANISM
+    # None: the system's CAs, or, when the bootstrap is the local broker (none configured), the CA
+    # `tensorline broker start --secure` made for it.
+    ssl_cafile: str | None = None
+    # A TOML file of `principal = "password"` lines (owner-only, outside the repository); None:
+    # the environment only. `tensorline acls apply` adds the passwords it generates to it.
+    credentials_file: str | None = None
+    # The super user's name: the one `tensorline broker start --secure` creates.
+    admin: str = ADMIN_PRINCIPAL
+
+    def user(self, pipeline: str, principal: str) -> str:
+        """The SCRAM user name of a principal: the admin's own name, else "<pipeline>.<principal>"."""
+        return self.admin if principal == ADMIN_PRINCIPAL else f"{pipeline}.{principal}"
+
+
+@dataclass(frozen=True)
 class StageConfig:
     """One stage: an independent consumer group from `input` to `output`."""
 
@@ -251,6 +291,14 @@ class PipelineConfig:
     classes: tuple[str, ...] = DEFAULT_CLASSES
     producer: ProducerConfig = ProducerConfig()
     schema_registry: SchemaRegistryConfig = SchemaRegistryConfig()
+    security: SecurityConfig | None = None
+    # Who this process's clients act as on a [security] cluster: the admin unless narrowed (the
+    # CLI narrows each command to the least it needs; a worker acts as its stage).
+    principal: str = ADMIN_PRINCIPAL
+
+    def as_principal(self, principal: str) -> "PipelineConfig":
+        """The same pipeline, its clients acting as `principal` (admin, ops, producer or a stage)."""
+        return replace(self, principal=principal)
 
     def model(self, stage: str, name: str | None) -> ModelConfig | None:
         """The stage's model called `name`; with no name, its only model (or None if it has none)."""
@@ -280,7 +328,8 @@ class PipelineConfig:
 
     def __repr__(self) -> str:
         kafka = {k: ("***" if k in SECRET_KEYS else v) for k, v in self.kafka.items()}
-        return f"PipelineConfig(path={self.path!r}, name={self.name!r}, bootstrap={self.bootstrap!r}, kafka={kafka})"
+        return (f"PipelineConfig(path={self.path!r}, name={self.name!r}, bootstrap={self.bootstrap!r}, "
+                f"kafka={kafka}, principal={self.principal!r})")
 
 
 class _Reader:
@@ -457,17 +506,74 @@ def _schema_registry(r: _Reader) -> SchemaRegistryConfig:
                                 timeout_ms=r.positive("timeout_ms", DEFAULT_SCHEMA_REGISTRY_TIMEOUT_MS))
 
 
-def _kafka(r: _Reader) -> dict[str, Any]:
+def _kafka(r: _Reader, secured: bool) -> dict[str, Any]:
     unknown = [k for k in r.table if k not in KAFKA_PASSTHROUGH]
     if unknown:
         raise ConfigError(r.path, r.key(unknown[0]),
                           f"one of the kafka-python settings {', '.join(sorted(KAFKA_PASSTHROUGH))}",
                           suggestion=did_you_mean(unknown[0], KAFKA_PASSTHROUGH))
+    for key in r.table:
+        if key in SECRET_KEYS:
+            raise ConfigError(r.path, r.key(key), f"no secret in the pipeline file: set ${SECRET_ENV[key]}")
+        if secured and key in SECURITY_PASSTHROUGH:
+            raise ConfigError(r.path, r.key(key), "nothing [security] sets: it sets the protocol, mechanism, "
+                                                  "user and CA of every client")
     settings = dict(r.table)
     for key, env in SECRET_ENV.items():
         if os.environ.get(env):
             settings[key] = os.environ[env]
     return settings
+
+
+def _security(r: _Reader, stages: Mapping[str, StageConfig]) -> SecurityConfig:
+    r.only(SECURITY_KEYS)
+    taken = [s for s in stages if s in (ADMIN_PRINCIPAL, OPS_PRINCIPAL, PRODUCER_PRINCIPAL)]
+    if taken:
+        raise ConfigError(r.path, f"stages.{taken[0]}", f"a stage name other than {ADMIN_PRINCIPAL}, "
+                                                        f"{OPS_PRINCIPAL} and {PRODUCER_PRINCIPAL} with [security] "
+                                                        f"(each stage is a principal of that name)")
+    return SecurityConfig(
+        protocol=r.choice("protocol", SECURITY_PROTOCOLS, "SASL_SSL"),
+        mechanism=r.choice("mechanism", SASL_MECHANISMS, DEFAULT_SASL_MECHANISM),
+        ssl_cafile=r.get("ssl_cafile", str, None),
+        credentials_file=r.get("credentials_file", str, None),
+        admin=r.get("admin", str, ADMIN_PRINCIPAL, _NAME.match, "a user name ([A-Za-z0-9._-])"))
+
+
+def password_env(principal: str) -> str:
+    """The environment variable holding a principal's password: TENSORLINE_KAFKA_PASSWORD_<PRINCIPAL>,
+    upper case, anything but letters and digits as "_"."""
+    return PASSWORD_ENV_PREFIX + re.sub(r"[^A-Z0-9]", "_", principal.upper())
+
+
+def read_credentials(path: str | Path) -> dict[str, str]:
+    """A credentials file's `principal = "password"` lines ({} when it does not exist yet)."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        return {}
+    except tomllib.TOMLDecodeError as e:  # its message quotes no value, only where it stopped
+        raise ConfigError(path, "(syntax)", f"valid TOML ({e})") from None
+    bad = [k for k, v in data.items() if not isinstance(v, str)]
+    if bad:
+        raise ConfigError(path, bad[0], "a password string")
+    return data
+
+
+def password(cfg: PipelineConfig, principal: str) -> str:
+    """A principal's password: $TENSORLINE_KAFKA_PASSWORD_<PRINCIPAL>, else the credentials file's;
+    ConfigError naming both when neither has it."""
+    env = password_env(principal)
+    if os.environ.get(env):
+        return os.environ[env]
+    sec = cfg.security
+    found = read_credentials(sec.credentials_file).get(principal) if sec and sec.credentials_file else None
+    if found:
+        return found
+    where = f" or a {principal!r} line in {sec.credentials_file}" if sec and sec.credentials_file else ""
+    raise ConfigError(cfg.path, "security", f"a password for principal {principal!r}: ${env}{where} "
+                                            f"(`tensorline acls apply` writes them to security.credentials_file)")
 
 
 def parse(data: Mapping[str, Any], path: str | Path = "<pipeline>") -> PipelineConfig:
@@ -504,10 +610,11 @@ def parse(data: Mapping[str, Any], path: str | Path = "<pipeline>") -> PipelineC
         delivery=p.choice("delivery", DELIVERY_MODES, DEFAULT_DELIVERY),
         max_message_bytes=p.positive("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES),
         on_bad_file=p.choice("on_bad_file", BAD_FILE_ACTIONS, "dlq"),
-        kafka=_kafka(root.sub("kafka")),
+        kafka=_kafka(root.sub("kafka"), "security" in data),
         classes=p.strings("classes", list(DEFAULT_CLASSES)),
         producer=_producer(root.sub("producer")),
         schema_registry=_schema_registry(root.sub("schema_registry")),
+        security=_security(root.sub("security"), stages) if "security" in data else None,
     )
 
 

@@ -4,7 +4,9 @@ writes them is `tensorline.ops.broker`.
 
 A single broker keeps them in the data dir itself; a local cluster (`broker start --nodes N`)
 keeps one folder per node (`node-1`, ...) with its own pid file, and in the data dir the list of
-its nodes (`nodes.json`) and the bootstrap address of all of them.
+its nodes (`nodes.json`) and the bootstrap address of all of them. A broker started with
+`--secure` keeps in the data dir what clients need to reach it (`security.json`: protocol,
+mechanism, the admin's name, where its CA and the admin's credentials file are; no secret).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 DEFAULT_DATA_DIR = Path(".tensorline/broker")
 DATA_DIR_ENV = "TENSORLINE_BROKER_DIR"
 NODES_FILE = "nodes.json"  # a cluster's nodes: [{"node_id", "port", "controller_port"}, ...]
+SECURITY_FILE = "security.json"  # a --secure broker's: {"protocol", "mechanism", "admin", "ssl_cafile", "credentials_file"}
+CREDENTIALS_FILE = "credentials.toml"  # a --secure broker's admin password (owner-only)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class BrokerStatus:
     data_dir: str
     log: str
     nodes: tuple[NodeStatus, ...] = ()
+    security: dict | None = None  # a --secure broker's security.json (no secret in it)
 
     @property
     def nodes_running(self) -> int:
@@ -49,6 +54,8 @@ class BrokerStatus:
         out = asdict(self)
         if not self.nodes:  # a single broker's status reads as it always has
             del out["nodes"]
+        if self.security is None:
+            del out["security"]
         return json.dumps(out)
 
 
@@ -84,6 +91,14 @@ def read_nodes(data_dir: Path) -> list[dict] | None:
         return None
 
 
+def read_security(data_dir: Path) -> dict | None:
+    """A --secure broker's security.json, None for a broker without security."""
+    try:
+        return json.loads((data_dir / SECURITY_FILE).read_text())
+    except FileNotFoundError:
+        return None
+
+
 def status(data_dir: Path | None = None) -> BrokerStatus:
     """Whether the broker (or a node of the cluster) of `data_dir` runs, and its bootstrap address."""
     data_dir = (data_dir or data_dir_default()).resolve()
@@ -93,7 +108,8 @@ def status(data_dir: Path | None = None) -> BrokerStatus:
     pid = read_pid(data_dir)
     running = pid is not None and pid_alive(pid, data_dir)
     bootstrap = (data_dir / "bootstrap").read_text().strip() if running and (data_dir / "bootstrap").exists() else None
-    return BrokerStatus(running, bootstrap, pid if running else None, str(data_dir), str(data_dir / "broker.log"))
+    return BrokerStatus(running, bootstrap, pid if running else None, str(data_dir), str(data_dir / "broker.log"),
+                        security=read_security(data_dir))
 
 
 def _cluster_status(data_dir: Path, nodes: list[dict]) -> BrokerStatus:
@@ -108,7 +124,8 @@ def _cluster_status(data_dir: Path, nodes: list[dict]) -> BrokerStatus:
     # Every node's address, the stopped ones too: a client retries them, and one started while a
     # node is down still reaches it once it is back.
     bootstrap = ",".join(n.bootstrap for n in found) if running else None
-    return BrokerStatus(running, bootstrap, None, str(data_dir), str(data_dir / "node-*" / "broker.log"), tuple(found))
+    return BrokerStatus(running, bootstrap, None, str(data_dir), str(data_dir / "node-*" / "broker.log"), tuple(found),
+                        read_security(data_dir))
 
 
 def local_bootstrap(data_dir: Path | None = None) -> str | None:

@@ -84,8 +84,7 @@ def test_file_errors(tmp_path):
 
 
 def test_environment_overrides_bootstrap_and_secrets(monkeypatch):
-    t = table(kafka={"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN",
-                     "sasl_plain_username": "u", "sasl_plain_password": "in-file"})
+    t = table(kafka={"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_plain_username": "u"})
     t["pipeline"]["bootstrap"] = "file:9092"
     assert config.parse(t).bootstrap == "file:9092"
     monkeypatch.setenv("TENSORLINE_BOOTSTRAP", "env:9092")
