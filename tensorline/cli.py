@@ -11,8 +11,10 @@ from tensorline import config, logs
 DEFAULT_PIPELINE = "pipeline.toml"
 
 
-def _pipeline(args: argparse.Namespace) -> config.PipelineConfig:
-    cfg = config.load(args.config)
+def _pipeline(args: argparse.Namespace, principal: str = config.ADMIN_PRINCIPAL) -> config.PipelineConfig:
+    """The pipeline file, its clients acting as `principal` on a [security] cluster: each command
+    takes the least it needs (`ops` where it only reads, `producer` to produce, a worker its stage)."""
+    cfg = config.load(args.config).as_principal(principal)
     _schema_registry(cfg)
     return cfg
 
@@ -38,8 +40,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
         raise SystemExit("tensorline broker: --node is for stop (start starts every node not running)")
     if args.nodes is not None and args.action != "start":
         raise SystemExit("tensorline broker: --nodes is for start (stop and status find every node of the data dir)")
+    if args.secure and args.action != "start":
+        raise SystemExit("tensorline broker: --secure is for start (a data dir first started so stays secure)")
     if args.action == "start":
-        st = broker.start(data_dir, args.port, nodes=args.nodes)
+        st = broker.start(data_dir, args.port, nodes=args.nodes, secure=args.secure)
     elif args.action == "stop":
         st = broker.stop(data_dir, node=args.node)
     else:
@@ -55,6 +59,9 @@ def cmd_broker(args: argparse.Namespace) -> int:
         print(f"broker running at {st.bootstrap} (pid {st.pid}, data {st.data_dir}, log {st.log})")
     else:
         print(f"broker not running (data {st.data_dir})")
+    if st.security and not args.json:
+        print(f"  {st.security['protocol']} with {st.security['mechanism']}; CA {st.security['ssl_cafile']}; "
+              f"user {st.security['admin']}'s password in {st.security['credentials_file']}")
     if args.action == "stop":
         return 0
     # A cluster with a node down still serves, but status says so by its exit code.
@@ -66,7 +73,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
     from tensorline.ops import topics
 
-    cfg = _pipeline(args)
+    cfg = _pipeline(args, config.ADMIN_PRINCIPAL if args.action == "create" else config.OPS_PRINCIPAL)
     created = clients.create_topics(cfg) if args.action == "create" else []
     states, warnings = topics.describe(cfg)
     for t in states:
@@ -95,7 +102,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from tensorline.engine import worker
 
-    cfg = _pipeline(args)
+    cfg = _pipeline(args, args.stage)
     if args.stage not in cfg.stages:
         raise config.ConfigError(cfg.path, f"stages.{args.stage}", f"one of the stages {', '.join(cfg.stages)}")
     config.require_files(cfg, args.stage, args.model)
@@ -137,7 +144,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from tensorline.producers import publish
     from tensorline.schemas.subjects import producer_subjects
 
-    cfg = _pipeline(args)
+    cfg = _pipeline(args, config.PRODUCER_PRINCIPAL)
     _schema_registry(cfg, producer_subjects(cfg, publish.RAW))
     stopping: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -156,7 +163,7 @@ def cmd_lag(args: argparse.Namespace) -> int:
 
     from tensorline.ops import lag
 
-    cfg = _pipeline(args)
+    cfg = _pipeline(args, config.OPS_PRINCIPAL)
     history = lag.History(lag.history_file(cfg))
     while True:
         lags = lag.measure(cfg, stuck_after_s=args.stuck_after, history=history)
@@ -176,7 +183,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     from tensorline.ops import replay
 
-    cfg = _pipeline(args)
+    cfg = _pipeline(args, config.OPS_PRINCIPAL if args.dry_run else config.ADMIN_PRINCIPAL)
     start = (args.from_datetime or (replay.parse_offsets(args.from_offset) if args.from_offset else replay.EARLIEST))
     if args.to_datetime and not (args.into_version or args.dry_run):
         raise config.ConfigError(cfg.path, "--to-datetime", "--into-version or --dry-run with it (a reset has no end)")
@@ -197,7 +204,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
     from tensorline.ops import dlq
 
-    cfg = _pipeline(args)
+    cfg = _pipeline(args, config.ADMIN_PRINCIPAL if args.action == "redrive" else config.OPS_PRINCIPAL)
     if args.action == "list":
         rows = dlq.counts(cfg)
         print(json.dumps(rows) if args.json else dlq.format_counts(rows))
@@ -213,7 +220,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from tensorline.ops import dashboard
 
-    dashboard.serve(_pipeline(args), host=args.host, port=args.port)
+    dashboard.serve(_pipeline(args, config.OPS_PRINCIPAL), host=args.host, port=args.port)
     return 0
 
 
@@ -249,7 +256,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from tensorline.ops import report
 
-    rep = report.build(_pipeline(args))
+    rep = report.build(_pipeline(args, config.OPS_PRINCIPAL))
     print(json.dumps(rep) if args.json else report.format_table(rep))
     return 0
 
@@ -259,13 +266,28 @@ def cmd_results(args: argparse.Namespace) -> int:
 
     from tensorline.ops import results
 
-    cfg = _pipeline(args)
+    cfg = _pipeline(args, config.OPS_PRINCIPAL)
     fmt = "json" if args.json else "csv" if args.csv else "table"
     models = cfg.fusion.expected_models if cfg.fusion else ()
     with closing(results.rows(cfg, record_id=args.id, source=args.source, limit=args.limit,
                               follow=args.follow)) as rows:
         for line in results.lines(rows, fmt, classes=cfg.classes, models=models):
             print(line, flush=args.follow)
+    return 0
+
+
+def cmd_acls(args: argparse.Namespace) -> int:
+    import json
+
+    from tensorline.ops import acls
+
+    cfg = _pipeline(args)
+    if args.action == "plan":
+        bindings = acls.plan(cfg)
+        print(json.dumps([b.__dict__ for b in bindings]) if args.json else acls.format_plan(bindings))
+        return 0
+    applied = acls.apply(cfg)
+    print(json.dumps([a.to_dict() for a in applied]) if args.json else acls.format_applied(applied))
     return 0
 
 
@@ -335,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--nodes", type=int, help="start: a local cluster of N nodes, each broker and controller "
                                              "(default: what the data dir holds, else 1)")
     b.add_argument("--node", type=int, help="stop: only this node of the cluster (its id, 1 to N)")
+    b.add_argument("--secure", action="store_true",
+                   help="start: SASL_SSL with SCRAM-SHA-512, a local CA, an admin user and ACLs enforced "
+                        "(grant the pipeline's principals theirs with `tensorline acls apply`)")
     b.add_argument("--json", action="store_true", help="print the status as JSON")
     b.set_defaults(func=cmd_broker)
 
@@ -438,6 +463,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only this version's own rule check, not the registry's compatibility endpoint")
     sc.add_argument("--json", action="store_true", help="print JSON")
     sc.set_defaults(func=cmd_schemas)
+
+    ac = with_config(sub.add_parser("acls", help="on a SASL cluster: the pipeline's principals (one per stage, "
+                                                 "ops, producer), their SCRAM credentials and ACLs"))
+    ac.add_argument("action", choices=["apply", "plan"],
+                    help="apply: set credentials (generating missing passwords into security.credentials_file) "
+                         "and make the ACLs match the plan (idempotent); plan: print what each principal may do")
+    ac.add_argument("--json", action="store_true", help="print JSON (no password in it)")
+    ac.set_defaults(func=cmd_acls)
 
     rp = with_config(sub.add_parser("report", help="precision, recall, F1 per class for each model and the fused result"))
     rp.add_argument("--json", action="store_true", help="print one JSON object")

@@ -58,32 +58,39 @@ def configure(*, json: bool | None = None, level: str = "info") -> None:
     logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
 
 
-class CancelledIsDebug(logging.Filter):
-    """kafka-python fails whatever is still in flight with `Cancelled` when it closes its own
-    connection (a client's close(), an idle or bootstrap connection dropped), and some of its loggers
-    report that as an ERROR or WARNING ("Metadata refresh: failed Cancelled", "Error sending
-    HeartbeatRequest ... [Cancelled]") on every normal shutdown. Such a record is lowered to DEBUG:
-    shown at --log-level debug, never as a failure. A lost connection carries its own error."""
+class ReportedIsDebug(logging.Filter):
+    """kafka-python logs as ERROR or WARNING some failures that are no failure of ours, or that
+    tensorline reports itself; such a record is lowered to DEBUG (shown at --log-level debug):
+
+    - `Cancelled`: what a client fails in flight when it closes its own connection (a client's
+      close(), an idle or bootstrap connection dropped), "Metadata refresh: failed Cancelled",
+      "Error sending HeartbeatRequest ... [Cancelled]" on every normal shutdown;
+    - `SaslAuthenticationFailedError`: tensorline raises it as one AuthenticationFailed naming
+      the principal and the bootstrap (engine.clients), instead of four lines without them;
+    - the transport's "socket disconnected": the "Abort (...)" line that follows names it again.
+    A lost connection carries its own error."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from kafka.errors import Cancelled
+        from kafka.errors import Cancelled, SaslAuthenticationFailedError
 
         args = record.args.values() if isinstance(record.args, dict) else (record.args or ())
         exc = record.exc_info[1] if record.exc_info else None
-        if record.levelno <= logging.DEBUG or not any(isinstance(a, Cancelled) for a in (*args, exc)):
+        reported = (record.msg == "%s: socket disconnected"
+                    or any(isinstance(a, (Cancelled, SaslAuthenticationFailedError)) for a in (*args, exc)))
+        if record.levelno <= logging.DEBUG or not reported:
             return True
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
 def quiet_close(prefix: str = "kafka") -> None:
-    """Put CancelledIsDebug on every logger under `prefix` that exists (a filter applies only to
+    """Put ReportedIsDebug on every logger under `prefix` that exists (a filter applies only to
     records of its own logger, so each gets one; call after importing the client library)."""
     names = [n for n in logging.Logger.manager.loggerDict if n == prefix or n.startswith(prefix + ".")]
     for name in names:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, CancelledIsDebug) for f in logger.filters):
-            logger.addFilter(CancelledIsDebug())
+        if not any(isinstance(f, ReportedIsDebug) for f in logger.filters):
+            logger.addFilter(ReportedIsDebug())
 
 
 def get(name: str = "tensorline", **context: Any) -> structlog.stdlib.BoundLogger:

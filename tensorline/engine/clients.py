@@ -1,7 +1,9 @@
 """Thin factories over kafka-python: one place where the pipeline's settings become client configs.
 
 Size limits, security settings and the bootstrap address are applied the same way to every
-producer, consumer and admin client, so no stage builds a client by hand. `read_range` is the one
+producer, consumer and admin client, so no stage builds a client by hand. On a [security]
+cluster every client authenticates as the principal the pipeline config acts as
+(`PipelineConfig.as_principal`), with that principal's password. `read_range` is the one
 way to read a range of a topic (by default all of it, up to its log-end offset) with such a client.
 """
 
@@ -15,16 +17,19 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import (CoordinatorLoadInProgressError, CoordinatorNotAvailableError, NotCoordinatorError,
-                          TopicAlreadyExistsError)
+                          SaslAuthenticationFailedError, TopicAlreadyExistsError)
 
 from tensorline import logs
-from tensorline.config import COMPACTED_TOPIC_CONFIGS, PipelineConfig
+from tensorline.config import COMPACTED_TOPIC_CONFIGS, SECRET_ENV, PipelineConfig, password, password_env
 from tensorline.engine import compat, local
+from tensorline.engine.errors import AuthenticationFailed
 
 # Every client the project builds reads foreign records as the Java client does, and retries a
 # transactional request its coordinator's broker refused instead of dropping it (see compat).
 compat.lenient_header_keys()
 compat.retry_unsent_transactional_requests()
+compat.raise_authentication_failures_at_bootstrap()
+compat.deliver_data_before_close()
 # A client's close() cancels its requests in flight; kafka-python logs some as errors (see logs).
 logs.quiet_close("kafka")
 
@@ -64,7 +69,44 @@ def bootstrap(cfg: PipelineConfig) -> str:
 
 def _common(cfg: PipelineConfig) -> dict[str, Any]:
     return {"bootstrap_servers": bootstrap(cfg).split(","), "reconnect_backoff_max_ms": RECONNECT_BACKOFF_MAX_MS,
-            **cfg.kafka}
+            **cfg.kafka, **security(cfg)}
+
+
+def security(cfg: PipelineConfig) -> dict[str, Any]:
+    """kafka-python's SASL settings for the principal `cfg` acts as ({} without [security]); the CA
+    is the configured one, else, on the local broker, the one `broker start --secure` made."""
+    sec = cfg.security
+    if sec is None:
+        return {}
+    settings = {"security_protocol": sec.protocol, "sasl_mechanism": sec.mechanism,
+                "sasl_plain_username": sec.user(cfg.name, cfg.principal),
+                "sasl_plain_password": password(cfg, cfg.principal)}
+    cafile = sec.ssl_cafile or (None if cfg.bootstrap else (local.read_security(local.data_dir_default().resolve())
+                                                            or {}).get("ssl_cafile"))
+    if sec.protocol == "SASL_SSL" and cafile:
+        settings["ssl_cafile"] = cafile
+    return settings
+
+
+T = TypeVar("T")
+
+
+def _connect(cfg: PipelineConfig, make: Callable[..., T], settings: dict[str, Any], *args: Any) -> T:
+    """`make(*args, **settings)`, a client bootstrapping at once; a refused authentication becomes
+    one AuthenticationFailed naming the principal, where its password came from and the bootstrap."""
+    try:
+        return make(*args, **settings)
+    except SaslAuthenticationFailedError as e:
+        sec = cfg.security
+        if sec is None:  # the [kafka] table's own SASL settings
+            where, user = f"${SECRET_ENV['sasl_plain_password']}", settings.get("sasl_plain_username")
+        else:
+            where = f"${password_env(cfg.principal)}" + (f" or {sec.credentials_file}" if sec.credentials_file else "")
+            user = sec.user(cfg.name, cfg.principal)
+        said = str(e).rsplit(": ", 1)[-1]  # the broker's words, without kafka-python's prefixes
+        raise AuthenticationFailed(f"principal User:{user} could not authenticate at "
+                                   f"{','.join(settings['bootstrap_servers'])}: {said}; check its password "
+                                   f"({where})") from None
 
 
 def producer(cfg: PipelineConfig, *, transactional_id: str | None = None, **overrides: Any) -> KafkaProducer:
@@ -85,7 +127,7 @@ def producer(cfg: PipelineConfig, *, transactional_id: str | None = None, **over
     if transactional_id:
         settings["transactional_id"] = transactional_id
     settings.update(overrides)
-    return KafkaProducer(**settings)
+    return _connect(cfg, KafkaProducer, settings)
 
 
 def consumer(cfg: PipelineConfig, group_id: str | None, *topics: str, **overrides: Any) -> KafkaConsumer:
@@ -105,11 +147,11 @@ def consumer(cfg: PipelineConfig, group_id: str | None, *topics: str, **override
         **_common(cfg),
     }
     settings.update(overrides)
-    return KafkaConsumer(*topics, **settings)
+    return _connect(cfg, KafkaConsumer, settings, *topics)
 
 
 def admin(cfg: PipelineConfig) -> KafkaAdminClient:
-    return KafkaAdminClient(**_common(cfg))
+    return _connect(cfg, KafkaAdminClient, _common(cfg))
 
 
 def replication(brokers: int) -> tuple[int, dict[str, str]]:
@@ -234,7 +276,6 @@ def read_range(cfg: PipelineConfig, topic: str, *, partitions: Iterable[int] | N
             reader.resume(*paused)
 
 
-T = TypeVar("T")
 # A group coordinator comes up within seconds of the offsets topic's creation on a local broker.
 COORDINATOR_WAIT_S = 15.0
 COORDINATOR_RETRY_S = 0.2

@@ -15,6 +15,15 @@ port refusing): it looks the coordinator up again but retries the request only w
 was known, so the caller (`send_offsets_to_transaction`, `commit_transaction`, which wait without
 a timeout) waits forever. The Java client's Sender retries the request whenever it was not sent
 (`transactionManager.retry(nextRequestHandler)` after its loop); here, the same.
+
+Authentication failures: kafka-python 3.0.12 retries a bootstrap connection the broker refused to
+authenticate (a wrong SCRAM password) like one it could not reach, until its timeout, then raises
+"Unable to bootstrap" (30 s later, the cause only in its log). The Java client raises an
+authentication failure at once (`SaslAuthenticationException`, not retried); here, the same. And
+the broker answers a failed authentication, then closes the connection: when the answer and the
+close arrive in one read, kafka-python's transport dropped the answer and saw only "socket
+disconnected" (the consumer, whose IO runs on its own thread, nearly always). The Java client
+handles the bytes received before a close first; here, the same.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import inspect
 import textwrap
 
+from kafka.net import manager, transport
 from kafka.producer import sender
 from kafka.record import default_records
 
@@ -80,3 +90,80 @@ def retry_unsent_transactional_requests() -> None:
     method = namespace["_maybe_send_pending_request"]
     method._tensorline_retry = True
     cls._maybe_send_pending_request = method
+
+
+_BOOTSTRAP_RETRY = """\
+        except Errors.IncompatibleBrokerVersion:
+            log.error('Did you attempt to connect to a kafka controller (no metadata support)?')
+            raise
+"""
+_BOOTSTRAP_AUTH_RAISES = _BOOTSTRAP_RETRY + """\
+        except Errors.SaslAuthenticationFailedError as exc:  # not retried, as the Java client does
+            self._conns.pop(bootstrap_broker.node_id, conn).close(exc)
+            raise
+"""
+
+
+def raise_authentication_failures_at_bootstrap() -> None:
+    """Patch kafka-python's bootstrap to raise SaslAuthenticationFailedError at once.
+
+    The patched method is kafka-python's own `KafkaConnectionManager._do_bootstrap`, recompiled
+    with one `except` clause added before its catch-all retry; if the clause it follows is not
+    found exactly once (kafka-python changed), this raises at import.
+    """
+    cls = manager.KafkaConnectionManager
+    if getattr(cls._do_bootstrap, "_tensorline_auth", False):
+        return
+    source = textwrap.dedent(inspect.getsource(cls._do_bootstrap))
+    if source.count(_BOOTSTRAP_RETRY) != 1:
+        raise RuntimeError("kafka-python's KafkaConnectionManager._do_bootstrap changed: "
+                           "tensorline.engine.compat.raise_authentication_failures_at_bootstrap needs a look")
+    namespace: dict = {}
+    exec(compile(source.replace(_BOOTSTRAP_RETRY, _BOOTSTRAP_AUTH_RAISES), manager.__file__, "exec"),  # noqa: S102
+         vars(manager), namespace)
+    method = namespace["_do_bootstrap"]
+    method._tensorline_auth = True
+    cls._do_bootstrap = method
+
+
+_ABORT_FIRST = """\
+        if err:
+            return self.abort(error=err)
+        log.debug('%s: received %d bytes', self, len(recvd_data))
+"""
+_DATA_FIRST = """\
+        log.debug('%s: received %d bytes', self, len(recvd_data))
+"""
+_AFTER_DATA = """\
+        except Errors.KafkaProtocolError as e:
+            return self.abort(error=e)
+"""
+_THEN_ABORT = _AFTER_DATA + """\
+        if err:  # the peer closed: once what it sent before is handled (the awaiting request resumed)
+            if recvd_data:
+                await self._net.sleep(0)
+            return self.abort(error=err)
+"""
+
+
+def deliver_data_before_close() -> None:
+    """Patch kafka-python's transport to hand on the bytes of a read that ended with the peer's
+    close before it aborts the connection.
+
+    The patched method is kafka-python's own `KafkaTCPTransport._read_from_sock` (the TLS
+    transport's too), recompiled with its abort on a closed socket moved after the data is
+    handed on; if that code is not found exactly once (kafka-python changed), this raises at import.
+    """
+    cls = transport.KafkaTCPTransport
+    if getattr(cls._read_from_sock, "_tensorline_data_first", False):
+        return
+    source = textwrap.dedent(inspect.getsource(cls._read_from_sock))
+    if source.count(_ABORT_FIRST) != 1 or source.count(_AFTER_DATA) != 1:
+        raise RuntimeError("kafka-python's KafkaTCPTransport._read_from_sock changed: "
+                           "tensorline.engine.compat.deliver_data_before_close needs a look")
+    namespace: dict = {}
+    exec(compile(source.replace(_ABORT_FIRST, _DATA_FIRST).replace(_AFTER_DATA, _THEN_ABORT),  # noqa: S102
+                 transport.__file__, "exec"), vars(transport), namespace)
+    method = namespace["_read_from_sock"]
+    method._tensorline_data_first = True
+    cls._read_from_sock = method

@@ -38,6 +38,12 @@ class Fatal(Exception):
     """The worker cannot go on: it stops with this message (exit code `FATAL_EXIT_CODE`)."""
 
 
+class AuthenticationFailed(Fatal, RuntimeError):
+    """The broker refused a principal's credentials (a wrong password, no such user): the message
+    names the principal and the bootstrap address. A RuntimeError too, so every command, not only
+    a worker, reports it as one line."""
+
+
 class Kind(enum.Enum):
     RECORD = "record"
     TRANSIENT = "transient"
