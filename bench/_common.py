@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -372,3 +373,59 @@ class UpRun:
             return all(g.total == 0 for g in lag.measure(self.cfg))
         except Exception:  # a group's coordinator moving: measure again
             return False
+
+
+def scale_chain(name: str, bootstrap: str, stages: tuple[str, ...], *, workers: int, partitions: int,
+                sleep_s: float) -> str:
+    """A pipeline file: the chain in -> stages[0] -> ... of model-free Scale stages (each batch
+    sleeps `sleep_s`), `workers` each, `partitions` per topic, exactly once."""
+    lines = [f'[pipeline]\nname = "{name}"\nbootstrap = "{bootstrap}"\ndelivery = "exactly_once"\n[topics]',
+             f"in = {{ partitions = {partitions} }}"]
+    lines += [f"{s} = {{ partitions = {partitions} }}" for s in stages]
+    lines.append("dlq = { partitions = 1 }")
+    source = "in"
+    for s in stages:
+        lines += [f'[stages.{s}]\nkind = "tensorline.stages.testing:Scale"\ninput = "{source}"\noutput = "{s}"',
+                  f"workers = {workers}\nmax_batch = 8\nmax_delay_ms = 20",
+                  f"[stages.{s}.params]\nsleep_s = {sleep_s}"]
+        source = s
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class WorkerProc:
+    """A live `tensorline run STAGE` process, its parent (the supervisor, or not) and its stage."""
+
+    pid: int
+    ppid: int
+    stage: str
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (state first), None when gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
+
+
+def worker_procs(path: Path) -> list[WorkerProc]:
+    """Live `tensorline run STAGE -c PATH` processes of this pipeline file, whoever their parent."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0")]
+        except OSError:
+            continue
+        if "tensorline.cli" in args and "run" in args and str(path) in args:
+            stat = _stat(int(entry.name))
+            if stat is not None and stat[0] not in ("Z", "X"):
+                out.append(WorkerProc(int(entry.name), int(stat[1]), args[args.index("run") + 1]))
+    return out

@@ -43,7 +43,7 @@ from tensorline.engine import clients
 from tensorline.ops import offsets, topics
 from tensorline.schemas import decode_record
 
-from _common import UpRun
+from _common import UpRun, WorkerProc, alive, scale_chain, worker_procs
 
 STAGES = ("s1", "s2", "s3")
 WORKERS = 2  # per stage: a frozen worker's partitions have somewhere to go
@@ -63,17 +63,7 @@ Log = Callable[[str], None]
 
 def pipeline_file(name: str, bootstrap: str) -> str:
     """The chain in -> s1 -> s2 -> s3 of Scale stages, WORKERS each, PARTITIONS per topic."""
-    lines = [f'[pipeline]\nname = "{name}"\nbootstrap = "{bootstrap}"\ndelivery = "exactly_once"\n[topics]',
-             f"in = {{ partitions = {PARTITIONS} }}"]
-    lines += [f"{s} = {{ partitions = {PARTITIONS} }}" for s in STAGES]
-    lines.append("dlq = { partitions = 1 }")
-    source = "in"
-    for s in STAGES:
-        lines += [f'[stages.{s}]\nkind = "tensorline.stages.testing:Scale"\ninput = "{source}"\noutput = "{s}"',
-                  f"workers = {WORKERS}\nmax_batch = 8\nmax_delay_ms = 20",
-                  f"[stages.{s}.params]\nsleep_s = {SLEEP_S}"]
-        source = s
-    return "\n".join(lines) + "\n"
+    return scale_chain(name, bootstrap, STAGES, workers=WORKERS, partitions=PARTITIONS, sleep_s=SLEEP_S)
 
 
 # -- the schedule ------------------------------------------------------------------------------
@@ -105,43 +95,6 @@ def schedule(seed: int, *, kills: int, supervisor_kills: int, records: int) -> l
 
 
 # -- processes ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class WorkerProc:
-    pid: int
-    ppid: int
-    stage: str
-
-
-def _stat(pid: int) -> list[str] | None:
-    """/proc/PID/stat after the command name (state first), None when gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def alive(pid: int) -> bool:
-    stat = _stat(pid)
-    return stat is not None and stat[0] not in ("Z", "X")
-
-
-def worker_procs(path: Path) -> list[WorkerProc]:
-    """Live `tensorline run STAGE -c PATH` processes of this pipeline file, whoever their parent."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0")]
-        except OSError:
-            continue
-        if "tensorline.cli" in args and "run" in args and str(path) in args:
-            stat = _stat(int(entry.name))
-            if stat is not None and stat[0] not in ("Z", "X"):
-                out.append(WorkerProc(int(entry.name), int(stat[1]), args[args.index("run") + 1]))
-    return out
-
 
 def slots(state_dir: Path) -> dict[int, dict]:
     """pid -> its worker slot file (group, member, device, slot index) under the state dir, for

@@ -48,7 +48,7 @@ from tensorline.engine import clients
 from tensorline.ops import broker, topics
 from tensorline.schemas import decode_record
 
-from _common import UpRun
+from _common import UpRun, scale_chain, worker_procs
 
 STAGES = ("s1", "s2", "s3")
 PARTITIONS = 4  # per topic: the leaders spread over the three brokers
@@ -67,17 +67,7 @@ Log = Callable[[str], None]
 
 def pipeline_file(name: str, bootstrap: str, stages: tuple[str, ...], workers: int) -> str:
     """The chain in -> s1 -> ... of Scale stages, `workers` each, PARTITIONS per topic."""
-    lines = [f'[pipeline]\nname = "{name}"\nbootstrap = "{bootstrap}"\ndelivery = "exactly_once"\n[topics]',
-             f"in = {{ partitions = {PARTITIONS} }}"]
-    lines += [f"{s} = {{ partitions = {PARTITIONS} }}" for s in stages]
-    lines.append("dlq = { partitions = 1 }")
-    source = "in"
-    for s in stages:
-        lines += [f'[stages.{s}]\nkind = "tensorline.stages.testing:Scale"\ninput = "{source}"\noutput = "{s}"',
-                  f"workers = {workers}\nmax_batch = 8\nmax_delay_ms = 20",
-                  f"[stages.{s}.params]\nsleep_s = {SLEEP_S}"]
-        source = s
-    return "\n".join(lines) + "\n"
+    return scale_chain(name, bootstrap, stages, workers=workers, partitions=PARTITIONS, sleep_s=SLEEP_S)
 
 
 def leaders(cfg: config.PipelineConfig) -> Counter:
@@ -88,21 +78,6 @@ def leaders(cfg: config.PipelineConfig) -> Counter:
     finally:
         admin.close()
     return Counter(p["leader_id"] for t in found for p in t["partitions"] if p["leader_id"] >= 0)
-
-
-def worker_pids(path: Path) -> list[int]:
-    """Live `tensorline run STAGE -c PATH` processes of this pipeline file."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0")]
-        except OSError:
-            continue
-        if "tensorline.cli" in args and "run" in args and str(path) in args:
-            out.append(int(entry.name))
-    return out
 
 
 @dataclass
@@ -353,7 +328,7 @@ class Failover(UpRun):
     def cleanup(self) -> None:
         """Whatever this run started and is still running: the supervisor, then its workers."""
         self.kill_up()
-        for pid in worker_pids(self.path):
+        for pid in (w.pid for w in worker_procs(self.path)):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
