@@ -4,9 +4,15 @@ A message is the Confluent framing (magic byte 0, then the schema id as 4 big-en
 followed by the datum in standard schemaless Avro binary, written and read by fastavro. Tensor
 bytes are copied once on encode (into the buffer fastavro builds, which is the message) and not
 at all on decode: decoded arrays are views of the message.
+
+A message whose schema id a registry resolved to a compatible evolution of a built-in schema
+(`registry.WriterSchema`) is read by Avro schema resolution, with its writer schema and the
+built-in one as reader schema: the datum the reader sees has the built-in schema's fields, the
+defaults filled in. The schemas to read each id with are built once, at its first message.
 """
 
 import io
+import json
 import math
 import struct
 from collections.abc import Mapping
@@ -31,7 +37,14 @@ from tensorline.schemas.errors import (
     UnknownMagicByte,
     UnsupportedDtype,
 )
-from tensorline.schemas.registry import RECORD, on_change, parsed_schema, schema_id, schema_name
+from tensorline.schemas.registry import (
+    RECORD,
+    on_change,
+    parsed_schema,
+    schema_id,
+    schema_name,
+    writer_schema,
+)
 
 MAGIC_BYTE = 0
 _HEADER = struct.Struct(">BI")  # magic byte, schema id
@@ -227,6 +240,11 @@ class _Sink:
 
 def read_header(message: bytes | bytearray) -> str:
     """The schema name a message is framed with, after checking magic byte and schema id."""
+    return schema_name(_wire_id(message))
+
+
+def _wire_id(message: bytes | bytearray) -> int:
+    """The schema id in a message's Confluent header, after checking the header is one."""
     if not message:
         raise EmptyMessage("message is empty; expected a Confluent header and an Avro payload")
     if message[0] != MAGIC_BYTE:
@@ -237,7 +255,7 @@ def read_header(message: bytes | bytearray) -> str:
         raise TruncatedHeader(
             f"message is {len(message)} bytes; the Confluent header alone needs {_HEADER.size}"
         )
-    return schema_name(_HEADER.unpack_from(message)[1])
+    return cast(int, _HEADER.unpack_from(message)[1])
 
 
 def decode(
@@ -248,51 +266,79 @@ def decode(
     `bytes` fields of 64 KiB or more come back as memoryviews of `message`, not copies:
     read-only when it is `bytes`, as Kafka consumers deliver it.
     """
-    name = _expected(message, expect)
-    return name, _read(message, name, parsed_schema(name))
+    reading = _reading(message, expect, _READINGS)
+    return reading[0], _read(message, reading)
 
 
 def decode_plain(message: bytes | bytearray, expect: str) -> dict[str, Any]:
     """`decode` of a message of schema `expect`, with logical types read as their plain Avro
     type (timestamp-millis as epoch milliseconds, not a datetime): what the typed layer keeps,
     without a datetime built and taken apart again for every message."""
-    _expected(message, expect)
-    return _read(message, expect, _plain_schema(expect))
+    return _read(message, _reading(message, expect, _PLAIN_READINGS))
 
 
-def _expected(message: bytes | bytearray, expect: str | None) -> str:
-    name = read_header(message)
-    if expect is not None and name != expect:
+# How to read a schema id: (schema name, writer schema, reader schema, or None to read with the
+# writer schema alone: the id's writer schema is the built-in one).
+_Reading = tuple[str, dict[str, Any], dict[str, Any] | None]
+# By schema id, for `decode` and for `decode_plain`; built again when the ids change.
+_READINGS: dict[int, _Reading] = {}
+_PLAIN_READINGS: dict[int, _Reading] = {}
+on_change(_READINGS.clear)
+on_change(_PLAIN_READINGS.clear)
+
+
+def _reading(
+    message: bytes | bytearray, expect: str | None, readings: dict[int, _Reading]
+) -> _Reading:
+    """How to read `message`, after checking its header and that it is framed with `expect`."""
+    wire_id = _wire_id(message)
+    reading = readings.get(wire_id)
+    if reading is None:
+        reading = readings[wire_id] = _new_reading(wire_id, plain=readings is _PLAIN_READINGS)
+    if expect is not None and reading[0] != expect:
         raise SchemaMismatch(
-            f"message is framed with schema id {schema_id(name)} ({name}); expected {expect}"
+            f"message is framed with schema id {wire_id} ({reading[0]}); expected {expect}"
         )
-    return name
+    return reading
 
 
-def _read(message: bytes | bytearray, name: str, schema: dict[str, Any]) -> dict[str, Any]:
-    """The datum after the header, read to the message's end with `schema`.
+def _new_reading(wire_id: int, *, plain: bool) -> _Reading:
+    """The schemas to read `wire_id` with: the built-in schema it names, and its writer schema
+    first when that is an evolution of the built-in one (Avro schema resolution)."""
+    name = schema_name(wire_id)
+    builtin = _plain_schema(name) if plain else parsed_schema(name)
+    text = writer_schema(wire_id)
+    if text is None:
+        return name, builtin, None
+    writer = json.loads(text)
+    return name, _parse(_without_logical_types(writer) if plain else writer), builtin
+
+
+def _read(message: bytes | bytearray, reading: _Reading) -> dict[str, Any]:
+    """The datum after the header, read to the message's end as `reading` says.
 
     A message shorter than _VIEW_MIN_BYTES holds no field that long, so it is read from a
     BytesIO (fastavro reads it in C, ~2x faster than through `_MessageStream`'s Python reads)
     with the same result: every field a copy.
     """
+    name, writer, reader = reading
     size = len(message)
     try:
         if size < _SMALL_MESSAGE_BYTES:
             small = io.BytesIO(message)
             small.seek(_HEADER.size)
-            datum = schemaless_reader(small, schema)
+            datum = schemaless_reader(small, writer, reader)
             end = small.tell()
         else:
             view = memoryview(message)
             try:
                 stream = _MessageStream(view, _VIEW_MIN_BYTES)
-                datum = schemaless_reader(cast(IO[bytes], stream), schema)
+                datum = schemaless_reader(cast(IO[bytes], stream), writer, reader)
             except AttributeError:
                 # fastavro decodes strings with .decode(), which memoryviews lack: a string of
                 # _VIEW_MIN_BYTES or more is rare, so read again with every chunk as bytes.
                 stream = _MessageStream(view, size + 1)
-                datum = schemaless_reader(cast(IO[bytes], stream), schema)
+                datum = schemaless_reader(cast(IO[bytes], stream), writer, reader)
             end = stream.pos
     except Exception as exc:
         raise MalformedAvro(
@@ -310,15 +356,25 @@ def _read(message: bytes | bytearray, name: str, schema: dict[str, Any]) -> dict
 def _plain_schema(name: str) -> dict[str, Any]:
     """The registered schema `name` with its logical types dropped (the same bytes on the wire:
     a logical type only annotates its underlying type)."""
+    return _parse(_without_logical_types(expand_schema(parsed_schema(name))))
 
-    def plain(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: plain(v) for k, v in node.items() if k != "logicalType" and not k.startswith("__")}
-        if isinstance(node, list):
-            return [plain(v) for v in node]
-        return node
 
-    return cast(dict[str, Any], parse_schema(plain(expand_schema(parsed_schema(name)))))
+def _without_logical_types(node: Any) -> Any:
+    """A schema's JSON without its logical types (nor fastavro's own `__` keys)."""
+    if isinstance(node, dict):
+        return {
+            k: _without_logical_types(v)
+            for k, v in node.items()
+            if k != "logicalType" and not k.startswith("__")
+        }
+    if isinstance(node, list):
+        return [_without_logical_types(v) for v in node]
+    return node
+
+
+def _parse(schema: Any) -> dict[str, Any]:
+    """A self-contained schema's JSON, parsed by fastavro with named types of its own."""
+    return cast(dict[str, Any], parse_schema(schema, named_schemas={}))
 
 
 class _MessageStream:

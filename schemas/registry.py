@@ -8,7 +8,8 @@ named types it references (Tensor, ModelRef) are resolved from their own files b
 With a schema registry configured (`[schema_registry] url`), a process `install`s the ids the
 registry returned for the schemas it writes, and a resolver for any other id it reads (the
 registry's writer schema, fetched once, matched to a built-in schema by its Parsing Canonical
-Form); the codec's per-message cost stays one dict lookup.
+Form, or a compatible evolution of one: a `WriterSchema`, read by Avro schema resolution); the
+codec's per-message cost stays one dict lookup.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from types import MappingProxyType
@@ -35,10 +37,23 @@ SCHEMA_NAMES: Mapping[int, str] = MappingProxyType({1: RECORD, 2: DETECTION, 3: 
 _SCHEMA_IDS: Mapping[str, int] = MappingProxyType({n: i for i, n in SCHEMA_NAMES.items()})
 _SCHEMA_DIR = Path(__file__).parent
 
-# The ids in use (the built-in table until `install`) and the resolver of ids not among them.
+
+@dataclass(frozen=True)
+class WriterSchema:
+    """An id's writer schema that is not a built-in one but a compatible evolution of `name` (an
+    added or removed field with a default, a widened number, ...): its data is read with `text` as
+    the writer schema and the built-in `name` as the reader schema."""
+
+    name: str
+    text: str
+
+
+# The ids in use (the built-in table until `install`), the writer schemas of the ids read that are
+# evolutions of a built-in one, and the resolver of ids not among them.
 _ids: dict[str, int] = dict(_SCHEMA_IDS)
 _names: dict[int, str] = dict(SCHEMA_NAMES)
-_resolve: Callable[[int], str] | None = None
+_writers: dict[int, str] = {}
+_resolve: Callable[[int], str | WriterSchema] | None = None
 _register: Callable[[str], int] | None = None
 _listeners: list[Callable[[], None]] = []
 _lock = threading.Lock()
@@ -64,31 +79,43 @@ def schema_id(name: str) -> int:
 
 
 def schema_name(wire_id: int) -> str:
-    """The schema name a wire id stands for; with a registry, an id met for the first time is
-    looked up there once (UnknownSchemaId when it is not a schema this version reads)."""
+    """The schema name a wire id stands for (a reader reads it as that built-in schema); with a
+    registry, an id met for the first time is looked up there once (UnknownSchemaId when it is not
+    a schema this version reads)."""
     try:
         return _names[wire_id]
     except KeyError:
         pass
     if _resolve is None:
         raise UnknownSchemaId(f"unknown schema id {wire_id}; expected one of {', '.join(map(str, _names))}")
-    name = _resolve(wire_id)
-    _names[wire_id] = name
-    return name
+    resolved = _resolve(wire_id)
+    if isinstance(resolved, WriterSchema):
+        _writers[wire_id] = resolved.text
+        resolved = resolved.name
+    _names[wire_id] = resolved
+    return resolved
 
 
-def install(ids: Mapping[str, int], resolve: Callable[[int], str],
+def writer_schema(wire_id: int) -> str | None:
+    """The writer schema of an id `schema_name` resolved to an evolution of its built-in schema;
+    None when the id's writer schema is the built-in one."""
+    return _writers.get(wire_id)
+
+
+def install(ids: Mapping[str, int], resolve: Callable[[int], str | WriterSchema],
             register: Callable[[str], int] | None = None) -> None:
     """Use a registry's ids in place of the built-in table: `ids` are the ids this process writes
-    with (name -> id, as the registry returned them), `resolve` names any other id it reads, and
-    `register` gives the id of a built-in schema first written without one (a worker registers
-    what it writes at start; a replay or a tool writing another schema registers it then)."""
+    with (name -> id, as the registry returned them), `resolve` names any other id it reads (or
+    gives its `WriterSchema`), and `register` gives the id of a built-in schema first written
+    without one (a worker registers what it writes at start; a replay or a tool writing another
+    schema registers it then)."""
     global _resolve, _register
     with _lock:
         _ids.clear()
         _ids.update(ids)
         _names.clear()
         _names.update({i: n for n, i in ids.items()})
+        _writers.clear()
         _resolve, _register = resolve, register
         _changed()
 
@@ -101,6 +128,7 @@ def install_builtin() -> None:
         _ids.update(_SCHEMA_IDS)
         _names.clear()
         _names.update(SCHEMA_NAMES)
+        _writers.clear()
         _resolve = _register = None
         _changed()
 

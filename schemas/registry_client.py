@@ -21,10 +21,12 @@ import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
+from tensorline.schemas.compat import backward_problems
 from tensorline.schemas.errors import UnknownSchemaId
-from tensorline.schemas.registry import builtin_by_form, canonical_form, install, schema_text
+from tensorline.schemas.registry import (SCHEMA_NAMES, WriterSchema, builtin_by_form, canonical_form, install,
+                                         schema_text)
 
 USER_ENV = "TENSORLINE_SCHEMA_REGISTRY_USER"
 PASSWORD_ENV = "TENSORLINE_SCHEMA_REGISTRY_PASSWORD"
@@ -55,6 +57,12 @@ class RegistryUnavailable(RegistryError, ConnectionError):
 
 class WriterSchemaMismatch(UnknownSchemaId):
     """A registry id whose schema is none of the schemas this version of tensorline reads."""
+
+
+class IncompatibleWriterSchema(WriterSchemaMismatch):
+    """A registry id whose schema is a version of one this version reads (the same record name)
+    that Avro schema resolution cannot read as ours: a field we need without a default is missing,
+    or a type changed beyond a promotion. The message names the fields."""
 
 
 @dataclass(frozen=True)
@@ -184,42 +192,59 @@ def _q(subject: str) -> str:
     return urllib.parse.quote(subject, safe="")
 
 
+# The built-in schema a writer's record resolves to, by the record's unqualified name (Avro matches
+# records so: a tensorline.v2.Record is read as our tensorline.v1.Record).
+_BUILTIN_BY_RECORD = {name.rpartition(".")[2]: name for name in SCHEMA_NAMES.values()}
+
+
 class Resolver:
     """Names the registry ids a process reads: the writer schema is fetched once per id and matched
-    to a built-in schema by its Parsing Canonical Form (same form: the same bytes on the wire).
-    An id the registry lacks, or whose schema is none of ours, raises UnknownSchemaId (a dead
-    letter) and is asked again only after UNKNOWN_ID_RETRY_S; an unreachable registry raises
-    RegistryUnavailable (retried, never a dead letter)."""
+    to a built-in schema by its Parsing Canonical Form (same form: the same bytes on the wire), or
+    else to the built-in record of its name if BACKWARD compatibility (`compat.py`) says ours reads
+    it (a `WriterSchema`: the codec reads it by Avro schema resolution).
+    An id the registry lacks raises UnknownSchemaId (a dead letter) and is asked again only after
+    UNKNOWN_ID_RETRY_S; one whose schema is none of ours (WriterSchemaMismatch) or one ours cannot
+    read (IncompatibleWriterSchema) is a dead letter decided once (an id's schema never changes); an
+    unreachable registry raises RegistryUnavailable (retried, never a dead letter)."""
 
     def __init__(self, client: RegistryClient, clock=time.monotonic):
         self.client, self._clock = client, clock
-        self._unknown: dict[int, tuple[float, UnknownSchemaId]] = {}
+        self._failed: dict[int, tuple[float, UnknownSchemaId]] = {}  # id -> (asked again after, error)
 
-    def __call__(self, schema_id: int) -> str:
-        failed = self._unknown.get(schema_id)
-        if failed and self._clock() - failed[0] < UNKNOWN_ID_RETRY_S:
-            raise failed[1]
+    def __call__(self, schema_id: int) -> str | WriterSchema:
+        failed = self._failed.get(schema_id)
+        if failed and self._clock() < failed[0]:
+            raise failed[1].with_traceback(None)  # raised afresh: its traceback does not grow
         try:
             text = self.client.schema(schema_id)
         except RegistryUnavailable:
             raise
         except RegistryError as e:
             return self._fail(schema_id, UnknownSchemaId(
-                f"schema id {schema_id} is not in the schema registry at {self.client.url}: {e}"))
+                f"schema id {schema_id} is not in the schema registry at {self.client.url}: {e}"),
+                self._clock() + UNKNOWN_ID_RETRY_S)
+        where = f"schema id {schema_id} at {self.client.url}"
         try:
             name = builtin_by_form().get(canonical_form(text))
         except Exception as e:  # noqa: BLE001 - anything the registry holds that fastavro cannot parse
             return self._fail(schema_id, WriterSchemaMismatch(
-                f"schema id {schema_id} at {self.client.url} does not parse as Avro: {type(e).__name__}: {e}"))
+                f"{where} does not parse as Avro: {type(e).__name__}: {e}"))
+        if name is not None:
+            return name
+        full = _full_name(text)
+        name = _BUILTIN_BY_RECORD.get(full.rpartition(".")[2])
         if name is None:
-            full = _full_name(text)
             return self._fail(schema_id, WriterSchemaMismatch(
-                f"schema id {schema_id} at {self.client.url} ({full}) is not a schema this version of tensorline "
-                f"reads (its Parsing Canonical Form matches none of {', '.join(builtin_by_form().values())})"))
-        return name
+                f"{where} ({full}) is not a schema this version of tensorline reads (its record name "
+                f"is none of {', '.join(_BUILTIN_BY_RECORD)})"))
+        problems = backward_problems(schema_text(name), text)
+        if problems:
+            return self._fail(schema_id, IncompatibleWriterSchema(
+                f"{where} ({full}) cannot be read as {name}: {'; '.join(problems)}"))
+        return WriterSchema(name, text)
 
-    def _fail(self, schema_id: int, error: UnknownSchemaId) -> str:
-        self._unknown[schema_id] = (self._clock(), error)
+    def _fail(self, schema_id: int, error: UnknownSchemaId, retry_at: float = float("inf")) -> NoReturn:
+        self._failed[schema_id] = (retry_at, error)
         raise error
 
 

@@ -17,7 +17,8 @@ from tensorline import config
 from tensorline.ops import registry
 from tensorline.schemas import subjects
 from tensorline.schemas.errors import UnknownSchemaId
-from tensorline.schemas.registry import DETECTION, FUSED_RESULT, RECORD, SCHEMA_NAMES, canonical_form, schema_text
+from tensorline.schemas.registry import (DETECTION, FUSED_RESULT, RECORD, SCHEMA_NAMES, WriterSchema, canonical_form,
+                                         schema_text)
 from tensorline.schemas.registry_client import (RegistryClient, RegistryError, RegistryUnavailable, Resolver,
                                                 WriterSchemaMismatch)
 
@@ -181,13 +182,15 @@ def test_client_errors_name_the_url_and_never_the_password(monkeypatch: pytest.M
 
 def test_the_resolver_names_registry_ids_and_refuses_others(served: registry.Server) -> None:
     client = RegistryClient(served.url)
-    other = json.loads(schema_text(RECORD))
-    other["fields"].append({"name": "site", "type": "string", "default": ""})
-    foreign = client.register("demo.raw-value", json.dumps(other))
+    evolved = json.loads(schema_text(RECORD))
+    evolved["fields"].append({"name": "site", "type": "string", "default": ""})
+    evolved_id = client.register("demo.raw-value", json.dumps(evolved))
+    foreign = client.register("elsewhere-value", json.dumps({**evolved, "name": "Sample"}))
     now = [0.0]
     resolve = Resolver(client, clock=lambda: now[0])
     assert [resolve(i) for i in (1, 2, 3)] == [RECORD, DETECTION, FUSED_RESULT]
-    with pytest.raises(WriterSchemaMismatch, match=rf"schema id {foreign} at {served.url} \(tensorline.v1.Record\) "
+    assert resolve(evolved_id) == WriterSchema(RECORD, json.dumps(evolved))  # read by schema resolution
+    with pytest.raises(WriterSchemaMismatch, match=rf"schema id {foreign} at {served.url} \(tensorline.v1.Sample\) "
                                                    "is not a schema this version of tensorline reads"):
         resolve(foreign)
     with pytest.raises(UnknownSchemaId, match=f"schema id 77 is not in the schema registry at {served.url}"):
