@@ -126,15 +126,15 @@ def ensure_passwords(cfg: PipelineConfig, names: list[str]) -> list[str]:
     """Generate a password for each principal of `names` that has none (environment or credentials
     file) and append it to the credentials file (created owner-only); return those generated.
     Without a credentials file a missing password is a ConfigError naming its variable."""
-    sec = cfg.security
-    have = config.read_credentials(sec.credentials_file) if sec and sec.credentials_file else {}
-    missing = [p for p in names if not os.environ.get(config.password_env(p)) and p not in have]
-    if missing and not (sec and sec.credentials_file):
+    sec = cfg.security or config.SecurityConfig()
+    have = config.read_credentials(sec.credentials_file) if sec.credentials_file else {}
+    missing = [p for p in names if not os.environ.get(config.password_env(p)) and sec.user(cfg.name, p) not in have]
+    if missing and not sec.credentials_file:
         config.password(cfg, missing[0])  # raises, naming the variable
     if missing:
         fd = os.open(sec.credentials_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "a") as f:
-            f.writelines(f'"{p}" = "{secrets.token_urlsafe(24)}"\n' for p in missing)
+            f.writelines(f'"{sec.user(cfg.name, p)}" = "{secrets.token_urlsafe(24)}"\n' for p in missing)
     return missing
 
 

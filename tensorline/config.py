@@ -207,8 +207,10 @@ class SecurityConfig:
     # None: the system's CAs, or, when the bootstrap is the local broker (none configured), the CA
     # `tensorline broker start --secure` made for it.
     ssl_cafile: str | None = None
-    # A TOML file of `principal = "password"` lines (owner-only, outside the repository); None:
-    # the environment only. `tensorline acls apply` adds the passwords it generates to it.
+    # A TOML file of `"<user>" = "password"` lines, by SCRAM user name, so one file can serve
+    # several pipelines and the admin (`broker start --secure` writes the admin's into its own);
+    # owner-only, outside the repository. None: the environment only. `tensorline acls apply`
+    # adds the passwords it generates to it.
     credentials_file: str | None = None
     # The super user's name: the one `tensorline broker start --secure` creates.
     admin: str = ADMIN_PRINCIPAL
@@ -547,7 +549,7 @@ def password_env(principal: str) -> str:
 
 
 def read_credentials(path: str | Path) -> dict[str, str]:
-    """A credentials file's `principal = "password"` lines ({} when it does not exist yet)."""
+    """A credentials file's `"<user>" = "password"` lines ({} when it does not exist yet)."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -568,10 +570,11 @@ def password(cfg: PipelineConfig, principal: str) -> str:
     if os.environ.get(env):
         return os.environ[env]
     sec = cfg.security
-    found = read_credentials(sec.credentials_file).get(principal) if sec and sec.credentials_file else None
+    user = (sec or SecurityConfig()).user(cfg.name, principal)
+    found = read_credentials(sec.credentials_file).get(user) if sec and sec.credentials_file else None
     if found:
         return found
-    where = f" or a {principal!r} line in {sec.credentials_file}" if sec and sec.credentials_file else ""
+    where = f" or a {user!r} line in {sec.credentials_file}" if sec and sec.credentials_file else ""
     raise ConfigError(cfg.path, "security", f"a password for principal {principal!r}: ${env}{where} "
                                             f"(`tensorline acls apply` writes them to security.credentials_file)")
 

@@ -237,3 +237,43 @@ def test_the_schema_registry_table_is_optional_and_checked():
         config.parse(table(schema_registry={"ulr": "http://sr:8081"}), "p.toml")
     with pytest.raises(config.ConfigError, match="schema_registry.timeout_ms: expected a positive integer"):
         config.parse(table(schema_registry={"timeout_ms": 0}), "p.toml")
+
+
+# -- [security] ----------------------------------------------------------------------------
+
+def test_security_defaults_and_each_principals_user():
+    cfg = config.parse(table(security={"credentials_file": "creds.toml"}))
+    sec = cfg.security
+    assert (sec.protocol, sec.mechanism, sec.ssl_cafile, sec.admin) == ("SASL_SSL", "SCRAM-SHA-512", None, "admin")
+    assert [sec.user("p1", p) for p in ("admin", "ops", "producer", "pre")] == ["admin", "p1.ops", "p1.producer",
+                                                                               "p1.pre"]
+    assert cfg.principal == "admin" and cfg.as_principal("pre").principal == "pre"
+    assert config.parse(table()).security is None
+
+
+@pytest.mark.parametrize("mutate, key, expected", [
+    (lambda t: t.update(security={"mechanism": "PLAIN"}), "security.mechanism", "SCRAM-SHA-512"),
+    (lambda t: t.update(security={"password": "x"}), "security.password", "unknown key"),
+    (lambda t: t.update(security={}, kafka={"sasl_plain_username": "u"}), "kafka.sasl_plain_username", "[security]"),
+    (lambda t: t.update(kafka={"sasl_plain_password": "in-file"}), "kafka.sasl_plain_password",
+     "$TENSORLINE_SASL_PLAIN_PASSWORD"),
+    (lambda t: (t.update(security={}), t["stages"].update(ops=t["stages"]["pre"])), "stages.ops", "other than admin"),
+])
+def test_security_errors_name_the_key(mutate, key, expected):
+    t = table()
+    mutate(t)
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(t, "bad.toml")
+    assert err.value.key == key and expected in str(err.value)
+
+
+def test_a_password_comes_from_the_environment_else_the_credentials_file(tmp_path, monkeypatch):
+    creds = tmp_path / "creds.toml"
+    creds.write_text('"p1.pre" = "from-the-file"\n')
+    cfg = config.parse(table(security={"credentials_file": str(creds)}))
+    assert config.password(cfg, "pre") == "from-the-file"
+    monkeypatch.setenv("TENSORLINE_KAFKA_PASSWORD_PRE", "from-the-env")
+    assert config.password(cfg, "pre") == "from-the-env"
+    with pytest.raises(config.ConfigError, match=r"\$TENSORLINE_KAFKA_PASSWORD_OPS or a 'p1.ops' line in .*creds.toml"):
+        config.password(cfg, "ops")
+    assert "from-the" not in repr(cfg)

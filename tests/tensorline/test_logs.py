@@ -116,3 +116,17 @@ def test_stderr_without_keeps_every_other_line_in_order(capfd):
         os.write(2, b"first\nCould not find cuda drivers on your machine\n")
         os.write(2, b"second\nthird, no newline")
     assert capfd.readouterr().err == "first\nsecond\nthird, no newline"
+
+
+def test_an_authentication_failure_tensorline_reports_itself_is_debug_in_kafka_pythons_log(caplog):
+    """A wrong password: kafka-python's four ERROR lines become DEBUG, so the one line left is
+    tensorline's AuthenticationFailed (naming the principal and the bootstrap)."""
+    from kafka.errors import KafkaConnectionError, SaslAuthenticationFailedError
+
+    logs.quiet_close("kafka")
+    transport = logging.getLogger("kafka.net.transport")
+    with caplog.at_level(logging.DEBUG, logger="kafka.net.transport"):
+        transport.error("%s: socket disconnected", "<KafkaSSLTransport>")
+        transport.error("%s: Abort (%s)", "<KafkaSSLTransport>", SaslAuthenticationFailedError("invalid credentials"))
+        transport.error("%s: Abort (%s)", "<KafkaSSLTransport>", KafkaConnectionError("reset by peer"))
+    assert [r.levelname for r in caplog.records] == ["DEBUG", "DEBUG", "ERROR"]
