@@ -209,9 +209,8 @@ def test_every_stage_round_trips_on_a_registry_with_other_ids(namespace, kafka_b
             np.save(files[-1], rng.integers(0, 4096, (64, 64)).astype(np.uint16))
 
         # Two records no stage can read: one framed with the built-in id 1 (not this registry's),
-        # one with the id of a Record this version does not read (an extra field).
-        foreign = json.loads(schema_text("tensorline.v1.Record"))
-        foreign["fields"].append({"name": "site", "type": "string", "default": ""})
+        # one with the id of a record this version does not read (another name).
+        foreign = {**json.loads(schema_text("tensorline.v1.Record")), "name": "Sample"}
         foreign_id = RegistryClient(server.url).register("elsewhere-value", json.dumps(foreign))
         good = bytes(encode_record(RECORD))
         producer = clients.producer(cfg)
@@ -240,7 +239,7 @@ def test_every_stage_round_trips_on_a_registry_with_other_ids(namespace, kafka_b
         assert reasons == ["UnknownSchemaId", "WriterSchemaMismatch"], reasons
         messages = " | ".join(dict(d.headers)["tl.dlq.message"].decode() for d in dead)
         assert f"schema id 1 is not in the schema registry at {server.url}" in messages
-        assert f"schema id {foreign_id} at {server.url} (tensorline.v1.Record) is not a schema" in messages
+        assert f"schema id {foreign_id} at {server.url} (tensorline.v1.Sample) is not a schema" in messages
 
         deserialize = AvroDeserializer(SchemaRegistryClient({"url": server.url}))
         results_topic = cfg.topic("results").name
@@ -332,3 +331,86 @@ def test_a_registry_gone_after_start_is_retried_not_dead_lettered(namespace, kaf
         producer.close()
         server.stop()
         ids.install_builtin()
+
+
+def test_a_stage_reads_an_evolved_writer_schema_and_dead_letters_an_incompatible_one_once(
+        namespace, kafka_bootstrap, write_pipeline, tmp_path, monkeypatch) -> None:
+    import struct
+    import threading
+
+    from fastavro import schemaless_writer
+
+    from tensorline.engine import worker
+    from tensorline.ops import topics as topic_tools
+    from tensorline.schemas import decode_record
+    from tensorline.schemas import registry as ids
+    from tensorline.schemas.registry import schema_text
+    from tensorline.schemas.registry_client import connect
+    from tensorline.stages.testing import scale_pipeline_body
+    from tests.conftest import drained, wait_for
+
+    monkeypatch.setenv("TENSORLINE_STATE_DIR", str(tmp_path / "state"))
+
+    def newer_record(drop: str) -> dict:
+        """Our Record as a newer producer's: tensorline.v2, `drop` removed, `site` added with a default."""
+        schema = json.loads(schema_text("tensorline.v1.Record"))
+        schema["namespace"] = "tensorline.v2"
+        schema["fields"] = [f for f in schema["fields"] if f["name"] != drop]
+        schema["fields"].append({"name": "site", "type": "string", "default": ""})
+        return schema
+
+    def framed(wire_id: int, schema: dict, record_id: str) -> bytes:
+        """A record written with `schema`, framed with `wire_id`."""
+        datum = {"record_id": record_id, "source": "a.npy", "ingest_ts_ms": TS, "site": "lyon", "attributes": {},
+                 "tensors": {"x": {"dtype": "float32", "shape": [3], "data": np.ones(3, np.float32).tobytes()}},
+                 "label": None, "stage": "produce", "model": None}
+        buf = io.BytesIO()
+        buf.write(struct.pack(">bI", 0, wire_id))
+        schemaless_writer(buf, parse_schema(schema, named_schemas={}),
+                          {f["name"]: datum[f["name"]] for f in schema["fields"]})
+        return buf.getvalue()
+
+    evolved, incompatible = newer_record(drop="label"), newer_record(drop="stage")  # ours has no default for stage
+    with registry.Server({}) as server:
+        client = RegistryClient(server.url)
+        evolved_id = client.register("elsewhere-value", json.dumps(evolved))
+        incompatible_id = client.register("other-value", json.dumps(incompatible))
+        cfg = write_pipeline(tmp_path / "p.toml", scale_pipeline_body(partitions=1)
+                             + f'factor = 2.0\n[schema_registry]\nurl = "{server.url}"\n')
+        out, dlq = cfg.topic("out").name, cfg.topic(cfg.dlq).name
+        stop = threading.Event()
+        producer = clients.producer(cfg)
+        runner = None
+        try:
+            connect(server.url, subjects.stage_subjects(cfg, "scale"))  # what `tensorline run scale` does
+            runner = threading.Thread(target=worker.run, args=(cfg, "scale"),
+                                      kwargs={"metrics_port": None, "stop": stop}, daemon=True)
+            runner.start()
+            sent = {key: producer.send(cfg.topic("in").name, key=key.encode(), value=value).get(30)
+                    for key, value in (("evolved", framed(evolved_id, evolved, "evolved")),
+                                       ("incompatible", framed(incompatible_id, incompatible, "incompatible")))}
+            wait_for(lambda: topic_tools.read_all(cfg, out, timeout_s=5), 120, "the evolved record through")
+            wait_for(lambda: topic_tools.read_all(cfg, dlq, timeout_s=5), 120, "the incompatible one dead-lettered")
+            wait_for(lambda: drained(cfg), 60, "the stage committed past both")
+        finally:
+            stop.set()
+            if runner is not None:
+                runner.join(60)
+            producer.close()
+            ids.install_builtin()
+        outputs, dead = topic_tools.read_all(cfg, out, timeout_s=5), topic_tools.read_all(cfg, dlq, timeout_s=5)
+        assert [r.key for r in outputs] == [b"evolved"]
+        record = decode_record(outputs[0].value)  # written with the stage's own schema, the defaults filled in
+        assert (record.record_id, record.ingest_ts_ms, record.label, record.stage) == ("evolved", TS, None, "scale")
+        np.testing.assert_array_equal(record.tensors["x"], np.full(3, 2.0, np.float32))
+        assert [r.key for r in dead] == [b"incompatible"]  # once
+        headers = {k: v.decode() for k, v in dead[0].headers if k.startswith("tl.dlq.")}
+        assert headers["tl.dlq.reason"] == "IncompatibleWriterSchema"
+        assert (headers["tl.dlq.topic"], headers["tl.dlq.partition"], headers["tl.dlq.offset"]) == (
+            cfg.topic("in").name, str(sent["incompatible"].partition), str(sent["incompatible"].offset))
+        assert headers["tl.dlq.message"] == (
+            f"schema id {incompatible_id} at {server.url} (tensorline.v2.Record) cannot be read as "
+            "tensorline.v1.Record: Record.stage: field added without a default (data written before it has no "
+            "value for it)")
+        assert dead[0].value == framed(incompatible_id, incompatible, "incompatible")  # the bytes untouched
+        assert list(server.store.requests).count(f"GET /schemas/ids/{incompatible_id}") == 1  # decided once
