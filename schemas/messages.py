@@ -43,6 +43,12 @@ class Record:
     label: str | None = None
     model: ModelRef | None = None
 
+    def passed_on(self, tensors: Mapping[str, np.ndarray], stage: str, model: "ModelRef | None") -> "Record":
+        """This record as `stage` passes it on: its tensors and model, the rest kept. Built
+        positionally: under half of `dataclasses.replace`'s cost, paid per record."""
+        return Record(self.record_id, self.source, self.ingest_ts_ms, tensors, stage, self.attributes, self.label,
+                      model)
+
 
 @dataclass(frozen=True, slots=True)
 class Detection:

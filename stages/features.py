@@ -8,7 +8,6 @@ reads the embedding only, so the image is not shipped through Kafka a second tim
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 
 import numpy as np
 
@@ -28,7 +27,7 @@ class Features(ModelStage):
 
     def process(self, items: list[Record]) -> list[Record]:
         embeddings = self.model(self.batch(items)).astype(np.float32, copy=False)
-        return [replace(r, tensors={**self._kept(r), "embedding": e}, stage=self.name, model=self.model_ref)
+        return [r.passed_on({**self._kept(r), "embedding": e}, self.name, self.model_ref)
                 for r, e in zip(items, embeddings)]
 
     def _kept(self, record: Record) -> Mapping[str, np.ndarray]:

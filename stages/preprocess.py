@@ -21,7 +21,6 @@ from the output check every record stage shares (stages.base).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import replace
 
 import numpy as np
 
@@ -118,7 +117,7 @@ class Preprocess(RecordStage):
                     v = _equalize(tf.where(inverted, -x, x))
                 for i, arr in zip(indices, self._finish(v).numpy()):
                     out[i][VIEWS[view]] = arr
-        return [replace(r, tensors=t, stage=self.name, model=None) for r, t in zip(items, out)]
+        return [r.passed_on(t, self.name, None) for r, t in zip(items, out)]
 
     def _finish(self, x):
         """Resize to the model's input size and normalise (per image)."""

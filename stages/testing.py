@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 
 import numpy as np
 
@@ -54,7 +53,7 @@ class Scale(RecordStage):
             self._matrix @ self._matrix  # the same product every time: a constant cost
         if any("poison" in r.attributes for r in items):
             raise ValueError("poisoned record in batch")
-        return [replace(r, tensors={"x": r.tensors["x"] * self.factor}, stage=self.name) for r in items]
+        return [r.passed_on({"x": r.tensors["x"] * self.factor}, self.name, r.model) for r in items]
 
 
 def scale_pipeline_body(*, partitions: int = 3, **params: float) -> str:
