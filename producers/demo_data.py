@@ -4,16 +4,20 @@ The lesions are synthetic Gaussian blobs implanted into real images, because no 
 images can be shipped or downloaded here. Results on this set measure the pipeline (and how well
 models find a blob in real anatomy and noise), not clinical performance.
 
-The real images are the grayscale ones shipped by pydicom and pydicom-data, one per patient.
+The real images are the grayscale DICOM test files shipped by pydicom, pydicom-data and nibabel,
+one per patient, compressed ones included (decoded by Pillow and pylibjpeg, both dependencies).
 Splits are by source image, so no image (nor patient) is on two sides; a fixed seed gives the
 same arrays on every run. Nothing is cached on disk.
 """
 
 import hashlib
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pydicom
 from data_store import DataStore
@@ -60,17 +64,15 @@ class Split:
 def source_images() -> list[Path]:
     """The real 2-D grayscale DICOMs usable here, one per patient, sorted by file name.
 
-    Usable: uncompressed (decodable by pydicom alone), MONOCHROME1/2, at least 128x128, an
-    anatomical modality. Several test files hold the same image (lossy and lossless copies,
-    crops): of each patient, the lossless, then largest, then first-named file is kept.
+    Usable: MONOCHROME1/2, at least 128x128, an anatomical modality, not a mosaic (tiles of
+    slices), and its pixels decode here. Several test files hold the same image (lossy and
+    lossless copies, compressed and not, crops): of each patient, the first that decodes of the
+    lossless, then uncompressed, then largest, then first-named files is kept.
     """
-    pydicom_files = Path(get_testdata_file("CT_small.dcm", download=False)).parent
-    folders = [pydicom_files, DataStore().data_path]
-    best: dict[str, tuple[tuple[bool, int, str], Path]] = {}
-    for path in sorted(p for folder in folders for p in folder.glob("*.dcm")):
+    candidates: dict[str, list[tuple[tuple[bool, bool, int, str], Path]]] = {}
+    for path in sorted(p for folder in _folders() for p in folder.glob("*.dcm")):
         try:
-            with warnings.catch_warnings():  # some test files are malformed on purpose
-                warnings.simplefilter("ignore")
+            with _quietly():
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError):
             continue
@@ -78,26 +80,53 @@ def source_images() -> list[Path]:
         usable = (
             syntax is not None
             and syntax.is_transfer_syntax
-            and not syntax.is_compressed
             and ds.get("Modality") in _MODALITIES
             and ds.get("PhotometricInterpretation") in ("MONOCHROME1", "MONOCHROME2")
             and ds.get("BitsAllocated") in (8, 16)
             and min(ds.get("Rows", 0), ds.get("Columns", 0)) >= _MIN_SIDE
+            and "MOSAIC" not in ds.get("ImageType", [])
         )
         if not usable:
             continue
         patient = str(ds.get("PatientID") or ds.get("StudyInstanceUID") or path)
-        rank = (ds.get("LossyImageCompression") == "01", -ds.Rows * ds.Columns, path.name)
-        if patient not in best or rank < best[patient][0]:
-            best[patient] = (rank, path)
-    return sorted((path for _, path in best.values()), key=lambda p: p.name)
+        rank = (ds.get("LossyImageCompression") == "01", syntax.is_compressed, -ds.Rows * ds.Columns, path.name)
+        candidates.setdefault(patient, []).append((rank, path))
+    kept = (next((path for _, path in sorted(files) if _decodes(path)), None) for files in candidates.values())
+    return sorted((path for path in kept if path is not None), key=lambda p: p.name)
+
+
+def _folders() -> list[Path]:
+    """Where the packages keep their DICOM test files."""
+    nibabel_root = Path(nibabel.__file__).parent
+    return [Path(get_testdata_file("CT_small.dcm", download=False)).parent, DataStore().data_path,
+            nibabel_root / "tests" / "data", nibabel_root / "nicom" / "tests" / "data"]
+
+
+def _decodes(path: Path) -> bool:
+    """Whether the file's first image decodes as the producer reads it."""
+    try:
+        with _quietly():
+            next(sources.read(path, max_bytes=1 << 30))
+    except sources.BadFile:
+        return False
+    return True
+
+
+@contextmanager
+def _quietly() -> Iterator[None]:
+    """pydicom's warnings off: some test files are malformed on purpose (invalid UIDs, VRs)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def build(
-    seed: int = 7, patch: int = 64, patches_per_image: int = 600, positive_fraction: float = 0.5
+    seed: int = 7, patch: int = 64, patches_per_image: int = 400, positive_fraction: float = 0.5
 ) -> dict[str, Split]:
     """'train', 'val' and 'test' splits, by source image: a quarter of the images (at least one)
-    for test, an eighth (at least one) for val, the rest for train.
+    for test, a fifth (at least one) for val, the rest for train. Of the 13 images here, val gets 3:
+    enough for the fusion's cross-validation by image (`ops.train`); 400 patches each keep the
+    test split at 1,200 records.
 
     Each image gives `patches_per_image` patches at random positions, skipping nearly constant
     ones; exactly round(positive_fraction * patches_per_image) of them get a blob.
@@ -108,7 +137,7 @@ def build(
     if len(paths) < 3:
         raise RuntimeError(f"need 3 usable source images for 3 splits, found {len(paths)}")
     order = np.random.default_rng(seed).permutation(len(paths))
-    n_test, n_val = max(1, round(len(paths) / 4)), max(1, round(len(paths) / 8))
+    n_test, n_val = max(1, round(len(paths) / 4)), max(1, round(len(paths) / 5))
     groups = {
         "test": order[:n_test],
         "val": order[n_test : n_test + n_val],
@@ -169,9 +198,10 @@ def _patches(
     path: Path, index: int, seed: int, patch: int, count: int, positive_fraction: float
 ) -> Split:
     """`count` patches of one source image, a blob implanted in the first-drawn positives."""
-    item = next(sources.read(path, max_bytes=1 << 30))
+    with _quietly():
+        item = next(sources.read(path, max_bytes=1 << 30))
+        header = pydicom.dcmread(path, stop_before_pixels=True)
     image = item.tensors["image"]
-    header = pydicom.dcmread(path, stop_before_pixels=True)
     bits = int(header.BitsStored)
     signed = image.dtype.kind == "i"
     low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)

@@ -2,11 +2,13 @@
 and DICOMs that read back as the same pixels and labels."""
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from pydicom.encaps import encapsulate
 
 from tensorline.producers import demo_data, sources
 
@@ -16,26 +18,49 @@ def splits() -> dict[str, demo_data.Split]:
     return demo_data.build()
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # bad_sequence.dcm's UIDs, malformed on purpose
 def test_source_images_are_real_grayscale_one_per_patient() -> None:
     paths = demo_data.source_images()
     names = [p.name for p in paths]
-    assert len(paths) >= 5 and names == sorted(names)
-    patients = [pydicom.dcmread(p, stop_before_pixels=True).PatientID for p in paths]
+    assert len(paths) >= 13 and names == sorted(names)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    patients = [str(h.get("PatientID") or h.StudyInstanceUID) for h in headers]
     assert len(set(patients)) == len(patients)
-    # Lossless copies win over their lossy twins; crops lose to the full image.
-    assert "693_UNCR.dcm" in names and "693_UNCI.dcm" not in names
+    # Lossless copies win over their lossy twins, uncompressed over compressed; crops lose to the
+    # full image; Siemens mosaics (tiles of slices) are left out.
+    assert "693_UNCR.dcm" in names and not {"693_UNCI.dcm", "693_J2KR.dcm"} & set(names)
+    assert "JPEG-LL.dcm" in names and "JPEG2000_UNC.dcm" not in names
     assert "MR-SIEMENS-DICOM-WithOverlays.dcm" in names and "examples_overlay.dcm" not in names
-    for path in paths:
+    assert "0.dcm" not in names
+    # Patients shipped only compressed (JPEG 2000 through Pillow, JPEG Lossless through pylibjpeg),
+    # and nibabel's MR projection.
+    new = {"explicit_VR-UN.dcm", "J2K_pixelrep_mismatch.dcm", "bad_sequence.dcm",
+           "JPGLosslessP14SV1_1s_1f_8b.dcm", "slicethickness_empty_string.dcm"}
+    assert new <= set(names)
+    for path in paths:  # every source decodes as the producer reads it
         item = next(sources.read(path, max_bytes=1 << 30))
         assert min(item.tensors["image"].shape) >= 128
         assert item.attributes["photometric"] in ("MONOCHROME1", "MONOCHROME2")
         assert item.attributes["modality"] not in ("OT", "SEG")
 
 
+def test_of_a_patient_the_first_file_that_decodes_is_kept(tmp_path: Path, monkeypatch) -> None:
+    original = next(p for p in demo_data.source_images() if p.name == "J2K_pixelrep_mismatch.dcm")
+    broken = pydicom.dcmread(original)
+    broken.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(64)])  # a JPEG 2000 stream cut short
+    broken.save_as(tmp_path / "a_broken.dcm")
+    shutil.copy(original, tmp_path / "b_whole.dcm")
+    monkeypatch.setattr(demo_data, "_folders", lambda: [tmp_path])
+    assert [p.name for p in demo_data.source_images()] == ["b_whole.dcm"]
+    (tmp_path / "b_whole.dcm").unlink()
+    assert demo_data.source_images() == []
+
+
 def test_splits_are_by_source_image(splits: dict[str, demo_data.Split]) -> None:
     sources_of = {name: set(split.source_ids) for name, split in splits.items()}
     assert set(sources_of) == {"train", "val", "test"}
     assert all(sources_of.values())
+    assert len(sources_of["val"]) >= 3  # the fusion is cross-validated by image on val
     assert sources_of["train"].isdisjoint(sources_of["val"] | sources_of["test"])
     assert sources_of["val"].isdisjoint(sources_of["test"])
     assert set().union(*sources_of.values()) == {p.stem for p in demo_data.source_images()}
