@@ -108,7 +108,7 @@ def check(path: str | Path, *, topics: bool = True) -> Report:
     broker alone."""
     out = _Results(str(path))
     try:
-        cfg = config.load(path)
+        cfg = config.load(path).as_principal(config.OPS_PRINCIPAL)  # it only looks
     except config.ConfigError as e:
         out.add(ERROR, e.key, _after_key(e))
         return Report(str(path), tuple(out.items))
@@ -405,6 +405,7 @@ def _topics(cfg: PipelineConfig, out: _Results) -> None:
     from kafka.errors import KafkaError
 
     from tensorline.engine import clients
+    from tensorline.engine.errors import AuthenticationFailed
     from tensorline.ops import topics
 
     try:
@@ -418,7 +419,7 @@ def _topics(cfg: PipelineConfig, out: _Results) -> None:
         return
     try:
         states, _ = topics.describe(cfg)
-    except KafkaError as e:
+    except (KafkaError, AuthenticationFailed, config.ConfigError) as e:  # the last two: the ops principal's password
         out.add(ERROR, "topics", f"the broker at {bootstrap} did not describe the topics: {type(e).__name__}: {e}")
         return
     actual = {s.key: s.actual_partitions for s in states}

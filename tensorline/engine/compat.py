@@ -1,5 +1,6 @@
-"""Where kafka-python 3.0 differs from the Java client in a way a foreign producer can exploit,
-made to behave as the Java client does. Applied once, when the engine's client factories load.
+"""Where kafka-python 3.0 differs from the Java client in a way that hurts a pipeline (a foreign
+producer's record, a broker killed, a wrong password), made to behave as the Java client does.
+Applied once, when the engine's client factories load.
 
 Header keys: Kafka's protocol says a header key is a UTF-8 string, but nothing on the broker
 checks it, so any client can write bytes such as ``ff fe``. The Java consumer decodes header keys

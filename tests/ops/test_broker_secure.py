@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,26 @@ def test_a_wrong_password_fails_at_start_with_one_clear_error(secure, namespace)
     assert f"principal User:{namespace}.preprocess could not authenticate at {bootstrap}" in lines[0]
     assert "$TENSORLINE_KAFKA_PASSWORD_PREPROCESS" in lines[0] and "Traceback" not in done.stderr
     assert time.monotonic() - started < 60  # no retry until a bootstrap timeout
+
+
+def test_the_dashboard_and_check_read_as_ops_and_show_no_secret(secure, namespace):
+    from tensorline.ops import dashboard
+
+    path = write_pipeline(secure, namespace)
+    applied(path)
+    with dashboard.Dashboard(config.load(path).as_principal("ops"), interval_s=1.0) as board:
+        def sampled() -> dict | None:
+            with urllib.request.urlopen(board.url + "api/state", timeout=10) as response:
+                body = response.read().decode()
+            OUTPUTS.append(body)
+            state = json.loads(body)
+            return state if state["ok"] is not None else None
+        state = wait_for(sampled, 120, "a first sample of the pipeline, read as ops")
+    assert state["ok"] and state["error"] is None, state["error"]
+    assert {s["stage"] for s in state["stages"]} == {"preprocess", "features"}
+    checked = json.loads(cli("check", "--json", "-c", str(path)).stdout)  # check describes the topics as ops too
+    topics = [c for c in checked["checks"] if c["key"].startswith("topics")]
+    assert topics and all(c["status"] == "ok" for c in topics), topics
 
 
 def test_no_secret_in_any_log_or_output(secure):
