@@ -216,7 +216,7 @@ def _port_free(port: int) -> bool:
 
 
 def _answers(bootstrap: str, settings: dict) -> bool:
-    """True when the broker answers a metadata request (a client with `settings`: see `client_settings`)."""
+    """True when the broker answers a metadata request (a client with `settings`: `Security.client`)."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
@@ -315,12 +315,6 @@ def _secure(data_dir: Path, make: bool) -> Security | None:
     with open(found["credentials_file"], "rb") as f:
         password = tomllib.load(f)[found["admin"]]
     return Security(found["admin"], password, found["mechanism"], tls.material(data_dir / "tls"))
-
-
-def client_settings(data_dir: Path | None = None) -> dict[str, str]:
-    """kafka-python settings for the admin of the broker under `data_dir` ({} when not --secure)."""
-    found = _secure((data_dir or data_dir_default()).resolve(), make=False)
-    return found.client() if found else {}
 
 
 def _write_config(folder: Path, node: Node, voters: list[Node], max_message_bytes: int,

@@ -80,6 +80,16 @@ def applied(path: Path) -> list[dict]:
     return json.loads(done.stdout)
 
 
+def test_a_data_dir_started_without_secure_or_a_weak_admin_password_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "plain" / "kraft").mkdir(parents=True)
+    with pytest.raises(broker.BrokerError, match="started without --secure"):
+        broker.start(tmp_path / "plain", secure=True)
+    monkeypatch.setenv("TENSORLINE_KAFKA_PASSWORD_ADMIN", 'short"quote')
+    with pytest.raises(broker.BrokerError, match="16 or more of"):
+        broker.start(tmp_path / "new", secure=True)
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_secure_broker_keeps_its_secrets_owner_only_and_says_how_to_reach_it(secure):
     data_dir, st, _ = secure
     for private in ("credentials.toml", "server.properties", "tls/broker.pem", "tls/ca.key"):

@@ -39,7 +39,8 @@ def test_three_secure_nodes_replicate_and_a_restarted_node_rejoins(secure_cluste
         assert "inter.broker.listener.name=SASL_SSL" in (Path(node.data_dir) / "server.properties").read_text()
     cfg = config.parse({"pipeline": {"name": namespace, "bootstrap": st.bootstrap},
                         "topics": {"raw": {"partitions": 3}, "out": {"partitions": 3}, "dlq": {"partitions": 1}},
-                        "stages": {"scale": {"input": "raw", "output": "out", "kind": "tensorline.stages.testing:Scale"}},
+                        "stages": {"scale": {"input": "raw", "output": "out",
+                                             "kind": "tensorline.stages.testing:Scale"}},
                         "security": {"ssl_cafile": st.security["ssl_cafile"],
                                      "credentials_file": st.security["credentials_file"]}})
     clients.create_topics(cfg)
