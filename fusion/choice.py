@@ -1,6 +1,7 @@
 """Choosing the fusion that generalises: folds grouped by source image for cross-validation, the
-rule that falls back to the best single model unless a fusion beats it there, and the linear forms
-a stacker file can hold besides a fitted stacker (a strategy's weighting, one model passed through).
+rule that falls back to the best single model unless a fusion beats it there, a weighting shrunk
+toward that model, and the linear forms a stacker file can hold besides a fitted stacker (a
+strategy's weighting, one model passed through).
 
 Pure: arrays and names in, folds, a choice or a `Stacker` out (`ops.train` runs the
 cross-validation and writes the file).
@@ -8,7 +9,7 @@ cross-validation and writes the file).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -20,6 +21,10 @@ from tensorline.fusion.stacking import Stacker
 PASS_SCALE = 4.0
 # The name of the single-model fallback among the candidates.
 SINGLE = "single"
+# The name of the weighting shrunk toward the single model, and the amounts tried: a tenth apart
+# from 0 (the weighting) to 1 (the model alone); finer steps only fit the records' noise.
+SHRUNK = "shrunk"
+SHRINK_AMOUNTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def grouped_folds(groups: Sequence[object] | np.ndarray, n_folds: int) -> np.ndarray:
@@ -44,6 +49,22 @@ def choose(cv_scores: Mapping[str, float], fusions: Sequence[str]) -> str:
     model's (`cv_scores[SINGLE]`) strictly, else SINGLE: fusion must earn its place."""
     best = max(fusions, key=lambda f: cv_scores[f])
     return best if cv_scores[best] > cv_scores[SINGLE] else SINGLE
+
+
+def shrink(weights: Mapping[str, float], single: str, amount: float) -> dict[str, float]:
+    """`weights`, normalised to sum to 1, moved `amount` of the way to `single` alone:
+    (1 - amount) * w + amount * [m == single]. 0 keeps the weighting, 1 is the single model."""
+    total = sum(weights.values())
+    if not 0.0 <= amount <= 1.0 or single not in weights or min(weights.values()) < 0 or not total > 0:
+        raise ValueError(f"shrink needs non-negative weights with one positive, naming {single!r}, and an "
+                         f"amount in [0, 1]; got {dict(weights)}, {amount}")
+    return {m: (1.0 - amount) * w / total + (amount if m == single else 0.0) for m, w in weights.items()}
+
+
+def best_amount(score: Callable[[float], float], amounts: Sequence[float] = SHRINK_AMOUNTS) -> float:
+    """The amount of shrinkage with the best `score`; a tie goes to the larger amount (nearer the
+    single model: a fusion earns its weight)."""
+    return max(amounts, key=lambda a: (score(a), a))
 
 
 def linear_stacker(weights: Mapping[str, float], model_names: Sequence[str], classes: Sequence[str], *,

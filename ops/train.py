@@ -13,12 +13,12 @@ with its held-out scores, and each fusion strategy is scored offline through the
 own `combine`.
 
 The fusion is chosen on the validation split by cross-validation, grouped by source image (no
-image both fitted on and scored) when val holds two or more; the demo set's val holds one (a second
-taken from train made val unlike test: see bench/fusion.py), so there the folds are by record, and
-the fusion card says which. It must earn its place: unless a fusion the stacker file can hold
-beats the best single model out of fold, the file passes that model through (`choose_fusion`,
-`fusion.choice`). `train_seeds` repeats the whole training under several model
-seeds, to show how much of a gain is the seed's.
+image both fitted on and scored; the demo set's val holds three images), by record when val holds
+a single image; the fusion card says which. It must earn its place: unless a fusion the stacker
+file can hold (a fitted stacker, or a weighting, possibly shrunk toward the best single model)
+beats that model out of fold, the file passes the model through (`choose_fusion`,
+`fusion.choice`). `train_seeds` repeats the whole training under several model seeds, to show how
+much of a gain is the seed's.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ DEMO_MODEL_DIR = Path(".tensorline/models")
 LESIONS = "lesions are synthetic Gaussian blobs implanted in real DICOM images"
 EMBEDDING_DIM = 64
 # Validation accuracy is flat after a few epochs (seed 7); the training loss keeps falling, so
-# more epochs only fit the five training images better. The dense heads are cheap.
+# more epochs only fit the training images better. The dense heads are cheap.
 EPOCHS = {"backbone": 10, "cnn": 10, "mlp": 20, "logreg": 20}
 BATCH = 64
 # Records per preprocess call: the stage's own micro-batch size would also do, this is faster.
@@ -67,8 +67,8 @@ WINDOW_PERCENTILES = (5, 95)
 # the source images in val (each image is in one fold).
 STACKER_FOLDS = 5
 # What the stacker file (fusion.strategy = "stacking", the demo's) can hold: a fitted stacker, or a
-# strategy that is linear in the scores; else the best single model passed through.
-HELD_BY_A_STACKER = ("stacking", "soft_vote", "weighted_average")
+# weighting that is linear in the scores; else the best single model passed through.
+HELD_BY_A_STACKER = ("stacking", "soft_vote", "weighted_average", choice.SHRUNK)
 
 
 @dataclass(frozen=True)
@@ -370,15 +370,43 @@ def _best_single(cfg: PipelineConfig, names: Sequence[str], scores: np.ndarray, 
     return max(names, key=lambda n: _report(cfg, labels, scores[:, names.index(n)])["f1_macro"])
 
 
+@dataclass(frozen=True)
+class Fitted:
+    """What the candidates fit on some validation records: weighted_average's weights, the stacker,
+    the model best there (SINGLE), and the weights shrunk toward it (SHRUNK) by `amount`."""
+
+    weights: dict[str, float]
+    stacker: Stacker
+    single: str
+    amount: float
+    shrunk: dict[str, float]
+
+
+def _fit_candidates(cfg: PipelineConfig, names: tuple[str, ...], scores: np.ndarray, labels: np.ndarray) -> Fitted:
+    """Fit every candidate on these records; the shrinkage is the amount best on them (`choice.best_amount`)."""
+    weights = _weights(cfg, names, scores, labels)
+    single = _best_single(cfg, names, scores, labels)
+
+    def score(amount: float) -> float:
+        w = choice.shrink(weights, single, amount)
+        return _report(cfg, labels, np.einsum("m,nmk->nk", [w[n] for n in names], scores))["f1_macro"]
+
+    amount = choice.best_amount(score)
+    return Fitted(weights, fit_stacker(scores, labels, model_names=names, classes=cfg.classes), single, amount,
+                  choice.shrink(weights, single, amount))
+
+
 def _decisions(cfg: PipelineConfig, candidate: str, names: tuple[str, ...], versions: Mapping[str, str],
-               scores: np.ndarray, weights: Mapping[str, float], stacker: Stacker, single: str) -> list[str]:
+               scores: np.ndarray, fitted: Fitted) -> list[str]:
     """Each record's decision by a candidate: a strategy through `fusion.stage.combine`, as the fusion
-    stage runs it, or SINGLE (model `single`'s own decision)."""
+    stage runs it (SHRUNK: weighted_average with the shrunk weights), or SINGLE (that model's own)."""
     if candidate == choice.SINGLE:
-        return [cfg.classes[k] for k in scores[:, names.index(single)].argmax(1)]
-    params = {"weights": dict(weights)} if candidate == "weighted_average" else {}
-    return [combine(f"r{i}", _detections(cfg, f"r{i}", names, versions, row), names, cfg.classes, candidate, params,
-                    stacker).decision for i, row in enumerate(scores)]
+        return [cfg.classes[k] for k in scores[:, names.index(fitted.single)].argmax(1)]
+    strategy, weights = ("weighted_average", fitted.shrunk) if candidate == choice.SHRUNK else (candidate,
+                                                                                               fitted.weights)
+    params = {"weights": dict(weights)} if strategy == "weighted_average" else {}
+    return [combine(f"r{i}", _detections(cfg, f"r{i}", names, versions, row), names, cfg.classes, strategy, params,
+                    fitted.stacker).decision for i, row in enumerate(scores)]
 
 
 def choose_fusion(cfg: PipelineConfig, names: tuple[str, ...], versions: Mapping[str, str],
@@ -388,53 +416,51 @@ def choose_fusion(cfg: PipelineConfig, names: tuple[str, ...], versions: Mapping
     candidate on val (out of fold) and on test (fitted on the whole of val).
 
     Candidates: each strategy (the stacker and weighted_average's weights fitted on the other
-    folds) and SINGLE, the model best on the other folds passed through. The stacker file holds
-    the best of the candidates it can hold (stacking, soft_vote, weighted_average) if it beats
-    SINGLE out of fold, else the model best on val passed through (`fusion.choice`). No image is
-    in a fold and in the records fitted for it; with one source image in val, the folds are by
-    record, and say so. Returns ({candidate or "chosen": {"val": report, "test": report}},
-    summary), the summary holding the file's Stacker as "stacker_object".
+    folds), SHRUNK (those weights shrunk toward the model best on the other folds, by the amount best
+    there) and SINGLE, that model passed through. The stacker file holds the best of the candidates
+    it can hold (HELD_BY_A_STACKER) if it beats SINGLE out of fold, else the model best on val passed
+    through (`fusion.choice`). No image is in a fold and in the records fitted for it; with one
+    source image in val, the folds are by record, and say so. Returns ({candidate or "chosen":
+    {"val": report, "test": report}}, summary), the summary holding the file's Stacker as
+    "stacker_object".
     """
     y_val, truth = labels["val"], {k: [cfg.classes[i] for i in v] for k, v in labels.items()}
     if len(set(map(str, groups))) >= 2:
         folds, by = choice.grouped_folds(groups, STACKER_FOLDS), "source image"
     else:
         folds, by = np.random.default_rng(seed).permutation(len(y_val)) % STACKER_FOLDS, "record"
-    candidates = (*FUSION_STRATEGIES, choice.SINGLE)
+    candidates = (*FUSION_STRATEGIES, choice.SHRUNK, choice.SINGLE)
     out_of_fold = {c: np.empty(len(y_val), object) for c in candidates}
     for f in np.unique(folds):
         fit, held = folds != f, folds == f
-        stacker = fit_stacker(stacked["val"][fit], y_val[fit], model_names=names, classes=cfg.classes)
-        weights = _weights(cfg, names, stacked["val"][fit], y_val[fit])
-        single = _best_single(cfg, names, stacked["val"][fit], y_val[fit])
+        fitted = _fit_candidates(cfg, names, stacked["val"][fit], y_val[fit])
         for c in candidates:
-            out_of_fold[c][held] = _decisions(cfg, c, names, versions, stacked["val"][held], weights, stacker, single)
+            out_of_fold[c][held] = _decisions(cfg, c, names, versions, stacked["val"][held], fitted)
     cv = {c: classification_report(truth["val"], list(out_of_fold[c]), cfg.classes) for c in candidates}
 
-    stacker = fit_stacker(stacked["val"], y_val, model_names=names, classes=cfg.classes)
-    weights = _weights(cfg, names, stacked["val"], y_val)
-    single = _best_single(cfg, names, stacked["val"], y_val)
+    fitted = _fit_candidates(cfg, names, stacked["val"], y_val)
     chosen = choice.choose({c: r["f1_macro"] for c, r in cv.items()}, HELD_BY_A_STACKER)
     n = len(y_val)
-    held = {"stacking": stacker, "soft_vote": choice.linear_stacker(dict.fromkeys(names, 1.0), names, cfg.classes,
-                                                                    n_samples=n),
-            "weighted_average": choice.linear_stacker(weights, names, cfg.classes, n_samples=n),
-            choice.SINGLE: choice.linear_stacker({single: 1.0}, names, cfg.classes, n_samples=n)}[chosen]
+    weighting = {"soft_vote": dict.fromkeys(names, 1.0), "weighted_average": fitted.weights,
+                 choice.SHRUNK: fitted.shrunk, choice.SINGLE: {fitted.single: 1.0}}
+    held = fitted.stacker if chosen == "stacking" else choice.linear_stacker(weighting[chosen], names, cfg.classes,
+                                                                             n_samples=n)
     out = {c: {"val": cv[c], "test": classification_report(
-        truth["test"], _decisions(cfg, c, names, versions, stacked["test"], weights, stacker, single), cfg.classes)}
+        truth["test"], _decisions(cfg, c, names, versions, stacked["test"], fitted), cfg.classes)}
            for c in candidates}
-    decided = _decisions(cfg, "stacking", names, versions, stacked["test"], weights, held, single)
+    decided = _decisions(cfg, "stacking", names, versions, stacked["test"], dataclasses.replace(fitted, stacker=held))
     out["chosen"] = {"val": cv[chosen], "test": classification_report(truth["test"], decided, cfg.classes)}
     # On test, the file's decisions against the model best there, record by record (the report's
     # paired comparison): is the gain real or the records'?
     best_on_test = _best_single(cfg, names, stacked["test"], labels["test"])
     versus = evaluation.paired(truth["test"], decided,
-                               _decisions(cfg, choice.SINGLE, names, versions, stacked["test"], weights, held,
-                                          best_on_test), cfg.classes)
-    summary = {"chosen": chosen if chosen != choice.SINGLE else f"{choice.SINGLE}: {single}",
+                               _decisions(cfg, choice.SINGLE, names, versions, stacked["test"],
+                                          dataclasses.replace(fitted, single=best_on_test)), cfg.classes)
+    summary = {"chosen": chosen if chosen != choice.SINGLE else f"{choice.SINGLE}: {fitted.single}",
                "test_vs_best_single": {"model": best_on_test, **(versus or {})},
-               "best_on_val": max(FUSION_STRATEGIES, key=lambda c: cv[c]["f1_macro"]),
-               "best_single_on_val": single, "weights": weights,
+               "best_on_val": max((*FUSION_STRATEGIES, choice.SHRUNK), key=lambda c: cv[c]["f1_macro"]),
+               "best_single_on_val": fitted.single, "weights": fitted.weights,
+               "shrunk": {"toward": fitted.single, "amount": fitted.amount, "weights": fitted.shrunk},
                "cross_validation": {"by": by, "folds": int(len(np.unique(folds))),
                                     "source_images": sorted(set(map(str, groups)))},
                "stacker_object": held}
@@ -477,7 +503,8 @@ def format_table(cards: Mapping[str, dict], names: Sequence[str], fusion: Mappin
                      f"{versus['f1_macro_diff']:+.3f} (95% CI {versus['interval'][0]:+.3f} to "
                      f"{versus['interval'][1]:+.3f}), McNemar p {versus['mcnemar_p']:.2g}: {versus['verdict']}")
     lines.append(f"fusion val scores: {cv['folds']}-fold cross-validation by {cv['by']}; the stacker file "
-                 f"({summary['stacker']}) holds {summary['chosen']}; weighted_average weights: {summary['weights']}   "
+                 f"({summary['stacker']}) holds {summary['chosen']}; weighted_average weights: {summary['weights']}, "
+                 f"shrunk {summary['shrunk']['amount']:.1f} toward {summary['shrunk']['toward']}   "
                  f"{summary['seconds']:.0f} s")
     return "\n".join(lines)
 

@@ -1,10 +1,13 @@
-"""Choosing the fusion: folds grouped by source image, the fallback to the single model, and the
-linear forms a stacker file holds deciding as the strategies they stand for."""
+"""Choosing the fusion: folds grouped by source image, the fallback to the single model, the
+weighting shrunk toward it, and the linear forms a stacker file holds deciding as the strategies
+they stand for."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tensorline.fusion import choice
 from tensorline.fusion.strategies import soft_vote, weighted_average
@@ -57,3 +60,42 @@ def test_linear_stackers_decide_as_the_strategies_they_stand_for():
         assert got == expected[key], key
     with pytest.raises(ValueError, match="one positive"):
         choice.linear_stacker({}, names, classes)
+
+
+@settings(deadline=None)  # arithmetic only; a busy machine is no failure
+@given(st.lists(st.floats(0.0, 10.0), min_size=1, max_size=6).filter(lambda w: sum(w) > 0),
+       st.data(), st.floats(0.0, 1.0))
+def test_shrink_moves_a_weighting_toward_the_single_model(raw, data, amount):
+    weights = {f"m{i}": w for i, w in enumerate(raw)}
+    single = data.draw(st.sampled_from(sorted(weights)))
+    total = sum(raw)
+    got = choice.shrink(weights, single, amount)
+    assert set(got) == set(weights) and min(got.values()) >= 0 and sum(got.values()) == pytest.approx(1.0)
+    for m, w in weights.items():  # (1 - amount) * the normalised weighting + amount * the single model
+        assert got[m] == pytest.approx((1 - amount) * w / total + (amount if m == single else 0.0))
+    assert got[single] >= weights[single] / total - 1e-12  # never further from the single model
+    assert choice.shrink(weights, single, 1.0) == {m: float(m == single) for m in weights}
+    assert choice.shrink(weights, single, 0.0) == pytest.approx({m: w / total for m, w in weights.items()})
+
+
+def test_shrink_rejects_what_is_no_weighting():
+    for weights, single, amount in (({"a": 1.0}, "a", 1.5), ({"a": 1.0}, "b", 0.5), ({"a": -1.0, "b": 2.0}, "b", 0.5),
+                                    ({"a": 0.0}, "a", 0.5)):
+        with pytest.raises(ValueError, match="shrink needs"):
+            choice.shrink(weights, single, amount)
+
+
+def test_the_best_amount_of_shrinkage_and_ties_toward_the_single_model():
+    assert choice.best_amount(lambda a: -abs(a - 0.3)) == 0.3
+    assert choice.best_amount(lambda a: 0.9) == 1.0  # nothing gained by fusing: the single model
+    assert choice.best_amount(lambda a: 0.9 if a <= 0.5 else 0.8) == 0.5
+    assert choice.best_amount(lambda a: a, amounts=(0.0, 0.25)) == 0.25
+
+
+def test_a_shrunk_weighting_decides_as_weighted_average_with_its_weights():
+    rng = np.random.default_rng(4)
+    scores = rng.dirichlet([1, 1], (300, 3))
+    names, classes = ("a", "b", "c"), ("x", "y")
+    w = choice.shrink({"a": 0.2, "b": 0.5, "c": 0.3}, "a", 0.4)
+    got = choice.linear_stacker(w, names, classes).predict_proba(scores, models=names).argmax(1).tolist()
+    assert got == [weighted_average(s, [w[n] for n in names]).decision for s in scores]

@@ -66,13 +66,14 @@ def test_the_stacker_and_fusion_numbers_are_written(trained):
     cfg, result = trained
     stacker = load_stacker(train.stacker_path(cfg), model_names=cfg.fusion.expected_models, classes=cfg.classes)
     assert stacker.n_samples == 120
-    assert set(result["fusion"]) == {*train.FUSION_STRATEGIES, "single", "chosen"}
+    assert set(result["fusion"]) == {*train.FUSION_STRATEGIES, "shrunk", "single", "chosen"}
     written = json.loads((train.stacker_path(cfg).parent / "fusion.card.json").read_text())
     assert written["strategies"] == result["fusion"]
-    assert written["best_on_val"] in train.FUSION_STRATEGIES
+    assert written["best_on_val"] in (*train.FUSION_STRATEGIES, "shrunk")
     assert written["chosen"] in (*train.HELD_BY_A_STACKER, f"single: {written['best_single_on_val']}")
+    assert written["shrunk"]["toward"] == written["best_single_on_val"] and 0 <= written["shrunk"]["amount"] <= 1
     # chosen by cross-validation over the validation split's source images, one fold each, or by
-    # record when val holds one image (the demo set's eight images give val one)
+    # record when val holds one image (the demo set gives val three)
     cv = written["cross_validation"]
     assert cv["source_images"] == result["models"]["cnn"]["training"]["source_images"]["val"]
     if len(cv["source_images"]) >= 2:
@@ -259,6 +260,8 @@ def test_the_fallback_passes_the_single_model_through_when_fusion_loses_on_valid
     fusion, summary = choose(cfg, y, scores, groups)
     assert fusion["soft_vote"]["val"]["f1_macro"] < fusion["single"]["val"]["f1_macro"] == 1.0
     assert summary["chosen"] == "single: a" and summary["best_single_on_val"] == "a"
+    # shrinking toward a gains nothing from b and c: the shrunk weighting is a alone, and no win
+    assert summary["shrunk"] == {"toward": "a", "amount": 1.0, "weights": {"a": 1.0, "b": 0.0, "c": 0.0}}
     assert summary["cross_validation"] == {"by": "source image", "folds": 2, "source_images": ["img1", "img2"]}
     # the stacker file decides as model a does, through the fusion stage's own combine
     assert fusion["chosen"]["test"]["f1_macro"] == fusion["single"]["test"]["f1_macro"] == 1.0
