@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.pixels import get_decoder
-from pydicom.uid import JPEGLSLossless
+from pydicom.uid import HTJ2KLossless, MPEG2MPML
 
 from tensorline.producers.sources import REASONS, BadFile, SourceItem, expand, read, synthetic
 
@@ -275,10 +275,20 @@ def test_shipped_truncated_files_are_truncated(name: str) -> None:
     assert reason_of(dicom(name)) == "truncated"
 
 
-def test_compressed_dicom_without_a_decoder_is_unsupported_transfer_syntax() -> None:
-    if get_decoder(JPEGLSLossless).is_available:
-        pytest.skip("a JPEG-LS decoder is installed")
-    assert reason_of(dicom("MR_small_jpeg_ls_lossless.dcm")) == "unsupported_transfer_syntax"
+@pytest.mark.parametrize("syntax, says", [
+    (HTJ2KLossless, "needs"),  # pydicom has a decoder for it, its plugins are not installed here
+    (MPEG2MPML, "MPEG2"),  # pydicom has no decoder for it at all
+])
+def test_compressed_dicom_without_a_decoder_is_unsupported_transfer_syntax(tmp_path: Path, syntax, says: str) -> None:
+    # The demo's JPEG decoders (pylibjpeg) read JPEG-LS now: the file is relabelled with a
+    # syntax nothing installed here decodes.
+    assert syntax != HTJ2KLossless or not get_decoder(syntax).is_available, "an HTJ2K decoder is installed"
+    ds = pydicom.dcmread(dicom("MR_small_jpeg_ls_lossless.dcm"))
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(tmp_path / "relabelled.dcm")
+    with pytest.raises(BadFile) as caught:
+        items(tmp_path / "relabelled.dcm")
+    assert caught.value.reason == "unsupported_transfer_syntax" and says in str(caught.value)
 
 
 def test_dicom_without_pixel_data(tmp_path: Path) -> None:
