@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import TopicAuthorizationFailedError
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
 
@@ -105,6 +106,13 @@ class KafkaSource:
 
     def _fetch(self, timeout_s: float, max_records: int) -> list[Message]:
         records = self.consumer.poll(timeout_ms=max(0, int(timeout_s * 1000)), max_records=max_records)
+        # kafka-python leaves a subscribed topic the principal may not read out of the metadata
+        # and only logs it: the worker would idle for good. The Java consumer throws
+        # TopicAuthorizationException from poll (Metadata.maybeThrowAnyException); so does this.
+        refused = self.consumer._client.cluster.unauthorized_topics.intersection(self.topics)
+        if refused:
+            raise TopicAuthorizationFailedError(f"not authorized to read {', '.join(sorted(refused))} "
+                                                f"(no READ ACL for this principal: run `tensorline acls apply`)")
         ends = self._ends()
         got = [Message(r.topic, r.partition, r.offset, r.key, r.value,
                        [(k, b"" if v is None else v) for k, v in r.headers] if r.headers else [], r.timestamp)

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from kafka import TopicPartition
-from kafka.admin import ACL, ACLOperation, ACLPermissionType, ACLResourcePatternType, ResourcePattern, ResourceType
+from kafka.admin import (ACL, ACLFilter, ACLOperation, ACLPermissionType, ACLResourcePatternType, ResourcePattern,
+                         ResourcePatternFilter, ResourceType)
 from kafka.errors import KafkaError, TopicAuthorizationFailedError
 
 from tensorline import config
@@ -211,6 +212,28 @@ def test_produce_writes_the_raw_topic_as_the_producer_principal(secure, namespac
                env={"TENSORLINE_STATE_DIR": str(path.parent / "state")})
     assert done.returncode == 0, done.stderr
     assert len(ids(config.load(path).as_principal("ops"), "raw")) == 1
+
+
+def test_a_stage_refused_its_input_stops_with_one_clear_error_instead_of_idling(secure, namespace):
+    """kafka-python hides a topic the principal may not read and only logs it; the worker idled
+    for good. Its READ ACL on the input taken away, preprocess stops: exit 3, one line naming the topic."""
+    path = write_pipeline(secure, namespace)
+    applied(path)
+    cfg = config.load(path)
+    admin = clients.admin(cfg)
+    try:
+        read_input = ACLFilter(f"User:{namespace}.preprocess", "*", ACLOperation.READ, ACLPermissionType.ALLOW,
+                               ResourcePatternFilter(ResourceType.TOPIC, cfg.topic("raw").name,
+                                                     ACLResourcePatternType.LITERAL))
+        [(_, deleted, _)] = admin.delete_acls([read_input])
+        assert len(deleted) == 1, deleted
+    finally:
+        admin.close()
+    done = cli("run", "preprocess", "-c", str(path), timeout=180,
+               env={"TENSORLINE_STATE_DIR": str(path.parent / "state")})
+    assert done.returncode == 3, done.stderr
+    assert f"not authorized to read {cfg.topic('raw').name}" in done.stderr and "acls apply" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_a_wrong_password_fails_at_start_with_one_clear_error(secure, namespace):
