@@ -68,7 +68,20 @@ def settled(members: list[Member], expected: list[int], timeout: float) -> list[
         elif [len(a) for a in now] == expected and time.monotonic() - since >= STABLE_S:
             return now
         time.sleep(0.1)  # poll of the loop's condition
-    raise AssertionError(f"assignment did not settle at sizes {expected}: {last}")
+    raise AssertionError(f"assignment did not settle at sizes {expected}: {last}; "
+                         f"members: {[coordinator_state(m.consumer) for m in members]}")
+
+
+def coordinator_state(consumer) -> dict:
+    """What kafka-python's group coordinator thinks of its member: for a failure's message (two
+    loop runs under load saw a member evicted 10 s after a quick second rebalance, then no join
+    for 120 s)."""
+    c = consumer._coordinator
+    loop = c._heartbeat_loop_future
+    return {"state": str(c.state), "generation": c._generation.generation_id, "member": c._generation.member_id,
+            "rejoin_needed": c.rejoin_needed, "heartbeat_enabled": c._heartbeat_enabled,
+            "heartbeat_loop_done": None if loop is None else loop.is_done,
+            "session_expired": c.heartbeat.session_timeout_expired()}
 
 
 def test_capacities_two_and_one_share_six_partitions_then_the_survivor_takes_all(namespace, kafka_bootstrap):
