@@ -40,7 +40,7 @@ from tensorline.config import ADMIN_PRINCIPAL, DEFAULT_MAX_MESSAGE_BYTES, DEFAUL
 from tensorline.engine.local import (CREDENTIALS_FILE, DATA_DIR_ENV, DEFAULT_DATA_DIR, NODES_FILE,  # noqa: F401
                                      SECURITY_FILE, BrokerStatus, NodeStatus, data_dir_default, local_bootstrap,
                                      node_dir, pid_alive, read_nodes, read_pid, read_security, status)
-from tensorline.ops import tls
+from tensorline.ops import signals, tls
 
 KAFKA_VERSION = "4.1.1"  # keep in step with ops/kafka/pom.xml and docker/compose.yaml
 DEFAULT_PORT = 9092
@@ -354,14 +354,15 @@ def _format(folders: list[tuple[Path, Path]], cluster_id: str, security: Securit
         raise BrokerError(text.replace(security.password, "***") if security else text)
 
 
-def _launch(folder: Path, props: Path) -> subprocess.Popen:
+def _launch(folder: Path, props: Path, with_parent: bool = False) -> subprocess.Popen:
     """Start the node's JVM (its pid in broker.pid); its storage is formatted."""
     log4j = f"-Dlog4j2.configurationFile={folder / 'log4j2.properties'}"
     jvm = os.environ[JVM_OPTS_ENV].split() if os.environ.get(JVM_OPTS_ENV) else JVM_OPTS
     cmd = java_command("kafka.Kafka", str(props), jvm=[*jvm, log4j])
     with open(folder / "broker.out", "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=folder)
+                                start_new_session=True, cwd=folder,
+                                preexec_fn=signals.with_parent() if with_parent else None)
     (folder / "broker.pid").write_text(str(proc.pid))
     return proc
 
@@ -375,14 +376,16 @@ def _exited(folder: Path, proc: subprocess.Popen, what: str) -> BrokerError:
 
 def start(data_dir: Path | None = None, port: int | None = None, *, nodes: int | None = None,
           secure: bool = False, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-          timeout: float = START_TIMEOUT_S) -> BrokerStatus:
+          timeout: float = START_TIMEOUT_S, with_parent: bool = False) -> BrokerStatus:
     """Start the broker (formatting storage on first start) and wait until it answers.
 
     `nodes`: a local cluster of that many nodes (`port`, default 9092, and the ports after it);
     None is what the data dir holds, a single broker for a new one. A cluster's nodes that are not
     running are started (the others left alone), and start returns once every node answers and
     the cluster has every node registered. `secure`: SASL_SSL with SCRAM and ACLs (the module
-    docstring); a data dir first started so stays so without it."""
+    docstring); a data dir first started so stays so without it. `with_parent`: the nodes get
+    SIGTERM when this thread ends, even by SIGKILL (a test session's broker); otherwise they
+    outlive the command that started them, as `tensorline broker start` wants."""
     data_dir = (data_dir or data_dir_default()).resolve()
     recorded = read_nodes(data_dir)
     if nodes is None:
@@ -391,7 +394,7 @@ def start(data_dir: Path | None = None, port: int | None = None, *, nodes: int |
         raise BrokerError(f"--nodes {nodes}: a local cluster has 1 to {MAX_NODES} nodes")
     security = _secure(data_dir, secure)
     if recorded is not None or nodes > 1:
-        return _start_cluster(data_dir, port, nodes, recorded, max_message_bytes, timeout, security)
+        return _start_cluster(data_dir, port, nodes, recorded, max_message_bytes, timeout, security, with_parent)
     port = DEFAULT_PORT if port is None else port
     current = status(data_dir)
     if current.running:
@@ -413,7 +416,7 @@ def start(data_dir: Path | None = None, port: int | None = None, *, nodes: int |
     node = Node(1, port, controller_port)
     props = _write_config(data_dir, node, [node], max_message_bytes, security)
     _format([(data_dir, props)], _cluster_id(data_dir), security)
-    proc = _launch(data_dir, props)
+    proc = _launch(data_dir, props, with_parent)
     bootstrap = f"127.0.0.1:{port}"
     settings = security.client() if security else {}
     deadline = time.monotonic() + timeout
@@ -460,7 +463,8 @@ def _cluster_layout(data_dir: Path, port: int | None, nodes: int, recorded: list
 
 
 def _start_cluster(data_dir: Path, port: int | None, nodes: int, recorded: list[dict] | None,
-                   max_message_bytes: int, timeout: float, security: Security | None) -> BrokerStatus:
+                   max_message_bytes: int, timeout: float, security: Security | None,
+                   with_parent: bool = False) -> BrokerStatus:
     layout = _cluster_layout(data_dir, port, nodes, recorded)
     running = {n.node_id for n in status(data_dir).nodes if n.running}
     cluster_id = _cluster_id(data_dir)
@@ -482,7 +486,7 @@ def _start_cluster(data_dir: Path, port: int | None, nodes: int, recorded: list[
             configs[node.node_id] = (folder, _write_config(folder, node, layout, max_message_bytes, security))
         _format(list(configs.values()), cluster_id, security)
         for node_id, (folder, props) in configs.items():
-            started[node_id] = _launch(folder, props)
+            started[node_id] = _launch(folder, props, with_parent)
         # The nodes start together: a controller quorum needs a majority of them before any answers.
         (data_dir / "bootstrap").write_text(",".join(f"127.0.0.1:{n.port}" for n in layout))
         settings = security.client() if security else {}

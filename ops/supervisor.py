@@ -23,7 +23,6 @@ Each worker's stderr and stdout go to `<log_dir>/<worker>.log`; without a `log_d
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import json
 import os
@@ -41,6 +40,7 @@ from tensorline.config import PipelineConfig
 from tensorline.engine.errors import FATAL_EXIT_CODE
 from tensorline.engine.plugins import PER_MODEL_KINDS
 from tensorline.engine.worker import STATE_DIR_ENV, SUPERVISOR_PID_ENV, group_id
+from tensorline.ops import signals
 
 # First restart after 1 s, doubling to at most 30 s: fast for a blip, gentle for a broken host.
 BACKOFF_S = (1.0, 30.0)
@@ -51,31 +51,13 @@ WINDOW_S = 60.0
 STOP_TIMEOUT_S = 30.0
 # The last line of a worker's log is looked for in this much of its end.
 LAST_LINE_BYTES = 8192
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class AlreadyRunning(RuntimeError):
     """Another supervisor, or live workers on this host, already run a group this one would start."""
 
 
-def _pdeathsig() -> Callable[[], None] | None:
-    """A preexec_fn asking Linux to SIGTERM the child when its parent dies; None elsewhere.
-
-    prctl is looked up here, in the parent: the child only makes the call, between fork and exec.
-    The signal comes when the thread that started the child ends, so workers are started from
-    the supervisor's main thread.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    sigterm = int(signal.SIGTERM)
-    return lambda: prctl(PR_SET_PDEATHSIG, sigterm)
-
-
-_PREEXEC = _pdeathsig()
+_PREEXEC = signals.with_parent()
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     data_dir = tmp_path_factory.mktemp("broker")
     with_port = broker.free_port()
-    st = broker.start(data_dir, with_port)
+    st = broker.start(data_dir, with_port, with_parent=True)  # gone with the session, even a killed one
     try:
         yield st.bootstrap
     finally:

@@ -15,12 +15,14 @@ from kafka.admin import NewTopic
 
 from tensorline.ops import broker
 
+from tests.conftest import wait_for
+
 
 @pytest.fixture(scope="module")
 def own_broker(tmp_path_factory: pytest.TempPathFactory):
     """A second broker of this module's own, so killing it cannot hurt other tests."""
     data_dir = tmp_path_factory.mktemp("own-broker")
-    st = broker.start(data_dir, broker.free_port())
+    st = broker.start(data_dir, broker.free_port(), with_parent=True)
     yield data_dir, st
     broker.stop(data_dir)
 
@@ -92,3 +94,23 @@ def test_cluster_ids_never_start_with_a_dash(tmp_path, monkeypatch):
     monkeypatch.setattr(broker.uuid, "uuid4", lambda: type("U", (), {"bytes": next(ids)})())
     assert not broker._cluster_id(tmp_path).startswith("-")
     assert (tmp_path / "cluster.id").read_text() == "AAAAAAAAAAAAAAAAAAAAAA"
+
+
+def test_a_broker_started_with_its_parent_stops_when_the_parent_is_killed(tmp_path):
+    """A test session's broker (`with_parent`) must not outlive a pytest killed by SIGKILL: it
+    used to run on, holding its ports and half a GiB, until someone found it."""
+    script = (f"import signal; from tensorline.ops import broker; "
+              f"from pathlib import Path; broker.start(Path({str(tmp_path)!r}), broker.free_port(), with_parent=True); "
+              f"print('started', flush=True); signal.pause()")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "started"
+        st = broker.status(tmp_path)
+        assert st.running and st.pid
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        wait_for(lambda: not broker.pid_alive(st.pid, tmp_path), 120, "the broker gone with its parent")
+    finally:
+        parent.kill()
+        parent.wait()
+        broker.stop(tmp_path)

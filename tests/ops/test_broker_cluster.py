@@ -32,7 +32,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     """A three-node cluster of this module's own on free ports, every node stopped at the end."""
     data_dir = tmp_path_factory.mktemp("cluster")
     try:
-        st = broker.start(data_dir, broker.free_port_range(3), nodes=3)
+        st = broker.start(data_dir, broker.free_port_range(3), nodes=3, with_parent=True)
         yield data_dir, st
     finally:
         broker.stop(data_dir)
@@ -42,9 +42,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 def all_nodes(cluster):
     """The cluster with every node running, before and after the test (a test may kill one)."""
     data_dir, _ = cluster
-    st = broker.start(data_dir)
+    st = broker.start(data_dir, with_parent=True)
     yield data_dir, st
-    broker.start(data_dir)
+    broker.start(data_dir, with_parent=True)
 
 
 def cluster_pipeline(namespace: str, bootstrap: str) -> config.PipelineConfig:
@@ -113,7 +113,7 @@ def test_start_again_starts_only_a_stopped_node(all_nodes):
     pids = {n.node_id: n.pid for n in st.nodes}
     after = broker.stop(data_dir, node=2)
     assert [n.running for n in after.nodes] == [True, False, True] and after.running
-    again = broker.start(data_dir)
+    again = broker.start(data_dir, with_parent=True)
     assert {n.node_id: n.pid for n in again.nodes if n.node_id != 2} == {1: pids[1], 3: pids[3]}
     assert again.nodes[1].running and again.nodes[1].pid != pids[2]
 

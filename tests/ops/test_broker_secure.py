@@ -47,7 +47,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory):
     """A --secure single broker on a free port, and a folder for the module's runs; stopped at the end."""
     data_dir = tmp_path_factory.mktemp("secure-broker")
     try:
-        st = broker.start(data_dir, broker.free_port(), secure=True, timeout=BROKER_START_S)
+        st = broker.start(data_dir, broker.free_port(), secure=True, timeout=BROKER_START_S, with_parent=True)
         yield data_dir, st, tmp_path_factory.mktemp("secure-runs")
     finally:
         broker.stop(data_dir)

@@ -25,7 +25,8 @@ START_S = 300.0
 def secure_cluster(tmp_path_factory: pytest.TempPathFactory):
     data_dir = tmp_path_factory.mktemp("secure-cluster")
     try:
-        st = broker.start(data_dir, broker.free_port_range(3), nodes=3, secure=True, timeout=START_S)
+        st = broker.start(data_dir, broker.free_port_range(3), nodes=3, secure=True, timeout=START_S,
+                          with_parent=True)
         yield data_dir, st
     finally:
         broker.stop(data_dir)
@@ -46,7 +47,7 @@ def test_three_secure_nodes_replicate_and_a_restarted_node_rejoins(secure_cluste
     clients.create_topics(cfg)
     acls.apply(cfg)
     broker.stop(data_dir, node=2)
-    again = broker.start(data_dir, timeout=START_S)  # node 2 again: it must authenticate to the others to catch up
+    again = broker.start(data_dir, timeout=START_S, with_parent=True)  # node 2 again: it must authenticate to the others to catch up
     assert [n.running for n in again.nodes] == [True, True, True]
     stage = cfg.as_principal("scale")
     producer = clients.producer(stage, transactional_id=f"{namespace}.scale.test-0")
