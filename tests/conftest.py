@@ -11,8 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tensorline import config
+
+# Property tests check results, not speed: on a busy 2-core machine one example may take 400 ms
+# (the assignor's determinism test failed hypothesis' 200 ms deadline so), and generating data
+# may be slow. No deadline, no too_slow health check, for every property test.
+settings.register_profile("tensorline", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("tensorline")
 
 def wait_for(condition: Callable[[], object], timeout_s: float, what: str, every_s: float = 0.2):
     """Poll `condition` until it is true (returned) or `timeout_s` passes (AssertionError naming
