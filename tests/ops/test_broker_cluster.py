@@ -124,8 +124,12 @@ def test_created_topics_have_three_replicas_and_min_insync_two(all_nodes, namesp
     admin = clients.admin(cfg)
     try:
         names = [t.name for t in cfg.topics.values()]
-        for topic in admin.describe_topics(names):
-            assert topic["partitions"] and all(len(p["replica_nodes"]) == 3 for p in topic["partitions"]), topic
+        # Created on the controller; a node the admin asks may not have the new topics' metadata
+        # yet (UNKNOWN_TOPIC_OR_PARTITION at load 5: the loop's run 13): ask until every one has.
+        described = wait_for(lambda: (found := admin.describe_topics(names)) and all(t["partitions"] for t in found)
+                             and found, 60, "every topic in the metadata")
+        for topic in described:
+            assert all(len(p["replica_nodes"]) == 3 for p in topic["partitions"]), topic
         found = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n, ["min.insync.replicas"])
                                         for n in names])
         values = {name: c["min.insync.replicas"]["value"] for name, c in found["topic"].items()}
