@@ -31,10 +31,35 @@ from __future__ import annotations
 
 import inspect
 import textwrap
+from collections.abc import Callable
+from types import ModuleType
 
 from kafka.net import manager, transport
 from kafka.producer import sender
 from kafka.record import default_records
+
+
+def _recompile(owner: type, name: str, module: ModuleType, replacements: list[tuple[str, str]], patch: str, *,
+               check: Callable[[str], bool] = lambda source: True) -> None:
+    """Replace `owner.name` by kafka-python's own source of it with each (old, new) of
+    `replacements` made, compiled in `module`'s namespace, so the patch follows the installed
+    version. Done once. When an `old` is not found exactly once or `check` fails (kafka-python
+    changed), raise at import, naming `patch`, rather than leave the method unpatched."""
+    method = getattr(owner, name)
+    if getattr(method, "_tensorline_patched", False):
+        return
+    source = textwrap.dedent(inspect.getsource(method))
+    if any(source.count(old) != 1 for old, _ in replacements) or not check(source):
+        raise RuntimeError(f"kafka-python's {owner.__name__}.{name} changed: "
+                           f"tensorline.engine.compat.{patch} needs a look")
+    for old, new in replacements:
+        source = source.replace(old, new)
+    namespace: dict = {}
+    exec(compile(source, module.__file__, "exec"), vars(module), namespace)  # noqa: S102
+    patched = namespace[name]
+    patched._tensorline_patched = True
+    setattr(owner, name, patched)
+
 
 _STRICT = 'h_key = buffer[pos: pos + h_key_len].decode("utf-8")'
 _REPLACE = 'h_key = buffer[pos: pos + h_key_len].decode("utf-8", "replace")'
@@ -47,20 +72,8 @@ def lenient_header_keys() -> None:
     follows the installed version; if that line is not found exactly once (kafka-python changed),
     this raises at import rather than silently leaving the strict decode in place.
     """
-    batch = default_records.DefaultRecordBatch
-    if getattr(batch._read_msg, "_tensorline_lenient", False):
-        return
-    source = textwrap.dedent(inspect.getsource(batch._read_msg))
-    if source.count(_STRICT) != 1:
-        raise RuntimeError("kafka-python's DefaultRecordBatch._read_msg changed: "
-                           "tensorline.engine.compat.lenient_header_keys needs a look")
-    namespace: dict = {}
-    exec(compile(source.replace(_STRICT, _REPLACE), default_records.__file__, "exec"),  # noqa: S102
-         vars(default_records), namespace)
-    read_msg = namespace["_read_msg"]
-    read_msg._tensorline_lenient = True
-    batch._read_msg = read_msg
-
+    _recompile(default_records.DefaultRecordBatch, "_read_msg", default_records, [(_STRICT, _REPLACE)],
+               "lenient_header_keys")
 
 _RETRY_IF_NO_NODE = """\
     if target_node is None:
@@ -78,20 +91,8 @@ def retry_unsent_transactional_requests() -> None:
     last retry made unconditional (the loop before it returns once a request is sent); if that
     code is not found exactly once (kafka-python changed), this raises at import.
     """
-    cls = sender.Sender
-    if getattr(cls._maybe_send_pending_request, "_tensorline_retry", False):
-        return
-    source = textwrap.dedent(inspect.getsource(cls._maybe_send_pending_request))
-    if source.count(_RETRY_IF_NO_NODE) != 1 or source.count("return True") != 2:
-        raise RuntimeError("kafka-python's Sender._maybe_send_pending_request changed: "
-                           "tensorline.engine.compat.retry_unsent_transactional_requests needs a look")
-    namespace: dict = {}
-    exec(compile(source.replace(_RETRY_IF_NO_NODE, _RETRY_UNSENT), sender.__file__, "exec"),  # noqa: S102
-         vars(sender), namespace)
-    method = namespace["_maybe_send_pending_request"]
-    method._tensorline_retry = True
-    cls._maybe_send_pending_request = method
-
+    _recompile(sender.Sender, "_maybe_send_pending_request", sender, [(_RETRY_IF_NO_NODE, _RETRY_UNSENT)],
+               "retry_unsent_transactional_requests", check=lambda source: source.count("return True") == 2)
 
 _BOOTSTRAP_RETRY = """\
         except Errors.IncompatibleBrokerVersion:
@@ -112,20 +113,8 @@ def raise_authentication_failures_at_bootstrap() -> None:
     with one `except` clause added before its catch-all retry; if the clause it follows is not
     found exactly once (kafka-python changed), this raises at import.
     """
-    cls = manager.KafkaConnectionManager
-    if getattr(cls._do_bootstrap, "_tensorline_auth", False):
-        return
-    source = textwrap.dedent(inspect.getsource(cls._do_bootstrap))
-    if source.count(_BOOTSTRAP_RETRY) != 1:
-        raise RuntimeError("kafka-python's KafkaConnectionManager._do_bootstrap changed: "
-                           "tensorline.engine.compat.raise_authentication_failures_at_bootstrap needs a look")
-    namespace: dict = {}
-    exec(compile(source.replace(_BOOTSTRAP_RETRY, _BOOTSTRAP_AUTH_RAISES), manager.__file__, "exec"),  # noqa: S102
-         vars(manager), namespace)
-    method = namespace["_do_bootstrap"]
-    method._tensorline_auth = True
-    cls._do_bootstrap = method
-
+    _recompile(manager.KafkaConnectionManager, "_do_bootstrap", manager, [(_BOOTSTRAP_RETRY, _BOOTSTRAP_AUTH_RAISES)],
+               "raise_authentication_failures_at_bootstrap")
 
 _ABORT_FIRST = """\
         if err:
@@ -155,16 +144,5 @@ def deliver_data_before_close() -> None:
     transport's too), recompiled with its abort on a closed socket moved after the data is
     handed on; if that code is not found exactly once (kafka-python changed), this raises at import.
     """
-    cls = transport.KafkaTCPTransport
-    if getattr(cls._read_from_sock, "_tensorline_data_first", False):
-        return
-    source = textwrap.dedent(inspect.getsource(cls._read_from_sock))
-    if source.count(_ABORT_FIRST) != 1 or source.count(_AFTER_DATA) != 1:
-        raise RuntimeError("kafka-python's KafkaTCPTransport._read_from_sock changed: "
-                           "tensorline.engine.compat.deliver_data_before_close needs a look")
-    namespace: dict = {}
-    exec(compile(source.replace(_ABORT_FIRST, _DATA_FIRST).replace(_AFTER_DATA, _THEN_ABORT),  # noqa: S102
-                 transport.__file__, "exec"), vars(transport), namespace)
-    method = namespace["_read_from_sock"]
-    method._tensorline_data_first = True
-    cls._read_from_sock = method
+    _recompile(transport.KafkaTCPTransport, "_read_from_sock", transport,
+               [(_ABORT_FIRST, _DATA_FIRST), (_AFTER_DATA, _THEN_ABORT)], "deliver_data_before_close")
