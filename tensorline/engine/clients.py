@@ -30,6 +30,7 @@ compat.lenient_header_keys()
 compat.retry_unsent_transactional_requests()
 compat.raise_authentication_failures_at_bootstrap()
 compat.deliver_data_before_close()
+compat.take_up_completed_joins()
 # A client's close() cancels its requests in flight; kafka-python logs some as errors (see logs).
 logs.quiet_close("kafka")
 

@@ -25,6 +25,15 @@ the broker answers a failed authentication, then closes the connection: when the
 close arrive in one read, kafka-python's transport dropped the answer and saw only "socket
 disconnected" (the consumer, whose IO runs on its own thread, nearly always). The Java client
 handles the bytes received before a close first; here, the same.
+
+Group joins: kafka-python 3.0.12 drives a join only while `need_rejoin()`. When the consumer asks
+for a rejoin itself (its subscription or a subscribed topic's partitions changed), that turns
+false once the JoinGroup is sent, so a join that completed after its poll's timeout was never
+taken up: the member stayed rebalancing with heartbeats off and its assignment unapplied until
+the group evicted it, and never rejoined. And a join completed between two polls was dropped and
+sent again: a new rebalance per poll. The Java client joins while a join is needed or pending and
+takes up a completed one (`AbstractCoordinator.rejoinNeededOrPending`, `joinFuture`); here, a
+join stays needed until it succeeds, and a completed one is taken up.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import textwrap
 from collections.abc import Callable
 from types import ModuleType
 
+from kafka.coordinator import base
 from kafka.net import manager, transport
 from kafka.producer import sender
 from kafka.record import default_records
@@ -146,3 +156,33 @@ def deliver_data_before_close() -> None:
     """
     _recompile(transport.KafkaTCPTransport, "_read_from_sock", transport,
                [(_ABORT_FIRST, _DATA_FIRST), (_AFTER_DATA, _THEN_ABORT)], "deliver_data_before_close")
+
+_NEW_JOIN_IF_DONE = "if self._join_task is None or self._join_task.is_done:"
+_NEW_JOIN_IF_NONE = "if self._join_task is None:  # a join completed while no poll waited is taken up below"
+_SEND_JOIN = "self._join_task = self._manager.call_soon(self._do_join_and_sync_async)"
+_SEND_JOIN_NEEDED = "self.rejoin_needed = True  # until this join succeeds, whoever asked for it\n            " + _SEND_JOIN
+_NON_RETRIABLE = """\
+        except Errors.KafkaError:
+            # Non-retriable error
+            self._join_task = None
+            raise
+"""
+_ANY_ERROR = """\
+        except Exception:  # any error ends the attempt: it is not awaited again
+            self._join_task = None
+            raise
+"""
+
+
+def take_up_completed_joins() -> None:
+    """Patch kafka-python's group coordinator to keep a join needed until it succeeds, and to
+    take up a join that completed while no poll waited for it instead of sending it again.
+
+    The patched method is kafka-python's own `BaseCoordinator.join_group_async`, recompiled with
+    the need recorded when a join is sent, a pending join awaited even when done, and every error
+    ending the attempt; if that code is not found exactly once (kafka-python changed), this raises
+    at import.
+    """
+    _recompile(base.BaseCoordinator, "join_group_async", base,
+               [(_NEW_JOIN_IF_DONE, _NEW_JOIN_IF_NONE), (_SEND_JOIN, _SEND_JOIN_NEEDED),
+                (_NON_RETRIABLE, _NON_RETRIABLE + _ANY_ERROR)], "take_up_completed_joins")

@@ -8,13 +8,13 @@ import subprocess
 import time
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 from kafka.consumer.group import ConsumerGroupMetadata
 from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 
 from tensorline.engine import clients, compat
 from tensorline.engine.kafka import KafkaSink, KafkaSource
-from tests.conftest import joined
+from tests.conftest import joined, wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -55,6 +55,32 @@ def test_offsets_of_a_failed_transaction_never_reach_a_later_one(pipeline, names
         sink.close()
         committed = {p: consumer.committed(TopicPartition(topic, p)) for p in (0, 1)}
         assert committed == {0: 7, 1: None}  # partition 1's refused offset 50 never committed
+    finally:
+        consumer.close()
+
+
+def test_a_join_that_completes_between_polls_is_taken_up_by_the_next_poll(pipeline, namespace):
+    """kafka-python 3.0.12 ran a join only while `need_rejoin()`: a rejoin the consumer asks for
+    itself (its subscription or the topics' metadata changed) clears that as the JoinGroup goes
+    out, so a join that completed after its poll timed out was never taken up: the member stayed
+    rebalancing, heartbeats off, its assignment not applied, until the group evicted it (a test
+    worker sat so for 120 s). And a join that completed between polls was sent again, a new
+    rebalance per poll. The Java client joins while a join is needed *or pending*, and takes up
+    a completed one (`AbstractCoordinator.rejoinNeededOrPending`); here, the same."""
+    first, second = pipeline.topic("raw").name, pipeline.topic("out").name
+    consumer = joined(pipeline, f"{namespace}.g", first)
+    coordinator = consumer._coordinator
+    try:
+        wait_for(lambda: consumer.partitions_for_topic(second), 60, f"topic {second} in the metadata")
+        generation = coordinator._generation.generation_id
+        consumer.subscribe([first, second])  # the consumer's own reason to rejoin
+        consumer.poll(timeout_ms=0)  # the JoinGroup goes out; the poll returns before its answer
+        wait_for(lambda: coordinator._join_task is None or coordinator._join_task.is_done, 60, "the join done")
+        both = {first, second}
+        wait_for(lambda: consumer.poll(timeout_ms=0) is not None and {tp.topic for tp in consumer.assignment()} == both,
+                 60, "the completed join taken up (its assignment applied)", every_s=0.05)
+        assert coordinator.stable() and coordinator._heartbeat_enabled
+        assert coordinator._generation.generation_id == generation + 1  # one rebalance, not one per poll
     finally:
         consumer.close()
 
