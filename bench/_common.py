@@ -55,7 +55,7 @@ def local_broker() -> Iterator[tuple[Path, broker.BrokerStatus]]:
     with tempfile.TemporaryDirectory(prefix="tensorline-bench-") as tmp:
         folder = Path(tmp)
         data_dir = folder / "broker"
-        status = broker.start(data_dir, broker.free_port())
+        status = broker.start(data_dir, broker.free_port(), with_parent=True)  # gone with the bench, even a killed one
         try:
             with bootstrap_pinned(status.bootstrap):
                 yield folder, status
