@@ -3,9 +3,8 @@
 `tensorline train --seeds` as a benchmark: the demo models are trained under SEEDS model seeds
 (7, 8, ...) on the same demo set (data seed 7: the demo's test split), each into a scratch folder;
 per seed, every model's and the fused result's macro-F1 on the test split, the fused result being
-what the stacker file holds (the fusion chosen by cross-validation on the validation split grouped
-by source image, if it beats the best single model there overall and in every fold; else that model
-passed through). Each seed's line also gives the gain's 95% interval on the test
+what the stacker file holds (the fusion chosen by cross-validation on the validation split, or the
+best single model passed through). Each seed's line also gives the gain's 95% interval on the test
 records (paired bootstrap) and a verdict. The baseline is measured in the same run: the best single
 model of the same seed on the same records. Goals: gain_mean >= +0.02 macro-F1, gain_min >= 0.
 
