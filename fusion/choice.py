@@ -1,5 +1,5 @@
 """Choosing the fusion that generalises: folds grouped by source image for cross-validation, the
-rule that falls back to the best single model unless a fusion beats it there in every fold, a weighting shrunk
+rule that falls back to the best single model unless a fusion beats it there, a weighting shrunk
 toward that model, and the linear forms a stacker file can hold besides a fitted stacker (a
 strategy's weighting, one model passed through).
 
@@ -44,24 +44,11 @@ def grouped_folds(groups: Sequence[object] | np.ndarray, n_folds: int) -> np.nda
     return fold_of[inverse]
 
 
-def choose(cv_scores: Mapping[str, float], fusions: Sequence[str],
-           fold_scores: Mapping[str, Sequence[float]] | None = None) -> str:
-    """The fusion among `fusions` with the best cross-validated score among those that beat the
-    single model's (`cv_scores[SINGLE]`) strictly, overall and, given `fold_scores` (each
-    candidate's score in each validation fold, SINGLE's included), in every fold; else SINGLE.
-    Fusion must earn its place: a win carried by one fold (one source image) is noise the test
-    images need not share, and the best of several noisy candidates is optimistic."""
-    def wins(f: str) -> bool:
-        if not cv_scores[f] > cv_scores[SINGLE]:
-            return False
-        if fold_scores is None:
-            return True
-        mine, single = fold_scores[f], fold_scores[SINGLE]
-        if len(mine) != len(single) or not mine:
-            raise ValueError(f"fold scores of {f!r} and {SINGLE!r} differ in length: {len(mine)}, {len(single)}")
-        return all(a > b for a, b in zip(mine, single))
-    eligible = [f for f in fusions if wins(f)]
-    return max(eligible, key=lambda f: cv_scores[f]) if eligible else SINGLE
+def choose(cv_scores: Mapping[str, float], fusions: Sequence[str]) -> str:
+    """The fusion among `fusions` with the best cross-validated score if it beats the single
+    model's (`cv_scores[SINGLE]`) strictly, else SINGLE: fusion must earn its place."""
+    best = max(fusions, key=lambda f: cv_scores[f])
+    return best if cv_scores[best] > cv_scores[SINGLE] else SINGLE
 
 
 def shrink(weights: Mapping[str, float], single: str, amount: float) -> dict[str, float]:

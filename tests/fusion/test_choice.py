@@ -44,22 +44,6 @@ def test_the_fallback_is_the_single_model_unless_a_fusion_beats_it():
                          fusions) == "soft_vote"
 
 
-def test_a_fusion_must_beat_the_single_model_in_every_fold():
-    fusions = ("stacking", "soft_vote")
-    cv = {"stacking": 0.95, "soft_vote": 0.93, "single": 0.92}
-    # stacking is best overall, but its win is one fold's: it loses the second fold (one image)
-    folds = {"stacking": [0.99, 0.88, 0.97], "soft_vote": [0.94, 0.91, 0.94], "single": [0.93, 0.90, 0.93]}
-    assert choice.choose(cv, fusions) == "stacking"  # without folds, the overall score alone
-    assert choice.choose(cv, fusions, folds) == "soft_vote"
-    folds["soft_vote"][1] = 0.90  # a tie in a fold is not a win
-    assert choice.choose(cv, fusions, folds) == "single"
-    # a fold win does not excuse an overall loss
-    assert choice.choose({**cv, "soft_vote": 0.91}, ("soft_vote",),
-                         {"soft_vote": [0.95, 0.95, 0.95], "single": [0.9, 0.9, 0.9]}) == "single"
-    with pytest.raises(ValueError, match="differ in length"):
-        choice.choose(cv, ("soft_vote",), {"soft_vote": [0.94, 0.95], "single": [0.93]})
-
-
 def test_linear_stackers_decide_as_the_strategies_they_stand_for():
     rng = np.random.default_rng(3)
     scores = rng.dirichlet([1, 1, 1], (500, 3))  # 500 records, 3 models, 3 classes

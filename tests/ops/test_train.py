@@ -92,48 +92,6 @@ def test_the_pipeline_stages_load_the_models_with_their_shapes(trained):
         assert (model.input_shape, model.output_shape) == (expected_input, (len(cfg.classes),)), m.name
 
 
-def blob_image(sigma: float, amplitude: float = 5.0, size: int = 64, centre: tuple[int, int] = (32, 32),
-               seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    blob = amplitude * np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / (2 * sigma**2))
-    return (rng.normal(0, 1, (size, size)) + blob)[None, :, :, None].astype(np.float32)
-
-
-def test_the_blob_filters_are_fixed_and_answer_a_blob_at_its_scale():
-    cfg = config.load(PIPELINE)
-    responses = train.blob_responses(cfg)
-    n = len(train.BLOB_SCALES)
-    assert responses.input_shape[1:] == (64, 64, 1) and responses.output_shape[1:] == (4 * n,)
-    assert responses.trainable_weights == []  # nothing in the filters is learned
-    noise = responses.predict(blob_image(3.0, amplitude=0.0), verbose=0)[0]
-    for k, sigma in enumerate(train.BLOB_SCALES):
-        f = responses.predict(blob_image(sigma), verbose=0)[0]
-        laplacian_max, determinant_max = f[:n], f[n:2 * n]
-        assert laplacian_max[k] > 2 * noise[k] and determinant_max[k] > 2 * noise[n + k], sigma
-        assert abs(int(np.argmax(laplacian_max)) - k) <= 1, (sigma, laplacian_max)  # peaks near its scale
-    # a dark blob is no nodule (views are bright-is-high): the centre maxima stay at the noise's level
-    dark = responses.predict(blob_image(3.0, amplitude=-5.0), verbose=0)[0]
-    assert dark[:n].max() < responses.predict(blob_image(3.0), verbose=0)[0][:n].max() / 2
-    # a blob outside the centre (where the demo never puts one) leaves the centre maxima alone
-    corner = responses.predict(blob_image(2.0, centre=(4, 4)), verbose=0)[0]
-    assert corner[0] < 2 * noise[0]
-
-
-def test_the_logistic_model_reads_an_image_view_through_the_blob_filters(trained):
-    cfg, result = trained
-    import keras
-
-    m = cfg.model("detection", "logreg")
-    assert m.input == "image_full" and train.DETECTORS["logreg"].input == "image"
-    model = keras.saving.load_model(m.path, compile=False)
-    # only the softmax layer learns: one weight per feature and class, and a bias per class
-    n_features = 4 * len(train.BLOB_SCALES)
-    assert sorted(tuple(w.shape) for w in model.trainable_weights) == [(len(cfg.classes),),
-                                                                      (n_features, len(cfg.classes))]
-    assert "blob filters" in result["models"]["logreg"]["architecture"]
-
-
 def test_one_demo_patch_runs_through_preprocess_features_and_each_detection_model(trained):
     cfg, result = trained
     split = demo_data.build()["test"]
@@ -304,10 +262,7 @@ def test_the_fallback_passes_the_single_model_through_when_fusion_loses_on_valid
     assert summary["chosen"] == "single: a" and summary["best_single_on_val"] == "a"
     # shrinking toward a gains nothing from b and c: the shrunk weighting is a alone, and no win
     assert summary["shrunk"] == {"toward": "a", "amount": 1.0, "weights": {"a": 1.0, "b": 0.0, "c": 0.0}}
-    cv = summary["cross_validation"]
-    assert {k: cv[k] for k in ("by", "folds", "source_images", "fold_images")} == {
-        "by": "source image", "folds": 2, "source_images": ["img1", "img2"], "fold_images": [["img1"], ["img2"]]}
-    assert cv["f1_macro_per_fold"]["single"] == [1.0, 1.0]  # nothing can beat a in a fold
+    assert summary["cross_validation"] == {"by": "source image", "folds": 2, "source_images": ["img1", "img2"]}
     # the stacker file decides as model a does, through the fusion stage's own combine
     assert fusion["chosen"]["test"]["f1_macro"] == fusion["single"]["test"]["f1_macro"] == 1.0
     held = summary["stacker_object"]
@@ -322,8 +277,6 @@ def test_a_fusion_that_beats_every_model_out_of_fold_is_chosen():
     y, scores = hand_made(rng, 2000, {"a": 0.8, "b": 0.8, "c": 0.8})  # independent errors: voting helps
     fusion, summary = choose(cfg, y, scores, np.repeat(["i1", "i2", "i3", "i4", "i5", "i6", "i7", "i8"], 250))
     assert summary["chosen"] in train.HELD_BY_A_STACKER and summary["cross_validation"]["folds"] == 4
-    per_fold = summary["cross_validation"]["f1_macro_per_fold"]  # it won in each fold, not on average
-    assert all(f > s for f, s in zip(per_fold[summary["chosen"]], per_fold["single"], strict=True))
     assert fusion[summary["chosen"]]["val"]["f1_macro"] > fusion["single"]["val"]["f1_macro"] + 0.05
     assert fusion["chosen"]["test"]["f1_macro"] > max(fusion["single"]["test"]["f1_macro"], 0.85)
     assert summary["test_vs_best_single"]["verdict"] == "better" and summary["test_vs_best_single"]["interval"][0] > 0
