@@ -4,8 +4,9 @@ The lesions are synthetic Gaussian blobs implanted into real images, because no 
 images can be shipped or downloaded here. Results on this set measure the pipeline (and how well
 models find a blob in real anatomy and noise), not clinical performance.
 
-The real images are the grayscale DICOM test files shipped by pydicom, pydicom-data and nibabel,
-one per patient, compressed ones included (decoded by Pillow and pylibjpeg, both dependencies).
+The real images are the DICOM test files shipped by pydicom, pydicom-data and nibabel, one per
+patient, compressed ones included (decoded by Pillow and pylibjpeg, both dependencies), colour
+ultrasound read as its luminance (as the producer reads it, `sources.COLOUR`).
 Splits are by source image, so no image (nor patient) is on two sides; a fixed seed gives the
 same arrays on every run. Nothing is cached on disk.
 """
@@ -62,9 +63,9 @@ class Split:
 
 
 def source_images() -> list[Path]:
-    """The real 2-D grayscale DICOMs usable here, one per patient, sorted by file name.
+    """The real 2-D DICOMs usable here, one per patient, sorted by file name.
 
-    Usable: MONOCHROME1/2, at least 128x128, an anatomical modality, not a mosaic (tiles of
+    Usable: MONOCHROME1/2 or colour (read as luminance), at least 128x128, an anatomical modality, not a mosaic (tiles of
     slices), and its pixels decode here. Several test files hold the same image (lossy and
     lossless copies, compressed and not, crops): of each patient, the first that decodes of the
     lossless, then uncompressed, then largest, then first-named files is kept.
@@ -81,7 +82,7 @@ def source_images() -> list[Path]:
             syntax is not None
             and syntax.is_transfer_syntax
             and ds.get("Modality") in _MODALITIES
-            and ds.get("PhotometricInterpretation") in ("MONOCHROME1", "MONOCHROME2")
+            and ds.get("PhotometricInterpretation") in ("MONOCHROME1", "MONOCHROME2", *sources.COLOUR)
             and ds.get("BitsAllocated") in (8, 16)
             and min(ds.get("Rows", 0), ds.get("Columns", 0)) >= _MIN_SIDE
             and "MOSAIC" not in ds.get("ImageType", [])
@@ -121,12 +122,12 @@ def _quietly() -> Iterator[None]:
 
 
 def build(
-    seed: int = 7, patch: int = 64, patches_per_image: int = 400, positive_fraction: float = 0.5
+    seed: int = 7, patch: int = 64, patches_per_image: int = 300, positive_fraction: float = 0.5
 ) -> dict[str, Split]:
     """'train', 'val' and 'test' splits, by source image: a quarter of the images (at least one)
-    for test, a fifth (at least one) for val, the rest for train. Of the 13 images here, val gets 3:
-    enough for the fusion's cross-validation by image (`ops.train`); 400 patches each keep the
-    test split at 1,200 records.
+    for test, a fifth (at least one) for val, the rest for train. Of the 17 images here, test gets
+    4 and val 3 (enough for the fusion's cross-validation by image, `ops.train`); 300 patches each
+    keep the test split at 1,200 records, and give 3,000 to train on from 10 images.
 
     Each image gives `patches_per_image` patches at random positions, skipping nearly constant
     ones; exactly round(positive_fraction * patches_per_image) of them get a blob.
@@ -202,7 +203,8 @@ def _patches(
         item = next(sources.read(path, max_bytes=1 << 30))
         header = pydicom.dcmread(path, stop_before_pixels=True)
     image = item.tensors["image"]
-    bits = int(header.BitsStored)
+    # A colour image is read as its luminance, in the dtype of its samples (a palette's: its table's).
+    bits = image.dtype.itemsize * 8 if "colour" in item.attributes else int(header.BitsStored)
     signed = image.dtype.kind == "i"
     low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
     attrs = {k: v for k, v in item.attributes.items() if k.startswith(("rescale_", "window_"))} | {

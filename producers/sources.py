@@ -25,7 +25,7 @@ from PIL import Image
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.pixels import get_decoder
+from pydicom.pixels import apply_color_lut, get_decoder
 
 from tensorline.schemas.codec import DTYPES, MAX_TENSOR_BYTES
 
@@ -52,6 +52,11 @@ _PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # A DICOM file (PS3.10) is a 128-byte preamble, then "DICM"; pydicom reads nothing else.
 _DICM_AT = 128
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+# Colour DICOMs (ultrasound, secondary captures) become luminance, as colour PNGs and JPEGs do:
+# Y = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601, as Pillow's "L"), in the samples' dtype; YBR
+# is turned to RGB by pydicom's decoder, a palette through its lookup table. 8 and 16 bits.
+COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
+_LUMA = np.array([0.299, 0.587, 0.114])
 # Where an enhanced (multi-frame) DICOM keeps rescale and window: its functional groups.
 _PER_FRAME, _SHARED = "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"
 _TRANSFORM = "PixelValueTransformationSequence"
@@ -174,7 +179,7 @@ def _read_dicom(path: Path, max_bytes: int) -> Iterator[SourceItem]:
 
 
 def _dicom_items(path: Path, max_bytes: int) -> Iterator[SourceItem]:
-    """One item per frame of a grayscale DICOM; colour and palette images are not supported."""
+    """One item per frame of a grayscale DICOM, or of a colour one as its luminance (`COLOUR`)."""
     with path.open("rb") as f:
         f.seek(_DICM_AT)
         if f.read(4) != b"DICM":  # said here: pydicom's own message advises force=True, no help here
@@ -191,19 +196,27 @@ def _dicom_items(path: Path, max_bytes: int) -> Iterator[SourceItem]:
     if not any(k in ds for k in _PIXEL_DATA_KEYWORDS):
         raise BadFile(path, "no_pixel_data", f"no Pixel Data element ({ds.get('Modality', '?')})")
     photometric = str(ds.get("PhotometricInterpretation", ""))
-    if photometric not in _MONOCHROME or ds.get("SamplesPerPixel", 1) != 1:
-        raise BadFile(path, "unsupported_format", f"photometric {photometric!r} is not grayscale")
     try:
         rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
-        n_frames = int(ds.get("NumberOfFrames") or 1)
+        n_frames, samples = int(ds.get("NumberOfFrames") or 1), int(ds.get("SamplesPerPixel") or 1)
     except (AttributeError, ValueError, TypeError) as e:
         raise BadFile(path, "unsupported_format", f"bad Image Pixel module: {e}") from e
-    _check_size(path, rows * cols * max(1, bits // 8), max_bytes)
+    colour = photometric in COLOUR
+    one_sample = photometric in (*_MONOCHROME, "PALETTE COLOR")
+    if not (colour or photometric in _MONOCHROME) or samples != (1 if one_sample else 3):
+        raise BadFile(path, "unsupported_format", f"photometric {photometric!r} with {samples} samples per "
+                      "pixel is neither grayscale nor colour")
+    if colour and bits not in (8, 16):
+        raise BadFile(path, "unsupported_format", f"colour ({photometric}) with {bits} bits per sample: 8 or 16 "
+                      "are read")
+    # A colour image is decoded as three samples before it becomes one.
+    _check_size(path, rows * cols * max(1, bits // 8) * (3 if colour else 1), max_bytes)
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is None or not syntax.is_transfer_syntax:
         raise BadFile(path, "unsupported_transfer_syntax", f"no known transfer syntax ({syntax})")
     if "PixelData" in ds and not syntax.is_compressed:
-        expected = (rows * cols * n_frames * bits + 7) // 8
+        stored = 2 if photometric == "YBR_FULL_422" else samples  # 4:2:2 keeps 2 values a pixel
+        expected = (rows * cols * n_frames * bits * stored + 7) // 8
         if len(ds.PixelData) < expected:
             got = len(ds.PixelData)
             raise BadFile(path, "truncated", f"Pixel Data has {got} of {expected} bytes")
@@ -220,7 +233,8 @@ def _dicom_items(path: Path, max_bytes: int) -> Iterator[SourceItem]:
     comment = str(ds.get("ImageComments", ""))
     label = comment.removeprefix(LABEL_PREFIX) if comment.startswith(LABEL_PREFIX) else None
     common = {
-        "photometric": photometric,
+        "photometric": "MONOCHROME2" if colour else photometric,
+        "colour": photometric if colour else "",
         "modality": str(ds.get("Modality", "")),
         "study_uid": str(ds.get("StudyInstanceUID", "")),
         "series_uid": str(ds.get("SeriesInstanceUID", "")),
@@ -228,8 +242,11 @@ def _dicom_items(path: Path, max_bytes: int) -> Iterator[SourceItem]:
     for n in range(n_frames):
         try:
             frame = _native(decoder.as_array(ds, index=n)[0])
-        except (RuntimeError, ValueError, AttributeError) as e:
-            # pydicom wraps every decoding plugin's failure in RuntimeError.
+            if colour:  # YBR arrives as RGB (the decoder's default), a palette needs its table
+                frame = _luminance(apply_color_lut(frame, ds) if photometric == "PALETTE COLOR" else frame)
+        except _CORRUPT as e:
+            # pydicom wraps every decoding plugin's failure in RuntimeError; a broken palette
+            # table raises what its parsing meets.
             reason: Reason = (
                 "unsupported_transfer_syntax" if syntax.is_compressed else "unsupported_format"
             )
@@ -247,6 +264,12 @@ def _dicom_items(path: Path, max_bytes: int) -> Iterator[SourceItem]:
             attributes=attributes | _shape_attrs(frame),
             label=label,
         )
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    """(rows, cols, 3) RGB -> (rows, cols) luminance (BT.601), rounded, in the samples' dtype."""
+    info = np.iinfo(rgb.dtype)
+    return np.clip(np.rint(rgb @ _LUMA), info.min, info.max).astype(rgb.dtype)
 
 
 def _check_complete(path: Path, ds: pydicom.Dataset) -> None:

@@ -19,10 +19,10 @@ def splits() -> dict[str, demo_data.Split]:
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # bad_sequence.dcm's UIDs, malformed on purpose
-def test_source_images_are_real_grayscale_one_per_patient() -> None:
+def test_source_images_are_real_one_per_patient() -> None:
     paths = demo_data.source_images()
     names = [p.name for p in paths]
-    assert len(paths) >= 13 and names == sorted(names)
+    assert len(paths) >= 17 and names == sorted(names)
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     patients = [str(h.get("PatientID") or h.StudyInstanceUID) for h in headers]
     assert len(set(patients)) == len(patients)
@@ -37,6 +37,10 @@ def test_source_images_are_real_grayscale_one_per_patient() -> None:
     new = {"explicit_VR-UN.dcm", "J2K_pixelrep_mismatch.dcm", "bad_sequence.dcm",
            "JPGLosslessP14SV1_1s_1f_8b.dcm", "slicethickness_empty_string.dcm"}
     assert new <= set(names)
+    # Colour ultrasound, read as luminance: RGB, a palette of 8-bit and one of 16-bit indices, and
+    # a YBR JPEG shipped only lossy (its larger copy).
+    colour = {"US1_UNCR.dcm", "OBXXXX1A.dcm", "gdcm-US-ALOKA-16.dcm", "color3d_jpeg_baseline.dcm"}
+    assert colour <= set(names) and not {"US1_J2KR.dcm", "examples_ybr_color.dcm"} & set(names)
     for path in paths:  # every source decodes as the producer reads it
         item = next(sources.read(path, max_bytes=1 << 30))
         assert min(item.tensors["image"].shape) >= 128

@@ -21,7 +21,7 @@ from tensorline.schemas import decode_result
 
 ROOT = Path(__file__).resolve().parents[2]
 # The demo's test split with 12 patches per source image: a study per source image, as the demo's
-# 1,200 records are (400 per study).
+# 1,200 records are (300 per study).
 PATCHES_PER_IMAGE = 12
 
 

@@ -332,9 +332,38 @@ def test_too_large_names_size_and_limit(tmp_path: Path) -> None:
 def test_unsupported_formats(tmp_path: Path) -> None:
     np.save(tmp_path / "volume.npy", np.zeros((2, 3, 4)))
     np.save(tmp_path / "uint32.npy", np.zeros((3, 3), np.uint32))  # no tensor encoding
-    rgb, palette = dicom("US1_UNCR.dcm"), dicom("OBXXXX1A.dcm")
-    for path in (rgb, palette, tmp_path / "volume.npy", tmp_path / "uint32.npy"):
+    three_samples = pydicom.dcmread(dicom("CT_small.dcm"))
+    three_samples.SamplesPerPixel = 3  # MONOCHROME2 with 3 samples a pixel: neither grey nor colour
+    three_samples.save_as(tmp_path / "three_samples.dcm")
+    rgb32 = dicom("SC_rgb_32bit.dcm")  # colour with 32 bits a sample: 8 and 16 are read
+    for path in (rgb32, tmp_path / "three_samples.dcm", tmp_path / "volume.npy", tmp_path / "uint32.npy"):
         assert reason_of(path) == "unsupported_format"
+
+
+def test_colour_dicom_becomes_luminance(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(dicom("CT_small.dcm"))
+    rgb = np.zeros((4, 5, 3), np.uint8)
+    rgb[..., 0], rgb[0, 0] = 200, (10, 20, 30)  # red 200: 0.299 * 200 = 59.8; 3 + 11.74 + 3.42 = 18.16
+    ds.set_pixel_data(rgb, "RGB", 8)
+    ds.save_as(tmp_path / "rgb.dcm")
+    (item,) = items(tmp_path / "rgb.dcm")
+    expected = np.full((4, 5), 60, np.uint8)
+    expected[0, 0] = 18
+    np.testing.assert_array_equal(item.tensors["image"], expected)
+    assert item.attributes["photometric"] == "MONOCHROME2" and item.attributes["colour"] == "RGB"
+
+
+def test_colour_ultrasound_ybr_and_palette() -> None:
+    (plain,) = items(dicom("US1_UNCR.dcm"))  # RGB, uncompressed
+    (ybr,) = items(dicom("US1_J2KR.dcm"))  # the same image as lossless JPEG 2000 in YBR_RCT
+    assert plain.tensors["image"].shape == (480, 640) and plain.tensors["image"].dtype == np.uint8
+    np.testing.assert_array_equal(ybr.tensors["image"], plain.tensors["image"])
+    assert ybr.attributes["colour"] == "YBR_RCT"
+    (palette,) = items(dicom("OBXXXX1A.dcm"))  # 8-bit indices into 16-bit colour tables
+    ds = pydicom.dcmread(dicom("OBXXXX1A.dcm"))
+    table = pydicom.pixels.apply_color_lut(ds.pixel_array, ds).astype(np.float64)
+    np.testing.assert_array_equal(palette.tensors["image"], np.rint(table @ [0.299, 0.587, 0.114]))
+    assert palette.tensors["image"].dtype == np.uint16 and palette.attributes["colour"] == "PALETTE COLOR"
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about some damage
