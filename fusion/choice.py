@@ -58,7 +58,8 @@ def shrink(weights: Mapping[str, float], single: str, amount: float) -> dict[str
     if not 0.0 <= amount <= 1.0 or single not in weights or min(weights.values()) < 0 or not total > 0:
         raise ValueError(f"shrink needs non-negative weights with one positive, naming {single!r}, and an "
                          f"amount in [0, 1]; got {dict(weights)}, {amount}")
-    return {m: (1.0 - amount) * w / total + (amount if m == single else 0.0) for m, w in weights.items()}
+    # Normalised first: (1 - amount) * w would underflow to 0 for a subnormal weight.
+    return {m: (1.0 - amount) * (w / total) + (amount if m == single else 0.0) for m, w in weights.items()}
 
 
 def best_amount(score: Callable[[float], float], amounts: Sequence[float] = SHRINK_AMOUNTS) -> float:

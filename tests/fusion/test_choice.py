@@ -72,10 +72,17 @@ def test_shrink_moves_a_weighting_toward_the_single_model(raw, data, amount):
     got = choice.shrink(weights, single, amount)
     assert set(got) == set(weights) and min(got.values()) >= 0 and sum(got.values()) == pytest.approx(1.0)
     for m, w in weights.items():  # (1 - amount) * the normalised weighting + amount * the single model
-        assert got[m] == pytest.approx((1 - amount) * w / total + (amount if m == single else 0.0))
+        assert got[m] == pytest.approx((1 - amount) * (w / total) + (amount if m == single else 0.0))
     assert got[single] >= weights[single] / total - 1e-12  # never further from the single model
     assert choice.shrink(weights, single, 1.0) == {m: float(m == single) for m in weights}
     assert choice.shrink(weights, single, 0.0) == pytest.approx({m: w / total for m, w in weights.items()})
+
+
+def test_shrink_keeps_subnormal_weights():
+    # Found by the test above in a loop run: (1 - amount) * 5e-324 underflows to 0 before the
+    # division by the total, and the weights summed to 0.5.
+    assert choice.shrink({"a": 5e-324}, "a", 0.5) == {"a": 1.0}
+    assert choice.shrink({"a": 5e-324, "b": 5e-324}, "b", 0.5) == {"a": 0.25, "b": 0.75}
 
 
 def test_shrink_rejects_what_is_no_weighting():
