@@ -52,8 +52,11 @@ def quiet_tensorflow(device: str | None = None) -> None:
 # What TensorFlow's import writes to stderr on a host without CUDA drivers whatever its log level:
 # absl's note that logging is not initialised yet, then `cudart_stub.cc] Could not find cuda
 # drivers on your machine, GPU will not be used` (once per stub library) — an INFO line logged
-# before TF_CPP_MIN_LOG_LEVEL is read (tensorflow/tensorflow#62075).
-TF_IMPORT_NOISE = (b"All log messages before absl::InitializeLog() is called", b"Could not find cuda drivers")
+# before TF_CPP_MIN_LOG_LEVEL is read (tensorflow/tensorflow#62075) — and, on a CPU with the
+# features for which TensorFlow turns oneDNN on by default (AVX-512 VNNI/BF16, AMX), `port.cc]
+# oneDNN custom operations are on. You may see slightly different numerical results ...`, INFO too.
+TF_IMPORT_NOISE = (b"All log messages before absl::InitializeLog() is called", b"Could not find cuda drivers",
+                   b"oneDNN custom operations are on")
 
 
 @contextlib.contextmanager

@@ -52,10 +52,12 @@ def test_demo_on_a_subset_reports_every_model_and_the_fused_result(tmp_path, nam
     assert len(list((tmp_path / ".tensorline" / "demo" / "dicom").glob("*.dcm"))) == 1200  # the DICOM path
     assert (tmp_path / ".tensorline" / "models" / "cnn.keras.card.json").exists()
     # One screen, ending with the table: the summary rows close stdout (before the JSON line); on
-    # stderr, what the demo does, in its own words (no log records, no warnings, no CUDA lines).
+    # stderr, what the demo does, in its own words (no log records, no warnings, no CUDA lines,
+    # no TensorFlow INFO line such as `I0000 ... port.cc:153] oneDNN custom operations are on`).
     table = done.stdout.strip().splitlines()[:-1]
     assert table[-4:][0].startswith("cnn") and table[-1].startswith("FUSED"), done.stdout
     assert len(table) <= 14, done.stdout
     said = [line for line in done.stderr.splitlines() if not line.startswith("results ")]
     assert len(said) <= 10 and not any(w in done.stderr for w in ("WARNING", "ERROR", "cuda", '"event"')), \
         done.stderr
+    assert not re.search(r"^[IWEF]\d{4} \d\d:\d\d:", done.stderr, re.M), done.stderr
