@@ -29,6 +29,7 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
 
 from tensorline.engine.errors import Kind, classify
+from tensorline.engine.partitioner import partition_for_key
 from tensorline.engine.runtime import KEEPALIVE_POLL_S, Message, Output, OutputFailed
 
 # Sends are checked at commit; a minute covers a broker leader change on a small cluster.
@@ -237,7 +238,8 @@ class KafkaSink:
 
     `new_producer` builds it: after an abort the sink closes the producer and begins the next
     transaction on a fresh one (see the module docstring), so nothing of an aborted transaction,
-    pending offsets included, can reach a later one.
+    pending offsets included, can reach a later one. A keyed output's partition is computed here
+    (`partitioner`), as the default partitioner would, from the producer's metadata.
     """
 
     def __init__(self, new_producer: Callable[[], KafkaProducer], source: KafkaSource, *, transactional: bool):
@@ -266,8 +268,13 @@ class KafkaSink:
 
     def send(self, output: Output) -> None:
         try:
-            future = self._ready().send(output.topic, key=output.key, value=output.value,
-                                        headers=output.headers, partition=output.partition)
+            producer, partition = self._ready(), output.partition
+            if partition is None and output.key is not None:
+                # None while the producer has no metadata of the topic: send waits for it (and fails) as ever
+                known = producer._metadata.partitions_for_topic(output.topic)
+                partition = partition_for_key(output.key, len(known)) if known else None
+            future = producer.send(output.topic, key=output.key, value=output.value, headers=output.headers,
+                                   partition=partition)
         except Exception as e:
             raise (OutputFailed(output, e) if classify(e) is Kind.RECORD else e) from e
         self._sent.append((output, future))
