@@ -34,7 +34,8 @@ DEFAULT_MAX_DELAY_MS = 50
 # Under load, one transaction spans the batches finished within 100 ms (Kafka Streams' default
 # commit.interval.ms under exactly-once): a commit costs three round trips and a wait for the
 # previous transaction's markers, ~20 ms on one node, too much to pay for every 25 ms batch.
-# A worker with no next batch waiting commits at once, so a quiet stream pays no extra latency.
+# A worker with no batch in flight and no full batch of input waiting commits at once, so a quiet
+# stream pays no extra latency.
 DEFAULT_COMMIT_INTERVAL_MS = 100
 # A stage holds its input when more than half of its last 100 records were dead letters: a few
 # bad records flow through to the DLQ, a broken model or producer does not drain the topic into it.

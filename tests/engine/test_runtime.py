@@ -234,6 +234,37 @@ def test_a_worker_with_no_next_batch_commits_at_once_whatever_the_interval():
     assert sink.commits == 1 and len(sink.topic("mem.out")) == 3
 
 
+class Gappy(MemorySource):
+    """Every other poll comes back empty, as a consumer's does between two fetches of a backlog."""
+
+    def __init__(self, messages):
+        super().__init__(messages)
+        self.polls = 0
+
+    def poll(self, timeout_s, max_records):
+        self.polls += 1
+        return [] if self.polls % 2 else super().poll(timeout_s, max_records)
+
+
+def test_a_backlog_keeps_the_transaction_open_when_a_poll_between_fetches_comes_back_empty():
+    """With a model faster than the fetches, a worker used to commit whenever no batch was in
+    flight: at every empty poll between two fetches, a transaction per ~4 batches under a backlog
+    (a third of the broker's CPU per record). A full batch waiting at the source keeps it open."""
+    sink = CountingSink()
+    w = Worker(Scale(PIPELINE, PIPELINE.stages["scale"], None), Gappy([message(i) for i in range(8)]), sink,
+               output_topic="mem.out", dlq_topic="mem.dlq", max_batch=2, max_delay_ms=0, commit_interval_ms=60_000)
+    w._collect()  # the first poll: nothing yet
+    w._collect()  # the first batch
+    w._flight.append(w._start())
+    w._await(w._flight[0])
+    assert w._finish(w._flight.pop(0))  # produced into the open transaction: nothing in flight now
+    w._step()  # its poll comes back empty, as between two fetches; 6 records wait at the source
+    assert sink.commits == 0 and len(w._buffer) == 2
+    stats = w.run(until_idle_s=0)
+    assert [decode_record(o.value).record_id for o in sink.topic("mem.out")] == [f"r{i}" for i in range(8)]
+    assert sink.offsets == {("mem.in", 0): 8} and stats.records_in == 8
+
+
 def test_a_failed_commit_reads_every_batch_of_its_transaction_again():
     w, sink, _ = worker([message(i) for i in range(8)], max_batch=2, sink=FailOnceSink(), commit_interval_ms=60_000)
     stats = w.run(until_idle_s=0)
