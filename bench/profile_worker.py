@@ -4,7 +4,10 @@ A fixed backlog of 64x64x1 float32 records (keyed by study, `tl.ingest_ms` heade
 preprocess writes them) is produced to a fresh input topic; then one worker process runs the
 stage (`features`: the bench backbone, forwarding only the embedding, as bench/stages runs it; or
 `scale`: the model-free `stages.testing.Scale`, whose output is the whole tensor) exactly-once,
-until it has committed the backlog. Over the records committed after the first `--warmup`
+until it has committed the backlog. `bare` is the client's floor, the baseline for `scale`:
+kafka-python alone, forwarding each record as it came in the same exactly-once shape (poll up to
+max_batch, produce, commit the transaction with the offsets every commit interval), no runtime,
+codec or stage: what `scale` costs beyond it is ours. Over the records committed after the first `--warmup`
 ones, it measures per record:
 - the worker process's CPU (every thread: main loop, model thread, kafka-python's IO threads,
   TensorFlow's pools), from `time.process_time()` in the worker, and per thread from /proc,
@@ -31,6 +34,7 @@ Profiled runs are slower: their CPU figures are not comparable with unprofiled o
     .venv/bin/tensorline broker start --data-dir /tmp/broker-perf --port 19192
     .venv/bin/python bench/profile_worker.py --broker-dir /tmp/broker-perf --stage features --repeat 3
     .venv/bin/python bench/profile_worker.py --tree HEAD --tree HEAD+schemas/codec.py --repeat 3
+    .venv/bin/python bench/profile_worker.py --stage bare --stage scale --repeat 3
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from types import SimpleNamespace
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -83,6 +88,7 @@ commit_interval_ms = {commit_interval_ms}
 STAGES = {
     "features": ("features", '[stages.work.params]\nkeep = []\n[stages.work.models.backbone]\npath = "{models}/backbone.keras"\n'),
     "scale": ("tensorline.stages.testing:Scale", ""),
+    "bare": ("tensorline.stages.testing:Scale", ""),  # the pipeline file only names its topics and group
 }
 
 
@@ -143,25 +149,25 @@ def backlog(cfg, n: int, tensor: str) -> None:
     producer.close()
 
 
-def run_once(args, ref: str, bootstrap: str, broker_pid: int, folder: Path) -> dict:
+def run_once(args, stage: str, ref: str, bootstrap: str, broker_pid: int, folder: Path) -> dict:
     from tensorline import config
     from tensorline.engine import clients
 
     name = f"prof{os.urandom(4).hex()}"
-    kind, extra = STAGES[args.stage]
+    kind, extra = STAGES[stage]
     path = folder / f"{name}.toml"
     path.write_text(PIPELINE.format(name=name, bootstrap=bootstrap, kind=kind, extra=extra.format(models=MODELS),
                                     commit_interval_ms=args.commit_interval_ms))
     cfg = config.load(path)
     clients.create_topics(cfg)
-    backlog(cfg, args.warmup + args.records, "image" if args.stage == "features" else "x")
+    backlog(cfg, args.warmup + args.records, "image" if stage == "features" else "x")
     env = {**os.environ, "TENSORLINE_STATE_DIR": str(folder / "state"), "TF_CPP_MIN_LOG_LEVEL": "3",
            "CUDA_VISIBLE_DEVICES": "-1"}
     tree = tree_path(ref)
     if tree is not None:
         env["PYTHONPATH"] = f"{tree}{os.pathsep}{env.get('PYTHONPATH', '')}"
     cmd = [sys.executable, __file__, "--child", str(path), "--broker-pid", str(broker_pid),
-           "--warmup", str(args.warmup), "--records", str(args.records), "--stage", args.stage,
+           "--warmup", str(args.warmup), "--records", str(args.records), "--stage", stage,
            "--out", str(folder / f"{name}.json")]
     cmd += ["--py-spy"] if args.py_spy else []
     cmd += ["--cprofile"] if args.cprofile else []
@@ -172,7 +178,7 @@ def run_once(args, ref: str, bootstrap: str, broker_pid: int, folder: Path) -> d
     if proc.returncode:
         raise RuntimeError(f"worker run failed ({proc.returncode}):\n{log.read_text()[-4000:]}")
     result = json.loads((folder / f"{name}.json").read_text())
-    result["ref"] = ref
+    result["ref"] = ref if stage == "features" else f"{stage} {ref}"
     # The broker's own upkeep (timers, the group's heartbeats) costs CPU per second, not per
     # record: left in, a slower run (a busier machine) would read as a costlier path.
     result["broker_idle_ms"] = 1000 * idle / result["rps"]
@@ -193,7 +199,8 @@ def broker_idle(pid: int) -> float:
 def show(r: dict) -> str:
     threads = " ".join(f"{k}={v:.3f}" for k, v in sorted(r["threads_ms"].items(), key=lambda kv: -kv[1]) if v >= 0.005)
     return (f"[{r['ref']}] overhead={r['overhead_ms']:.3f} ms/rec: worker={r['worker_ms']:.3f} broker={r['broker_ms']:.3f} "
-            f"model={r['model_ms']:.3f} (upkeep left out: worker {r['upkeep_ms']:.3f}, broker {r['broker_idle_ms']:.3f}; records={r['records']} batch={r['batch']:.1f} rps={r['rps']:.0f})\n"
+            f"model={r['model_ms']:.3f} (upkeep left out: worker {r['upkeep_ms']:.3f}, broker {r['broker_idle_ms']:.3f}; records={r['records']} batch={r['batch']:.1f} rps={r['rps']:.0f}; "
+            f"records per {', per '.join(f'{k} {v:.0f}' for k, v in r['requests'].items())})\n"
             f"    per thread ms/rec: {threads}")
 
 
@@ -203,20 +210,21 @@ def parent(args) -> None:
     status = local.status(Path(args.broker_dir))
     if not status.running:
         sys.exit(f"no broker running under {args.broker_dir}: tensorline broker start --data-dir {args.broker_dir}")
-    if args.stage == "features":
+    stages = args.stage or ["features"]
+    if "features" in stages:
         build_models()
     refs = args.tree or ["."]
-    results: dict[str, list[dict]] = {ref: [] for ref in refs}
+    results: dict[tuple[str, str], list[dict]] = {(stage, ref): [] for stage in stages for ref in refs}
     with tempfile.TemporaryDirectory(prefix="profile-worker-") as tmp:
         for i in range(args.repeat):
-            for ref in refs:  # interleaved: a busy spell of the machine hits every version alike
-                r = run_once(args, ref, status.bootstrap, status.pid, Path(tmp))
-                results[ref].append(r)
+            for stage, ref in results:  # interleaved: a busy spell of the machine hits every run alike
+                r = run_once(args, stage, ref, status.bootstrap, status.pid, Path(tmp))
+                results[stage, ref].append(r)
                 print(show(r), flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    for ref, rs in results.items():
+    for (stage, ref), rs in results.items():
         med = {k: statistics.median(r[k] for r in rs) for k in ("overhead_ms", "worker_ms", "broker_ms", "model_ms")}
-        print(f"profile_worker: stage={args.stage} tree={ref} runs={len(rs)} overhead_ms_per_record={med['overhead_ms']:.3f} "
+        print(f"profile_worker: stage={stage} tree={ref} runs={len(rs)} overhead_ms_per_record={med['overhead_ms']:.3f} "
               f"worker_ms={med['worker_ms']:.3f} broker_ms={med['broker_ms']:.3f} model_ms={med['model_ms']:.3f} "
               f"(overheads {', '.join(format(r['overhead_ms'], '.3f') for r in rs)})")
 
@@ -267,26 +275,90 @@ def py_spy_report(raw: Path) -> str:
             f"by total time:\n{top(inclusive, total, 40)}")
 
 
+class Bare:
+    """The client's floor: kafka-python alone in the worker's exactly-once shape, no runtime, no
+    codec, no model. One consumer group member and one transactional producer; each poll's
+    records (up to max_batch) are produced to the output as they came (key, value, headers),
+    and every commit interval the transaction commits with the consumed offsets (KIP-447).
+    What a worker's overhead costs beyond this is the runtime's, the codec's and the stage's."""
+
+    def __init__(self):
+        self.stats = SimpleNamespace(records_in=0, batches=0)
+
+    def run(self, cfg, stop: threading.Event, interval_s: float):
+        from kafka import TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+        from tensorline.engine import clients
+
+        consumer = clients.consumer(cfg, f"{cfg.name}.bare", cfg.topic("in").name)
+        producer = clients.producer(cfg, transactional_id=f"{cfg.name}.bare")
+        producer.init_transactions()
+        out, max_batch = cfg.topic("out").name, cfg.stages["work"].max_batch
+        offsets: dict = {}
+        pending, since = 0, None
+        while not stop.is_set():
+            polled = consumer.poll(timeout_ms=100, max_records=max_batch)
+            for tp, records in polled.items():
+                if since is None:
+                    producer.begin_transaction()
+                    since = time.monotonic()
+                for r in records:
+                    producer.send(out, key=r.key, value=r.value, headers=r.headers)
+                offsets[TopicPartition(tp.topic, tp.partition)] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
+                pending += len(records)
+            self.stats.batches += bool(polled)
+            if since is not None and (not polled or time.monotonic() - since >= interval_s):
+                producer.send_offsets_to_transaction(offsets, consumer.group_metadata())
+                producer.commit_transaction()
+                self.stats.records_in += pending
+                pending, since, offsets = 0, None, {}
+        producer.close()
+        consumer.close()
+        return self.stats
+
+
+def count_requests() -> Counter:
+    """Counts, for the whole run, of the client calls that cost the broker most per record when
+    they are frequent: transactions committed and fetch requests sent."""
+    from kafka import KafkaProducer
+    from kafka.consumer.fetcher import Fetcher
+
+    counts: Counter[str] = Counter()
+
+    def counted(name, call, many=False):
+        def wrapper(*a, **k):
+            result = call(*a, **k)
+            counts[name] += len(result) if many else 1
+            return result
+        return wrapper
+    KafkaProducer.commit_transaction = counted("commit", KafkaProducer.commit_transaction)
+    Fetcher.send_fetches = counted("fetch", Fetcher.send_fetches, many=True)
+    return counts
+
+
+def profiled_run(run, profiles: list):
+    import cProfile
+
+    def wrapper(*a, **k):
+        profiler = cProfile.Profile(time.thread_time)
+        profiler.enable()
+        try:
+            return run(*a, **k)
+        finally:
+            profiler.disable()
+            profiles.append(profiler)
+    return wrapper
+
+
 def profile_threads(profiles: list) -> None:
     """cProfile on CPU time (time.thread_time) in every thread: the worker's loop (from
     Worker.run, after the model loaded), the model thread and kafka-python's threads. Each
     thread's profile is added to `profiles` when it ends."""
-    import cProfile
-
     from tensorline.engine.runtime import Worker
 
-    def profiled(run):
-        def wrapper(*a, **k):
-            profiler = cProfile.Profile(time.thread_time)
-            profiler.enable()
-            try:
-                return run(*a, **k)
-            finally:
-                profiler.disable()
-                profiles.append(profiler)
-        return wrapper
-    threading.Thread._bootstrap_inner = profiled(threading.Thread._bootstrap_inner)  # subclasses' run too
-    Worker.run = profiled(Worker.run)
+    threading.Thread._bootstrap_inner = profiled_run(threading.Thread._bootstrap_inner, profiles)  # subclasses' too
+    Worker.run = profiled_run(Worker.run, profiles)
 
 
 def cprofile_report(profiles: list) -> str:
@@ -316,7 +388,7 @@ def child(args) -> None:
         [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]).items()}
     consumer.close()
     total = sum(ends.values())
-    made: list[Worker] = []
+    made: list = []
     init = Worker.__init__
 
     def spy_init(self, stage, *a, **k):  # the worker object run() builds, to read its stats
@@ -362,7 +434,14 @@ def child(args) -> None:
     profiles: list = []
     if args.cprofile:
         profile_threads(profiles)
-    stats = worker_module.run(cfg, "work", metrics_port=None, stop=stop)
+    requests = count_requests()
+    if args.stage[-1] == "bare":
+        bare = Bare()
+        made.append(bare)
+        Bare.run = profiled_run(Bare.run, profiles) if args.cprofile else Bare.run
+        stats = bare.run(cfg, stop, args.commit_interval_ms / 1000)
+    else:
+        stats = worker_module.run(cfg, "work", metrics_port=None, stop=stop)
     done.set()
     if "idle" not in window:
         sys.exit(f"the window never closed: {stats}")
@@ -376,7 +455,8 @@ def child(args) -> None:
     rps = n / (t1 - t0)
     upkeep_ms = 1000 * upkeep / rps
     worker_ms, broker_ms, model_ms = 1000 * (c1 - c0) / n - upkeep_ms, 1000 * (b1 - b0) / n, 1000 * model / n
-    result = {"records": n, "rps": rps, "batch": batch, "worker_ms": worker_ms, "broker_ms": broker_ms,
+    result = {"records": n, "rps": rps, "batch": batch, "requests": {k: total / v for k, v in requests.items() if v},
+              "worker_ms": worker_ms, "broker_ms": broker_ms,
               "model_ms": model_ms, "overhead_ms": worker_ms + broker_ms - model_ms, "upkeep_ms": upkeep_ms,
               "threads_ms": {k: 1000 * (v - th0.get(k, 0.0)) / n for k, v in th1.items() if k != "profile-monitor"}}
     profile = []
@@ -391,7 +471,8 @@ def child(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--broker-dir", default="/tmp/broker-perf", help="data dir of a running `tensorline broker`")
-    parser.add_argument("--stage", choices=sorted(STAGES), default="features")
+    parser.add_argument("--stage", choices=sorted(STAGES), action="append",
+                        help="what to run (default features); repeat to compare, runs interleaved")
     parser.add_argument("--records", type=int, default=4000, help="records in the measured window")
     parser.add_argument("--warmup", type=int, default=1000, help="records before the window opens")
     parser.add_argument("--repeat", type=int, default=1)
