@@ -149,7 +149,13 @@ path = "{models}/mobilenet.keras"
 
 def build_models(folder: Path) -> None:
     """The backbone (four 3x3 convolutions: the model call is a real part of a record's cost), the head, a
-    small backbone for the memory phase and the realistic tier's MobileNet; fixed seeds, saved as .keras files."""
+    small backbone for the memory phase and the realistic tier's MobileNet; fixed seeds, saved as .keras files.
+    Built in a process of their own, so that the MobileNet's calibration calls leave no TensorFlow state
+    behind in this one, which sends and polls the paced records."""
+    subprocess.run([sys.executable, __file__, "--build-models", str(folder)], check=True)
+
+
+def save_models(folder: Path) -> None:
     import keras
 
     layers = keras.layers
@@ -380,8 +386,13 @@ def latencies(outputs: list[latency.Seen]) -> dict[str, np.ndarray]:
 
 # -- the run ---------------------------------------------------------------------------------
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--build-models", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
     pin_device("cpu")
+    if args.build_models:
+        save_models(args.build_models)
+        return
     # Other work on the machine skews the phases unequally: say how busy it was before we began.
     print(f"before the bench: {machine_load()}")
     with local_broker() as (folder, status):
