@@ -10,16 +10,16 @@ partition computed here instead, from the partition count in the producer's meta
 from __future__ import annotations
 
 import struct
-from functools import cache
+from functools import lru_cache
 
 _SEED = 0x9747B28C
 _M = 0x5BD1E995  # the mixing constant of MurmurHash2
 _MASK = 0xFFFFFFFF
 
 
-@cache
+@lru_cache(maxsize=256)  # a pipeline's keys have a few lengths; a foreign client's may have any
 def _words(n: int) -> struct.Struct:
-    """A reader of the first n little-endian 32-bit words of a key (keys have a few lengths)."""
+    """A reader of the first n little-endian 32-bit words of a key."""
     return struct.Struct(f"<{n}I")
 
 

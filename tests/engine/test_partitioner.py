@@ -3,11 +3,13 @@ every key (kafka-python's DefaultPartitioner is the reference)."""
 
 from __future__ import annotations
 
+import os
+
 from hypothesis import given
 from hypothesis import strategies as st
 from kafka.partitioner.default import murmur2 as kafka_python_murmur2
 
-from tensorline.engine.partitioner import murmur2, partition_for_key
+from tensorline.engine.partitioner import _words, murmur2, partition_for_key
 
 # Utils.murmur2 of these keys, from Kafka's own UtilsTest (signed 32-bit, as Java returns it).
 JAVA_VECTORS = {
@@ -34,3 +36,11 @@ def test_the_hash_is_kafka_pythons_for_any_key(key):
 @given(st.binary(max_size=64), st.integers(1, 10_000))
 def test_the_partition_is_the_default_partitioners(key, partitions):
     assert partition_for_key(key, partitions) == (kafka_python_murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def test_a_key_of_any_length_is_hashed_alike_and_the_readers_kept_are_bounded():
+    """Keys come from clients we do not control: lengths up to the message limit, each its own."""
+    for n in (64 * 1024 + 3, *range(1000, 1400)):
+        key = os.urandom(n)
+        assert murmur2(key) == kafka_python_murmur2(key)
+    assert _words.cache_info().currsize <= _words.cache_info().maxsize
