@@ -7,8 +7,8 @@ stage (`features`: the bench backbone, forwarding only the embedding, as bench/s
 until it has committed the backlog. `bare` is the client's floor, the baseline for `scale`:
 kafka-python alone, forwarding each record as it came in the same exactly-once shape (poll up to
 max_batch, produce, commit the transaction with the offsets every commit interval), no runtime,
-codec or stage: what `scale` costs beyond it is ours. Over the records committed after the first `--warmup`
-ones, it measures per record:
+codec or stage: what `scale` costs beyond it is ours. Over the records committed after the
+first `--warmup` ones, it measures per record:
 - the worker process's CPU (every thread: main loop, model thread, kafka-python's IO threads,
   TensorFlow's pools), from `time.process_time()` in the worker, and per thread from /proc,
   less the upkeep of its helper threads (kafka-python's IO, sender and heartbeat threads: their
@@ -52,8 +52,8 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -286,7 +286,6 @@ class Bare:
         self.stats = SimpleNamespace(records_in=0, batches=0)
 
     def run(self, cfg, stop: threading.Event, interval_s: float):
-        from kafka import TopicPartition
         from kafka.structs import OffsetAndMetadata
 
         from tensorline.engine import clients
@@ -305,7 +304,7 @@ class Bare:
                     since = time.monotonic()
                 for r in records:
                     producer.send(out, key=r.key, value=r.value, headers=r.headers)
-                offsets[TopicPartition(tp.topic, tp.partition)] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
+                offsets[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
                 pending += len(records)
             self.stats.batches += bool(polled)
             if since is not None and (not polled or time.monotonic() - since >= interval_s):

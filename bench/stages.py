@@ -176,10 +176,9 @@ def realistic_mobilenet():
     a fifth to spare: the tier is defined by its model's cost, and machines differ ~3x (full width
     cost 9.5 ms per record on 2026-12-01 here, 2.7 ms on 2026-12-02). Its cost grows about with
     the width squared (the 1x1 convolutions)."""
-    width = REALISTIC_WIDTH
+    width, batch = REALISTIC_WIDTH, images(MAX_BATCH, REALISTIC_IMAGE, seed=7)
     while True:
         model = build_mobilenet(width=width)
-        batch = images(MAX_BATCH, REALISTIC_IMAGE, seed=7)
         model.predict_on_batch(batch)  # the first call traces the model
         cpu = min(model_cpu_s(model, batch) for _ in range(3))
         if cpu >= 1.2 * REAL_MODEL_CPU_S or width >= REALISTIC_MAX_WIDTH:
