@@ -1,6 +1,6 @@
 """Choosing the fusion that generalises: folds grouped by source image for cross-validation, the
-rule that falls back to the best single model unless a fusion beats it there, a weighting shrunk
-toward that model, and the linear forms a stacker file can hold besides a fitted stacker (a
+one-standard-error rule that takes the simplest candidate the folds cannot tell from the best
+(passing the best single model through is one), a weighting shrunk toward that model, and the linear forms a stacker file can hold besides a fitted stacker (a
 strategy's weighting, one model passed through).
 
 Pure: arrays and names in, folds, a choice or a `Stacker` out (`ops.train` runs the
@@ -44,11 +44,26 @@ def grouped_folds(groups: Sequence[object] | np.ndarray, n_folds: int) -> np.nda
     return fold_of[inverse]
 
 
-def choose(cv_scores: Mapping[str, float], fusions: Sequence[str]) -> str:
-    """The fusion among `fusions` with the best cross-validated score if it beats the single
-    model's (`cv_scores[SINGLE]`) strictly, else SINGLE: fusion must earn its place."""
-    best = max(fusions, key=lambda f: cv_scores[f])
-    return best if cv_scores[best] > cv_scores[SINGLE] else SINGLE
+def choose(fold_scores: Mapping[str, Sequence[float]], simplest_first: Sequence[str]) -> str:
+    """The one-standard-error rule: of `simplest_first` (candidates, the one fitting least first),
+    the first whose cross-validated score is within one standard error of the best candidate's.
+
+    `fold_scores` holds each candidate's score on every fold (the same folds for all). The best
+    is the one with the highest mean; a candidate is within reach when its mean shortfall from the
+    best, fold by fold, is at most that shortfall's standard error over the folds. A candidate that
+    fits more than a simpler one must beat it by more than the folds' noise: on a validation split
+    of a few images the ranking of close candidates is mostly the images', and what was fitted to
+    it (a weighting, a stacker, the pick of one model) carries that into production."""
+    scores = {c: np.asarray(fold_scores[c], np.float64) for c in simplest_first}
+    if len({len(v) for v in scores.values()}) != 1 or len(next(iter(scores.values()))) < 2:
+        raise ValueError(f"choose needs 2 or more folds, the same for every candidate; got "
+                         f"{ {c: len(v) for c, v in scores.items()} }")
+    best = max(simplest_first, key=lambda c: scores[c].mean())
+    for candidate in simplest_first:
+        shortfall = scores[best] - scores[candidate]
+        if shortfall.mean() <= shortfall.std(ddof=1) / np.sqrt(len(shortfall)):
+            return candidate
+    return best  # unreachable: the best's own shortfall is 0
 
 
 def shrink(weights: Mapping[str, float], single: str, amount: float) -> dict[str, float]:

@@ -2,9 +2,12 @@
 
 The tensors come from the real preprocess stage run on the demo set's patches, so the models
 see exactly what the pipeline will feed them. The models differ by input: each image model (the
-backbone, the CNN) reads the preprocess view its config names ("image" the DICOM window,
-"image_full" the whole range, "image_equalized" the equalised histogram), the MLP and the
-logistic model read the backbone's embedding. The window view alone also gets an augmentation:
+backbone, the CNN, the blob detector) reads the preprocess view its config names ("image" the
+DICOM window, "image_full" the whole range, "image_equalized" the equalised histogram,
+"image_local" the local contrast), the MLP and the logistic model read the backbone's embedding.
+They differ by kind too: the CNNs learn their filters, the blob detector's are fixed
+(Laplacian-of-Gaussian at the lesions' scales) and only its small head learns, so it does not
+learn the training images' anatomy and its errors are not the CNNs'. The window view alone also gets an augmentation:
 a re-windowed copy of the training patches (preprocessed under random narrower windows, which
 clip parts of a patch as the held-out CT windows do); the backbone and the CNN train on
 complementary half-and-half mixes of plain and re-windowed patches, the MLP on the embeddings
@@ -14,10 +17,11 @@ own `combine`.
 
 The fusion is chosen on the validation split by cross-validation, grouped by source image (no
 image both fitted on and scored; the demo set's val holds three images), by record when val holds
-a single image; the fusion card says which. It must earn its place: unless a fusion the stacker
-file can hold (a fitted stacker, or a weighting, possibly shrunk toward the best single model)
-beats that model out of fold, the file passes the model through (`choose_fusion`,
-`fusion.choice`). `train_seeds` repeats the whole training under several model seeds, to show how
+a single image; the fusion card says which. Whatever is fitted on val must earn its place: of
+the candidates the stacker file can hold (the soft vote, the best single model passed through, a
+weighting, that weighting shrunk toward the best single model, a fitted stacker), the file holds
+the simplest that the folds cannot tell from the best by more than one standard error
+(`choose_fusion`, `fusion.choice`). `train_seeds` repeats the whole training under several model seeds, to show how
 much of a gain is the seed's.
 """
 
@@ -56,7 +60,7 @@ LESIONS = "lesions are synthetic Gaussian blobs implanted in real DICOM images"
 EMBEDDING_DIM = 64
 # Validation accuracy is flat after a few epochs (seed 7); the training loss keeps falling, so
 # more epochs only fit the training images better. The dense heads are cheap.
-EPOCHS = {"backbone": 10, "cnn": 10, "mlp": 20, "logreg": 20}
+EPOCHS = {"backbone": 10, "cnn": 10, "mlp": 20, "logreg": 20, "blob": 20}
 BATCH = 64
 # Records per preprocess call: the stage's own micro-batch size would also do, this is faster.
 PREPROCESS_CHUNK = 256
@@ -69,6 +73,10 @@ STACKER_FOLDS = 5
 # What the stacker file (fusion.strategy = "stacking", the demo's) can hold: a fitted stacker, or a
 # weighting that is linear in the scores; else the best single model passed through.
 HELD_BY_A_STACKER = ("stacking", "soft_vote", "weighted_average", choice.SHRUNK)
+# The file's candidates by how much each fits on val, least first, for the one-standard-error rule
+# (`choice.choose`): the soft vote fits nothing; the single model, the pick of one model; the
+# weighting, a weight per model; the shrunk weighting, those and an amount; the stacker, a matrix.
+SIMPLEST_FIRST = ("soft_vote", choice.SINGLE, "weighted_average", choice.SHRUNK, "stacking")
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,7 @@ class Arch:
     input: str
     view: str
     description: str
+    learning_rate: float  # Adam's: the dense heads (few weights on fixed features) take larger steps
 
 
 def _dense_head(units: int | None) -> Callable[[PipelineConfig, np.ndarray], Any]:
@@ -132,6 +141,49 @@ def _cnn(cfg: PipelineConfig, x_train: np.ndarray) -> Any:
     return keras.Model(inputs, layers.Dense(len(cfg.classes), activation="softmax", name="scores")(x), name="cnn")
 
 
+# The blob detector's filters: Laplacian-of-Gaussian scales (pixels), about the lesions' sizes.
+BLOB_SIGMAS = (1.5, 2.0, 3.0, 4.0, 5.0, 6.0)
+BLOB_KERNEL = 31  # taps per side: 2.5 sigma either side of the widest scale
+# Of each side, the margin where no lesion is centred: the demo implants them in the middle half
+# of a patch (centres a quarter of the side from each edge), so responses nearer the edge than
+# 3/16 of the side are anatomy (edges, bright spots) cut by the patch, not a lesion.
+BLOB_MARGIN = 3 / 16
+
+
+def log_filters(sigmas: Sequence[float] = BLOB_SIGMAS, taps: int = BLOB_KERNEL) -> np.ndarray:
+    """A bank of scale-normalised Laplacian-of-Gaussian filters (taps, taps, 1, len(sigmas)), sign
+    flipped so a bright blob of that scale answers positive; each sums to 0 (a flat patch answers
+    0) and has absolute sum 1."""
+    r = np.arange(taps) - taps // 2
+    q = (r[:, None] ** 2 + r[None, :] ** 2)[..., None] / (2 * np.asarray(sigmas, np.float64) ** 2)
+    f = (1 - q) * np.exp(-q)
+    f -= f.mean((0, 1))
+    f /= np.abs(f).sum((0, 1))
+    return f[:, :, None, :].astype(np.float32)
+
+
+def _blob(cfg: PipelineConfig, x_train: np.ndarray) -> Any:
+    """A scale-space blob detector: fixed Laplacian-of-Gaussian filters, of each scale the largest
+    and the mean response (bright and dark) inside the margin, standardised, then a small dense
+    head. Nothing in it learns what anatomy looks like, so its errors are not the CNNs'."""
+    import keras
+    from keras import layers
+
+    size = _size(cfg)
+    inputs = keras.Input((size, size, 1), name="image")
+    bank = layers.Conv2D(len(BLOB_SIGMAS), BLOB_KERNEL, padding="same", use_bias=False, trainable=False,
+                         name="log_filters")
+    response = layers.Cropping2D(round(size * BLOB_MARGIN))(bank(inputs))
+    bank.set_weights([log_filters()])
+    bright, dark = layers.ReLU()(response), layers.ReLU()(layers.Rescaling(-1.0)(response))
+    features = layers.Concatenate(name="blob_features")(
+        [pool()(r) for pool in (layers.GlobalMaxPooling2D, layers.GlobalAveragePooling2D) for r in (bright, dark)])
+    measured = np.asarray(keras.Model(inputs, features).predict(x_train, batch_size=256, verbose=0))
+    x = layers.Normalization(mean=measured.mean(0), variance=measured.var(0) + 1e-6, name="standardize")(features)
+    x = layers.Dropout(0.2)(layers.Dense(32, activation="relu")(x))
+    return keras.Model(inputs, layers.Dense(len(cfg.classes), activation="softmax", name="scores")(x), name="blob")
+
+
 def _backbone(cfg: PipelineConfig, x_train: np.ndarray) -> tuple[Any, Any]:
     """The backbone (image -> embedding) and the classifier it is trained inside (head dropped)."""
     import keras
@@ -144,11 +196,13 @@ def _backbone(cfg: PipelineConfig, x_train: np.ndarray) -> tuple[Any, Any]:
 
 
 BACKBONE = Arch(_backbone, "image", "mix_a", "conv stack (4 layers, global max) -> Dense 64 ReLU; trained "
-                "under a softmax head, the head then dropped")
+                "under a softmax head, the head then dropped", 1e-3)
 DETECTORS: Mapping[str, Arch] = {
-    "cnn": Arch(_cnn, "image", "mix_b", "conv stack (4 layers, global max) -> dropout -> softmax"),
-    "mlp": Arch(_dense_head(32), "embedding", "plain", "standardize -> Dense 32 ReLU -> dropout -> softmax"),
-    "logreg": Arch(_dense_head(None), "embedding", "mix_a", "standardize -> softmax (L2 1e-3)"),
+    "cnn": Arch(_cnn, "image", "mix_b", "conv stack (4 layers, global max) -> dropout -> softmax", 1e-3),
+    "mlp": Arch(_dense_head(32), "embedding", "plain", "standardize -> Dense 32 ReLU -> dropout -> softmax", 3e-3),
+    "logreg": Arch(_dense_head(None), "embedding", "mix_a", "standardize -> softmax (L2 1e-3)", 3e-3),
+    "blob": Arch(_blob, "image", "plain", "Laplacian-of-Gaussian filters (fixed, 6 scales) -> max and mean "
+                 "response inside the margin -> standardize -> Dense 32 ReLU -> dropout -> softmax", 3e-3),
 }
 # The window view's tensor, the one view with a re-windowed augmentation.
 WINDOW_TENSOR = VIEWS["window"]
@@ -201,11 +255,11 @@ def _subset(split: demo_data.Split, limit: int | None, rng: np.random.Generator)
 
 
 # -- training ------------------------------------------------------------------------------------
-def _fit(model: Any, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) -> None:
+def _fit(model: Any, x: np.ndarray, y: np.ndarray, epochs: int, seed: int, learning_rate: float) -> None:
     import keras
 
     keras.utils.set_random_seed(seed)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3 if x.ndim == 4 else 3e-3),
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss="sparse_categorical_crossentropy")
     model.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0, shuffle=True)
 
@@ -311,7 +365,7 @@ def train(cfg: PipelineConfig, *, seed: int = 7, epochs: int | None = None,
     backbone_views = views[backbone_cfg.input]
     backbone_view = _view(backbone_views, BACKBONE.view)
     backbone, classifier = BACKBONE.build(cfg, backbone_views[backbone_view])
-    _fit(classifier, backbone_views[backbone_view], y, n_epochs["backbone"], seed)
+    _fit(classifier, backbone_views[backbone_view], y, n_epochs["backbone"], seed, BACKBONE.learning_rate)
     _save_model(backbone, Path(backbone_cfg.path))
     head_scores = {k: _report(cfg, data[k].labels, _predict(classifier, data[k].images[backbone_cfg.input]))
                    for k in ("val", "test")}
@@ -331,7 +385,7 @@ def train(cfg: PipelineConfig, *, seed: int = 7, epochs: int | None = None,
         view = _view(source, arch.view)
         x = source[view]
         model = arch.build(cfg, x)
-        _fit(model, x, y, n_epochs[m.name], seed + offset)
+        _fit(model, x, y, n_epochs[m.name], seed + offset, arch.learning_rate)
         _save_model(model, Path(m.path))
         scores[m.name] = {k: _predict(model, inputs[m.input][k]) for k in ("val", "test")}
         shape = image_shape if arch.input == "image" else (EMBEDDING_DIM,)
@@ -417,9 +471,10 @@ def choose_fusion(cfg: PipelineConfig, names: tuple[str, ...], versions: Mapping
 
     Candidates: each strategy (the stacker and weighted_average's weights fitted on the other
     folds), SHRUNK (those weights shrunk toward the model best on the other folds, by the amount best
-    there) and SINGLE, that model passed through. The stacker file holds the best of the candidates
-    it can hold (HELD_BY_A_STACKER) if it beats SINGLE out of fold, else the model best on val passed
-    through (`fusion.choice`). No image is in a fold and in the records fitted for it; with one
+    there) and SINGLE, that model passed through. The stacker file holds, of SIMPLEST_FIRST, the
+    simplest whose macro-F1 over the folds is within one standard error of the best's
+    (`choice.choose`): SINGLE (the model best on val) only when it beats the soft vote by more than
+    the folds' noise, a fitted one only when it beats both so. No image is in a fold and in the records fitted for it; with one
     source image in val, the folds are by record, and say so. Returns ({candidate or "chosen":
     {"val": report, "test": report}}, summary), the summary holding the file's Stacker as
     "stacker_object".
@@ -437,9 +492,12 @@ def choose_fusion(cfg: PipelineConfig, names: tuple[str, ...], versions: Mapping
         for c in candidates:
             out_of_fold[c][held] = _decisions(cfg, c, names, versions, stacked["val"][held], fitted)
     cv = {c: classification_report(truth["val"], list(out_of_fold[c]), cfg.classes) for c in candidates}
+    by_fold = {c: [classification_report([truth["val"][i] for i in np.flatnonzero(folds == f)],
+                                         list(out_of_fold[c][folds == f]), cfg.classes)["f1_macro"]
+                   for f in np.unique(folds)] for c in SIMPLEST_FIRST}
 
     fitted = _fit_candidates(cfg, names, stacked["val"], y_val)
-    chosen = choice.choose({c: r["f1_macro"] for c, r in cv.items()}, HELD_BY_A_STACKER)
+    chosen = choice.choose(by_fold, SIMPLEST_FIRST)
     n = len(y_val)
     weighting = {"soft_vote": dict.fromkeys(names, 1.0), "weighted_average": fitted.weights,
                  choice.SHRUNK: fitted.shrunk, choice.SINGLE: {fitted.single: 1.0}}
@@ -462,7 +520,9 @@ def choose_fusion(cfg: PipelineConfig, names: tuple[str, ...], versions: Mapping
                "best_single_on_val": fitted.single, "weights": fitted.weights,
                "shrunk": {"toward": fitted.single, "amount": fitted.amount, "weights": fitted.shrunk},
                "cross_validation": {"by": by, "folds": int(len(np.unique(folds))),
-                                    "source_images": sorted(set(map(str, groups)))},
+                                    "source_images": sorted(set(map(str, groups))),
+                                    "rule": "one standard error, simplest first: " + ", ".join(SIMPLEST_FIRST),
+                                    "f1_macro_by_fold": {c: [round(v, 4) for v in by_fold[c]] for c in SIMPLEST_FIRST}},
                "stacker_object": held}
     return out, summary
 

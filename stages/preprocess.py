@@ -9,7 +9,11 @@ modality units, then one tensor per configured view (params.views, default ["win
   window can clip a lesion away; this view keeps it);
 - "equalized" -> "image_equalized": histogram equalisation, each pixel the fraction of its
   image's pixels at or below it; unchanged by any window or monotonic rescale, and a faint
-  lesion next to bone or air keeps its contrast.
+  lesion next to bone or air keeps its contrast;
+- "local" -> "image_local": local contrast, the full view resized, then each pixel's difference
+  from its neighbourhood's mean in units of the neighbourhood's standard deviation (a Gaussian
+  neighbourhood of params.local_sigma pixels of the output, default 4): a lesion stands out by
+  its contrast to what surrounds it, whatever the image's overall range and texture.
 
 Each view is MONOCHROME1-inverted (bright is high), resized to the model's input size and
 normalised. Different detection models can read different views, so their errors differ.
@@ -31,7 +35,14 @@ from tensorline.engine.runtime import DeadLetter
 
 NORMALIZE = ("zscore", "minmax", "none")
 # Each view's tensor name; "window" keeps the name every model reads by default.
-VIEWS = {"window": "image", "full": "image_full", "equalized": "image_equalized"}
+VIEWS = {"window": "image", "full": "image_full", "equalized": "image_equalized", "local": "image_local"}
+# The local view's neighbourhood (Gaussian sigma, pixels of the output): about a lesion's size
+# (the demo's blobs have sigma 2-6 px on 64-px patches), so a blob is measured against the
+# anatomy right around it, not the whole patch.
+LOCAL_SIGMA = 4.0
+# The local variance's floor, a fraction of the image's own variance: a flat neighbourhood
+# (air, padding) is not blown up into noise.
+LOCAL_FLOOR = 1e-2
 
 
 def _float_attr(record: Record, name: str, default: float | None) -> float | None:
@@ -65,6 +76,10 @@ class Preprocess(RecordStage):
             raise ValueError(f"{pipeline.path}: stages.{stage.name}.params.views: expected a list of distinct "
                              f"views among {', '.join(VIEWS)}, got {views!r}")
         self.views = tuple(views)
+        self.local_sigma = float(self.params.get("local_sigma", LOCAL_SIGMA))
+        if "local" in self.views and not 0.5 <= self.local_sigma <= self.size / 2:
+            raise ValueError(f"{pipeline.path}: stages.{stage.name}.params.local_sigma: expected 0.5 to half the "
+                             f"size ({self.size / 2:g}) pixels, got {self.local_sigma!r}")
 
     def _window(self, record: Record, image: np.ndarray, slope: float, intercept: float) -> tuple[float, float]:
         center = self.window[0] if self.window[0] is not None else _float_attr(record, "window_center", None)
@@ -109,21 +124,28 @@ class Preprocess(RecordStage):
                     lo = col(2) - col(3) / 2
                     v = tf.clip_by_value((x - lo) / col(3), 0.0, 1.0)
                     v = tf.where(inverted, 1.0 - v, v)
-                elif view == "full":
+                elif view in ("full", "local"):
                     lo, hi = tf.reduce_min(x, (1, 2, 3), keepdims=True), tf.reduce_max(x, (1, 2, 3), keepdims=True)
                     v = (x - lo) / tf.maximum(hi - lo, 1e-6)
                     v = tf.where(inverted, 1.0 - v, v)
                 else:
                     v = _equalize(tf.where(inverted, -x, x))
-                for i, arr in zip(indices, self._finish(v).numpy()):
+                v = self._resize(v)
+                if view == "local":
+                    v = _local_contrast(v, self.local_sigma)
+                for i, arr in zip(indices, self._normalize(v).numpy()):
                     out[i][VIEWS[view]] = arr
         return [r.passed_on(t, self.name, None) for r, t in zip(items, out)]
 
-    def _finish(self, x):
-        """Resize to the model's input size and normalise (per image)."""
+    def _resize(self, x):
         import tensorflow as tf
 
-        x = tf.image.resize(x, (self.size, self.size), antialias=True)
+        return tf.image.resize(x, (self.size, self.size), antialias=True)
+
+    def _normalize(self, x):
+        """Normalise each image as params.normalize says."""
+        import tensorflow as tf
+
         if self.normalize == "zscore":
             x = tf.image.per_image_standardization(x)
         elif self.normalize == "minmax":
@@ -148,3 +170,24 @@ def _equalize(x):
     flat = tf.reshape(x, (tf.shape(x)[0], -1))
     below = tf.searchsorted(tf.sort(flat, axis=1), flat, side="right")
     return tf.reshape(tf.cast(below, tf.float32) / tf.cast(tf.shape(flat)[1], tf.float32), tf.shape(x))
+
+
+def _local_contrast(x, sigma: float):
+    """Each pixel of a batch (n, h, w, 1) minus its Gaussian neighbourhood's mean (sigma pixels,
+    reflected at the border), over the neighbourhood's standard deviation; the variance is floored
+    at LOCAL_FLOOR of the image's own, and the image standardised first, so the result does not
+    depend on the image's scale."""
+    import tensorflow as tf
+
+    radius = min(int(3 * sigma), int(x.shape[1]) - 1, int(x.shape[2]) - 1)
+    taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma ** 2))
+    kernel = tf.constant(np.outer(taps, taps) / taps.sum() ** 2, tf.float32)[:, :, None, None]
+
+    def blur(t):
+        padded = tf.pad(t, [[0, 0], [radius, radius], [radius, radius], [0, 0]], "REFLECT")
+        return tf.nn.conv2d(padded, kernel, 1, "VALID")
+
+    z = tf.image.per_image_standardization(x)
+    mean = blur(z)
+    variance = tf.maximum(blur(z * z) - mean * mean, 0.0)
+    return (z - mean) / tf.sqrt(variance + LOCAL_FLOOR)

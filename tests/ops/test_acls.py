@@ -30,7 +30,7 @@ def test_the_demo_pipelines_stages_may_touch_only_their_own_topics_groups_and_tr
         ("WRITE", "TRANSACTIONAL_ID", "demo.preprocess.", "PREFIXED"),
         ("DESCRIBE", "TRANSACTIONAL_ID", "demo.preprocess.", "PREFIXED")}
     detection = by_principal(plan, "demo.detection")
-    assert {n for op, r, n, _ in detection if r == "GROUP"} == {f"demo.detection.{m}" for m in ("cnn", "mlp", "logreg")}
+    assert {n for op, r, n, _ in detection if r == "GROUP"} == {f"demo.detection.{m}" for m in ("cnn", "logreg", "blob")}
     assert {(op, n) for op, r, n, _ in detection if r == "TOPIC"} == {
         ("READ", "demo.features"), ("WRITE", "demo.detections"), ("WRITE", "demo.dlq")}
     fusion = by_principal(plan, "demo.fusion")
@@ -48,7 +48,7 @@ def test_ops_only_reads_and_describes():
     assert {op for op, *_ in ops} == {"READ", "DESCRIBE_CONFIGS", "DESCRIBE"}
     assert {n for op, r, n, _ in ops if r == "TOPIC"} == {t.name for t in cfg.topics.values()}
     assert {n for op, r, n, _ in ops if r == "GROUP" and op == "DESCRIBE"} == {
-        "demo.preprocess", "demo.features", "demo.fusion", *(f"demo.detection.{m}" for m in ("cnn", "mlp", "logreg"))}
+        "demo.preprocess", "demo.features", "demo.fusion", *(f"demo.detection.{m}" for m in ("cnn", "logreg", "blob"))}
 
 
 def test_no_binding_is_for_the_admin_and_every_one_allows_a_known_operation():

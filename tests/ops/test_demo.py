@@ -42,13 +42,13 @@ def test_demo_on_a_subset_reports_every_model_and_the_fused_result(tmp_path, nam
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["records"] == 48 and report["partial"] == 0
-    assert set(report["models"]) == {"cnn", "mlp", "logreg"}
+    assert set(report["models"]) == {"cnn", "logreg", "blob"}
     for rep in [*report["models"].values(), report["fused"]]:
         assert rep["records"] == 48 and 0.5 <= rep["accuracy"] <= 1.0
         assert set(rep["per_class"]) == {"normal", "nodule"}
     assert report["throughput_rps"] > 0 and 0 < report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
-    assert report["lag"] == {s: 0 for s in ("preprocess", "features", "detection.cnn", "detection.mlp",
-                                             "detection.logreg", "fusion")}
+    assert report["lag"] == {s: 0 for s in ("preprocess", "features", "detection.cnn", "detection.logreg",
+                                             "detection.blob", "fusion")}
     assert len(list((tmp_path / ".tensorline" / "demo" / "dicom").glob("*.dcm"))) == 1200  # the DICOM path
     assert (tmp_path / ".tensorline" / "models" / "cnn.keras.card.json").exists()
     # One screen, ending with the table: the summary rows close stdout (before the JSON line); on

@@ -99,9 +99,9 @@ def test_one_demo_patch_runs_through_preprocess_features_and_each_detection_mode
                  attributes=split.attrs[0], label=str(split.labels[0]))
     records = load_stage(cfg, "features").process(load_stage(cfg, "preprocess").process([raw]))
     assert records[0].tensors["embedding"].shape == (train.EMBEDDING_DIM,)
-    # The models read different views of the image: the repository's pipeline configures two.
-    assert {"image_full", "image_equalized"} <= set(records[0].tensors)
-    assert len({m.input for m in model_configs(cfg)} - {"embedding"}) == 2
+    # The models read different views of the image: the repository's pipeline configures three.
+    assert {"image_full", "image_equalized", "image_local"} <= set(records[0].tensors)
+    assert len({m.input for m in model_configs(cfg)} - {"embedding"}) == 3
     for m in cfg.stages["detection"].models:
         detection = load_stage(cfg, "detection", m.name).process(records)[0]
         assert detection.classes == cfg.classes and sum(detection.scores) == pytest.approx(1.0, abs=1e-5)
@@ -120,10 +120,23 @@ def test_ensure_trains_only_what_is_missing_and_the_same_seed_gives_the_same_mod
     assert {p: p.stat().st_mtime_ns for p in files} == mtimes
     assert capsys.readouterr().err == ""
 
-    Path(cfg.model("detection", "mlp").path).unlink()
+    Path(cfg.model("detection", "blob").path).unlink()
     train.ensure(cfg, own=tmp_path, **FAST)
-    assert "mlp.keras is missing" in capsys.readouterr().err
+    assert "blob.keras is missing" in capsys.readouterr().err
     assert {m.name: train.card_path(m).read_text() for m in model_configs(cfg)} == cards
+
+
+@pytest.mark.parametrize("sigma", train.BLOB_SIGMAS[1:-1])
+def test_the_blob_filters_answer_a_bright_blob_most_at_its_own_scale_and_a_flat_patch_not_at_all(sigma):
+    bank = train.log_filters()[:, :, 0, :]
+    assert bank.shape == (train.BLOB_KERNEL, train.BLOB_KERNEL, len(train.BLOB_SIGMAS))
+    np.testing.assert_allclose(bank.sum((0, 1)), 0, atol=1e-6)
+    np.testing.assert_allclose(np.abs(bank).sum((0, 1)), 1, atol=1e-5)
+    r = np.arange(train.BLOB_KERNEL) - train.BLOB_KERNEL // 2
+    blob = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma ** 2))
+    at_centre = (bank * blob[..., None]).sum((0, 1))  # each filter's response at the blob's centre
+    assert at_centre.argmax() == train.BLOB_SIGMAS.index(sigma) and at_centre.max() > 0
+    assert ((bank * -blob[..., None]).sum((0, 1)) < 0).all()  # a dark blob answers negative
 
 
 def test_rewindowed_attrs_are_narrower_windows_inside_each_patch(tmp_path):
@@ -138,10 +151,10 @@ def test_rewindowed_attrs_are_narrower_windows_inside_each_patch(tmp_path):
                {k: v for k, v in before.items() if not k.startswith("window_")}
 
 
-@pytest.mark.parametrize("stage, name, tensor", [("detection", "cnn", "image"), ("detection", "mlp", "image_full"),
+@pytest.mark.parametrize("stage, name, tensor", [("detection", "cnn", "image"), ("detection", "logreg", "image_full"),
                                                   ("features", "backbone", "embedding")])
 def test_a_model_input_the_pipeline_does_not_give_it_is_rejected_before_training(tmp_path, stage, name, tensor):
-    cfg = pipeline_in(tmp_path)  # the preprocess views are "full" and "equalized": no "image"
+    cfg = pipeline_in(tmp_path)  # the preprocess views are "full", "equalized" and "local": no "image"
     models = tuple(dataclasses.replace(m, input=tensor) if m.name == name else m for m in cfg.stages[stage].models)
     stages = {**cfg.stages, stage: dataclasses.replace(cfg.stages[stage], models=models)}
     with pytest.raises(ValueError, match=f"stages.{stage}.models.{name}.input"):
@@ -184,7 +197,7 @@ def test_the_demo_trains_into_its_own_folder_when_a_model_there_is_missing(tmp_p
     cfg = pipeline_in(own, strategy="stacking")
     assert [key for key, _ in train.untrained(cfg, own=own)] == [
         "stages.features.models.backbone.path", "stages.detection.models.cnn.path",
-        "stages.detection.models.mlp.path", "stages.detection.models.logreg.path", "fusion.params.path"]
+        "stages.detection.models.logreg.path", "stages.detection.models.blob.path", "fusion.params.path"]
     train.ensure(cfg, own=own)
     assert trainer == [cfg]
     write_all(cfg)
@@ -204,10 +217,10 @@ def test_a_model_missing_outside_the_demo_folder_is_an_error_and_nothing_is_trai
 
 def test_the_demo_never_overwrites_a_model_outside_its_folder(tmp_path, trainer):
     own = tmp_path / ".tensorline" / "models"
-    mine = tmp_path / "mine" / "mlp.keras"
-    cfg = with_model_path(pipeline_in(own, strategy="stacking"), "mlp", mine)
+    mine = tmp_path / "mine" / "blob.keras"
+    cfg = with_model_path(pipeline_in(own, strategy="stacking"), "blob", mine)
     write_all(cfg)
-    Path(cfg.model("detection", "cnn").path).unlink()  # a demo model is missing, the user's mlp is not
+    Path(cfg.model("detection", "cnn").path).unlink()  # a demo model is missing, the user's blob is not
     with pytest.raises(config.ConfigError) as err:
         train.ensure(cfg, own=own)
     assert err.value.key == "stages.detection.models.cnn.path" and f"overwrite '{mine}'" in str(err.value)
@@ -262,7 +275,9 @@ def test_the_fallback_passes_the_single_model_through_when_fusion_loses_on_valid
     assert summary["chosen"] == "single: a" and summary["best_single_on_val"] == "a"
     # shrinking toward a gains nothing from b and c: the shrunk weighting is a alone, and no win
     assert summary["shrunk"] == {"toward": "a", "amount": 1.0, "weights": {"a": 1.0, "b": 0.0, "c": 0.0}}
-    assert summary["cross_validation"] == {"by": "source image", "folds": 2, "source_images": ["img1", "img2"]}
+    cv = summary["cross_validation"]
+    assert (cv["by"], cv["folds"], cv["source_images"]) == ("source image", 2, ["img1", "img2"])
+    assert cv["f1_macro_by_fold"]["single"] == [1.0, 1.0] and max(cv["f1_macro_by_fold"]["soft_vote"]) < 0.9
     # the stacker file decides as model a does, through the fusion stage's own combine
     assert fusion["chosen"]["test"]["f1_macro"] == fusion["single"]["test"]["f1_macro"] == 1.0
     held = summary["stacker_object"]
@@ -288,7 +303,7 @@ def test_train_seeds_trains_each_model_seed_on_the_same_data_into_a_scratch_fold
 
     def fake_train(c, *, seed, data_seed, epochs, limit, show):
         calls.append((seed, data_seed, limit, c.model("detection", "cnn").path))
-        f1 = {"cnn": 0.90 + seed / 1000, "mlp": 0.85, "logreg": 0.80}
+        f1 = {"cnn": 0.90 + seed / 1000, "logreg": 0.85, "blob": 0.80}
         models = {n: {"scores": {"test": {"f1_macro": v}}, "training": {"seed": seed}} for n, v in f1.items()}
         fused = 0.93 if seed == 7 else 0.908
         return {"models": models, "fusion": {"chosen": {"test": {"f1_macro": fused}, "val": {"f1_macro": 0.9}},

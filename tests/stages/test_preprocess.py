@@ -7,7 +7,7 @@ import pytest
 
 from tensorline.config import parse
 from tensorline.schemas import Record
-from tensorline.stages.preprocess import Preprocess
+from tensorline.stages.preprocess import LOCAL_FLOOR, Preprocess
 from tensorline.engine.runtime import DeadLetter
 
 
@@ -124,6 +124,62 @@ def test_views_without_the_window_do_not_check_it():
     stage(views=["full", "equalized"]).check(r)
     with pytest.raises(DeadLetter, match="not positive"):
         stage(views=["window", "full"]).check(r)
+
+
+def local_contrast_by_hand(image: np.ndarray, sigma: float) -> np.ndarray:
+    """The local view in numpy: standardise, then (z - mean) / sqrt(variance + floor) over a
+    Gaussian neighbourhood, the image reflected at its border."""
+    z = (image - image.mean()) / max(image.std(), 1 / np.sqrt(image.size))
+    radius = int(3 * sigma)
+    taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma ** 2))
+    kernel = np.outer(taps, taps) / taps.sum() ** 2
+
+    def blur(a: np.ndarray) -> np.ndarray:
+        padded = np.pad(a, radius, mode="reflect")
+        return np.array([[np.sum(padded[i:i + 2 * radius + 1, j:j + 2 * radius + 1] * kernel)
+                          for j in range(a.shape[1])] for i in range(a.shape[0])])
+    mean = blur(z)
+    return (z - mean) / np.sqrt(np.maximum(blur(z * z) - mean ** 2, 0) + LOCAL_FLOOR)
+
+
+def test_local_view_is_each_pixels_contrast_to_its_neighbourhood():
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 1000, (24, 24)).astype(np.uint16)
+    [out] = stage(size=24, normalize="none", views=["local"], local_sigma=2).process([rec(image)])
+    np.testing.assert_allclose(out.tensors["image_local"][..., 0], local_contrast_by_hand(image / 1.0, 2.0),
+                               atol=2e-4)
+
+
+def test_local_view_ignores_rescale_and_inverts_monochrome1():
+    rng = np.random.default_rng(6)
+    image = rng.integers(0, 4000, (32, 32)).astype(np.uint16)
+    s = stage(size=32, views=["local"])
+    plain, rescaled, inverted = s.process([rec(image), rec(image, rescale_slope="3", rescale_intercept="-1024"),
+                                           rec(image, photometric="MONOCHROME1")])
+    np.testing.assert_allclose(plain.tensors["image_local"], rescaled.tensors["image_local"], atol=1e-4)
+    np.testing.assert_allclose(plain.tensors["image_local"], -inverted.tensors["image_local"], atol=1e-4)
+
+
+def test_a_blob_reads_the_same_in_the_local_view_beside_an_edge_as_on_a_flat_patch():
+    """What the view is for: a blob of the same contrast to its surroundings reads the same
+    whatever else the patch holds (here an edge across the flat patch's twin, away from the blob),
+    where in the full view the edge takes the range and the blob fades."""
+    yy, xx = np.mgrid[:64, :64]
+    blob = 50 * np.exp(-((yy - 32) ** 2 + (xx - 32) ** 2) / (2 * 3.0 ** 2))
+    flat = 1000 + np.random.default_rng(7).normal(0, 10, (64, 64)) + blob
+    edged = flat + np.where(xx < 12, 80, 0)
+    out = stage(size=64, normalize="none", views=["local", "full"]).process(
+        [rec(flat.astype(np.float32)), rec(edged.astype(np.float32))])
+    local = [o.tensors["image_local"][28:37, 28:37].max() for o in out]
+    full = [o.tensors["image_full"][28:37, 28:37].max() for o in out]
+    assert local[0] > 2 and local[1] == pytest.approx(local[0], rel=0.05)
+    assert full[1] < 0.8 * full[0]
+
+
+def test_a_bad_local_sigma_is_a_config_error_only_where_the_local_view_is_used():
+    with pytest.raises(ValueError, match="params.local_sigma"):
+        stage(views=["local"], size=16, local_sigma=9)
+    stage(views=["full"], size=2)  # the default sigma does not fit 2 px, nor does it need to
 
 
 @pytest.mark.parametrize("views", [[], ["window", "window"], ["clahe"], "full"])
