@@ -1,7 +1,8 @@
 """Choosing the fusion that generalises: folds grouped by source image for cross-validation, the
 one-standard-error rule that takes the simplest candidate the folds cannot tell from the best
-(passing the best single model through is one), a weighting shrunk toward that model, and the linear forms a stacker file can hold besides a fitted stacker (a
-strategy's weighting, one model passed through).
+(passing the best single model through is one), a weighting shrunk toward that model, and the
+linear forms a stacker file can hold besides a fitted stacker (a strategy's weighting, one model
+passed through).
 
 Pure: arrays and names in, folds, a choice or a `Stacker` out (`ops.train` runs the
 cross-validation and writes the file).

@@ -7,8 +7,8 @@ DICOM window, "image_full" the whole range, "image_equalized" the equalised hist
 "image_local" the local contrast), the MLP and the logistic model read the backbone's embedding.
 They differ by kind too: the CNNs learn their filters, the blob detector's are fixed
 (Laplacian-of-Gaussian at the lesions' scales) and only its small head learns, so it does not
-learn the training images' anatomy and its errors are not the CNNs'. The window view alone also gets an augmentation:
-a re-windowed copy of the training patches (preprocessed under random narrower windows, which
+learn the training images' anatomy and its errors are not the CNNs'. The window view alone also
+gets an augmentation: a re-windowed copy of the training patches (preprocessed under random narrower windows, which
 clip parts of a patch as the held-out CT windows do); the backbone and the CNN train on
 complementary half-and-half mixes of plain and re-windowed patches, the MLP on the embeddings
 of the plain ones, the logistic model on those of the backbone's mix. Every model gets a card
@@ -21,8 +21,8 @@ a single image; the fusion card says which. Whatever is fitted on val must earn 
 the candidates the stacker file can hold (the soft vote, the best single model passed through, a
 weighting, that weighting shrunk toward the best single model, a fitted stacker), the file holds
 the simplest that the folds cannot tell from the best by more than one standard error
-(`choose_fusion`, `fusion.choice`). `train_seeds` repeats the whole training under several model seeds, to show how
-much of a gain is the seed's.
+(`choose_fusion`, `fusion.choice`). `train_seeds` repeats the whole training under several model
+seeds, to show how much of a gain is the seed's.
 """
 
 from __future__ import annotations
@@ -474,10 +474,10 @@ def choose_fusion(cfg: PipelineConfig, names: tuple[str, ...], versions: Mapping
     there) and SINGLE, that model passed through. The stacker file holds, of SIMPLEST_FIRST, the
     simplest whose macro-F1 over the folds is within one standard error of the best's
     (`choice.choose`): SINGLE (the model best on val) only when it beats the soft vote by more than
-    the folds' noise, a fitted one only when it beats both so. No image is in a fold and in the records fitted for it; with one
-    source image in val, the folds are by record, and say so. Returns ({candidate or "chosen":
-    {"val": report, "test": report}}, summary), the summary holding the file's Stacker as
-    "stacker_object".
+    the folds' noise, a fitted one only when it beats both so. No image is in a fold and in the
+    records fitted for it; with one source image in val, the folds are by record, and say so.
+    Returns ({candidate or "chosen": {"val": report, "test": report}}, summary), the summary
+    holding the file's Stacker as "stacker_object".
     """
     y_val, truth = labels["val"], {k: [cfg.classes[i] for i in v] for k, v in labels.items()}
     if len(set(map(str, groups))) >= 2:

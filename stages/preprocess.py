@@ -76,10 +76,11 @@ class Preprocess(RecordStage):
             raise ValueError(f"{pipeline.path}: stages.{stage.name}.params.views: expected a list of distinct "
                              f"views among {', '.join(VIEWS)}, got {views!r}")
         self.views = tuple(views)
-        self.local_sigma = float(self.params.get("local_sigma", LOCAL_SIGMA))
-        if "local" in self.views and not 0.5 <= self.local_sigma <= self.size / 2:
+        sigma = self.params.get("local_sigma", LOCAL_SIGMA)
+        if "local" in self.views and not (isinstance(sigma, (int, float)) and 0.5 <= sigma <= self.size / 2):
             raise ValueError(f"{pipeline.path}: stages.{stage.name}.params.local_sigma: expected 0.5 to half the "
-                             f"size ({self.size / 2:g}) pixels, got {self.local_sigma!r}")
+                             f"size ({self.size / 2:g}) pixels, got {sigma!r}")
+        self.local_sigma = float(sigma) if isinstance(sigma, (int, float)) else LOCAL_SIGMA
 
     def _window(self, record: Record, image: np.ndarray, slope: float, intercept: float) -> tuple[float, float]:
         center = self.window[0] if self.window[0] is not None else _float_attr(record, "window_center", None)
