@@ -55,7 +55,7 @@ def test_demo_on_a_subset_reports_every_model_and_the_fused_result(tmp_path, nam
     # stderr, what the demo does, in its own words (no log records, no warnings, no CUDA lines,
     # no TensorFlow INFO line such as `I0000 ... port.cc:153] oneDNN custom operations are on`).
     table = done.stdout.strip().splitlines()[:-1]
-    assert table[-4:][0].startswith("cnn") and table[-1].startswith("FUSED"), done.stdout
+    assert [line.split()[0] for line in table[-4:]] == ["blob", "cnn", "logreg", "FUSED"], done.stdout
     assert len(table) <= 14, done.stdout
     said = [line for line in done.stderr.splitlines() if not line.startswith("results ")]
     assert len(said) <= 10 and not any(w in done.stderr for w in ("WARNING", "ERROR", "cuda", '"event"')), \

@@ -154,8 +154,9 @@ for name, model in {
                                   L.GlobalAveragePooling2D(), L.Dense(8)]),
     "cnn": keras.Sequential([keras.Input((64, 64, 1)), L.Conv2D(2, 3, strides=4), L.GlobalAveragePooling2D(),
                              L.Dense(2, activation="softmax")]),
-    "mlp": keras.Sequential([keras.Input((8,)), L.Dense(2, activation="softmax")]),
     "logreg": keras.Sequential([keras.Input((8,)), L.Dense(2, activation="softmax")]),
+    "blob": keras.Sequential([keras.Input((64, 64, 1)), L.Conv2D(2, 5, strides=4), L.GlobalMaxPooling2D(),
+                              L.Dense(2, activation="softmax")]),
 }.items():
     model.save(models / f"{name}.keras")
 cfg = config.load(path)

@@ -100,7 +100,8 @@ def test_produce_takes_the_key_for_one_run(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> Path:
     """Untrained models with the demo models' names and shapes: a backbone on the 64x64 full view
-    (8-d embedding), a CNN on the equalised view, an MLP and a logistic model on the embedding."""
+    (8-d embedding), a CNN on the equalised view, a logistic model on the embedding, a blob
+    detector on the local view."""
     import keras
 
     folder = tmp_path_factory.mktemp("models")
@@ -111,9 +112,9 @@ def tiny_models(tmp_path_factory) -> Path:
                                       layers.GlobalAveragePooling2D(), layers.Dense(8)]),
         "cnn": keras.Sequential([keras.Input((64, 64, 1)), layers.Conv2D(2, 3, strides=4),
                                  layers.GlobalAveragePooling2D(), layers.Dense(2, activation="softmax")]),
-        "mlp": keras.Sequential([keras.Input((8,)), layers.Dense(4, activation="relu"),
-                                 layers.Dense(2, activation="softmax")]),
         "logreg": keras.Sequential([keras.Input((8,)), layers.Dense(2, activation="softmax")]),
+        "blob": keras.Sequential([keras.Input((64, 64, 1)), layers.Conv2D(2, 5, strides=4),
+                                  layers.GlobalMaxPooling2D(), layers.Dense(2, activation="softmax")]),
     }
     for name, model in saved.items():
         model.save(folder / f"{name}.keras")

@@ -20,7 +20,7 @@ def elsewhere(tmp_path, monkeypatch) -> Path:
     (tmp_path / "pipeline.toml").write_text(text)
     monkeypatch.chdir(tmp_path)
     Path(".tensorline/models").mkdir(parents=True)
-    for name in ("backbone.keras", "mlp.keras", "logreg.keras", "stacker.json"):
+    for name in ("backbone.keras", "logreg.keras", "blob.keras", "stacker.json"):
         Path(".tensorline/models", name).write_bytes(b"")
     return missing
 
@@ -41,4 +41,4 @@ def test_run_checks_only_the_files_of_its_own_stage_and_model(elsewhere):
 
     cfg = config.load("pipeline.toml")
     assert config.missing_files(cfg) == [("stages.detection.models.cnn.path", str(elsewhere))]
-    assert config.missing_files(cfg, "detection", "mlp") == [] and config.missing_files(cfg, "fusion") == []
+    assert config.missing_files(cfg, "detection", "blob") == [] and config.missing_files(cfg, "fusion") == []

@@ -25,8 +25,8 @@ def table(**over: object) -> dict:
 def test_demo_pipeline_file_loads():
     cfg = config.load(ROOT / "pipeline.toml")
     assert cfg.name == "demo"
-    assert cfg.fusion is not None and cfg.fusion.expected_models == ("cnn", "mlp", "logreg")
-    assert [m.name for m in cfg.stages["detection"].models] == ["cnn", "mlp", "logreg"]
+    assert cfg.fusion is not None and cfg.fusion.expected_models == ("cnn", "logreg", "blob")
+    assert [m.name for m in cfg.stages["detection"].models] == ["cnn", "logreg", "blob"]
     assert cfg.topic("raw").name == "demo.raw" and cfg.topic("dlq").partitions == 1
 
 
