@@ -182,13 +182,15 @@ def _local_contrast(x, sigma: float):
 
     radius = min(int(3 * sigma), int(x.shape[1]) - 1, int(x.shape[2]) - 1)
     taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma ** 2))
-    kernel = tf.constant(np.outer(taps, taps) / taps.sum() ** 2, tf.float32)[:, :, None, None]
+    taps = tf.constant(taps / taps.sum(), tf.float32)
+    # The Gaussian is separable: a column pass, then a row pass (2 * (2r + 1) taps a pixel, not (2r + 1)^2).
+    column, row = tf.reshape(taps, (-1, 1, 1, 1)), tf.reshape(taps, (1, -1, 1, 1))
 
     def blur(t):
         padded = tf.pad(t, [[0, 0], [radius, radius], [radius, radius], [0, 0]], "REFLECT")
-        return tf.nn.conv2d(padded, kernel, 1, "VALID")
+        return tf.nn.conv2d(tf.nn.conv2d(padded, column, 1, "VALID"), row, 1, "VALID")
 
     z = tf.image.per_image_standardization(x)
-    mean = blur(z)
-    variance = tf.maximum(blur(z * z) - mean * mean, 0.0)
+    mean, mean_of_squares = tf.split(blur(tf.concat([z, z * z], 0)), 2)
+    variance = tf.maximum(mean_of_squares - mean * mean, 0.0)
     return (z - mean) / tf.sqrt(variance + LOCAL_FLOOR)
