@@ -139,6 +139,21 @@ def test_the_blob_filters_answer_a_bright_blob_most_at_its_own_scale_and_a_flat_
     assert ((bank * -blob[..., None]).sum((0, 1)) < 0).all()  # a dark blob answers negative
 
 
+def test_the_blob_detector_applies_the_filters_in_1d_passes_with_the_same_result():
+    import keras
+    import tensorflow as tf
+
+    images = np.random.default_rng(3).standard_normal((4, 64, 64, 1)).astype(np.float32)
+    whole = tf.nn.conv2d(images, train.log_filters(), 1, "SAME").numpy()
+    column, row, sums = train.separable_log_filters()
+    passes = tf.nn.conv2d(tf.nn.depthwise_conv2d(tf.nn.conv2d(images, column, 1, "SAME"), row, (1, 1, 1, 1), "SAME"),
+                          sums, 1, "SAME").numpy()
+    np.testing.assert_allclose(passes, whole, atol=1e-5)
+    model = train._blob(config.load(PIPELINE), images)  # the same filters, wired into the model
+    bank = keras.Model(model.input, model.get_layer("log_filters").output)
+    np.testing.assert_allclose(bank(images).numpy(), whole, atol=1e-5)
+
+
 def test_rewindowed_attrs_are_narrower_windows_inside_each_patch(tmp_path):
     split = demo_data.build()["val"]
     attrs = train.rewindowed_attrs(split, np.random.default_rng(0))
