@@ -77,10 +77,11 @@ class Preprocess(RecordStage):
                              f"views among {', '.join(VIEWS)}, got {views!r}")
         self.views = tuple(views)
         sigma = self.params.get("local_sigma", LOCAL_SIGMA)
-        if "local" in self.views and not (isinstance(sigma, (int, float)) and 0.5 <= sigma <= self.size / 2):
+        valid = isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and 0.5 <= sigma <= self.size / 2
+        if "local" in self.views and not valid:
             raise ValueError(f"{pipeline.path}: stages.{stage.name}.params.local_sigma: expected 0.5 to half the "
                              f"size ({self.size / 2:g}) pixels, got {sigma!r}")
-        self.local_sigma = float(sigma) if isinstance(sigma, (int, float)) else LOCAL_SIGMA
+        self.local_sigma = float(sigma) if valid else LOCAL_SIGMA
 
     def _window(self, record: Record, image: np.ndarray, slope: float, intercept: float) -> tuple[float, float]:
         center = self.window[0] if self.window[0] is not None else _float_attr(record, "window_center", None)
@@ -120,25 +121,28 @@ class Preprocess(RecordStage):
                                                for r in records]).astype(np.float32))[..., None]
             x = x * col(0) + col(1)                                   # stored values -> modality units
             inverted = col(4) > 0                                      # MONOCHROME1: bright is low
+            full = None  # the whole range, resized: the "full" view, and the "local" view's input
+            if {"full", "local"} & set(self.views):
+                lo, hi = tf.reduce_min(x, (1, 2, 3), keepdims=True), tf.reduce_max(x, (1, 2, 3), keepdims=True)
+                v = (x - lo) / tf.maximum(hi - lo, 1e-6)
+                full = self._resize(tf.where(inverted, 1.0 - v, v))
             for view in self.views:
                 if view == "window":
                     lo = col(2) - col(3) / 2
                     v = tf.clip_by_value((x - lo) / col(3), 0.0, 1.0)
-                    v = tf.where(inverted, 1.0 - v, v)
-                elif view in ("full", "local"):
-                    lo, hi = tf.reduce_min(x, (1, 2, 3), keepdims=True), tf.reduce_max(x, (1, 2, 3), keepdims=True)
-                    v = (x - lo) / tf.maximum(hi - lo, 1e-6)
-                    v = tf.where(inverted, 1.0 - v, v)
+                    v = self._resize(tf.where(inverted, 1.0 - v, v))
+                elif view == "full":
+                    v = full
+                elif view == "local":
+                    v = _local_contrast(full, self.local_sigma)
                 else:
-                    v = _equalize(tf.where(inverted, -x, x))
-                v = self._resize(v)
-                if view == "local":
-                    v = _local_contrast(v, self.local_sigma)
+                    v = self._resize(_equalize(tf.where(inverted, -x, x)))
                 for i, arr in zip(indices, self._normalize(v).numpy()):
                     out[i][VIEWS[view]] = arr
         return [r.passed_on(t, self.name, None) for r, t in zip(items, out)]
 
     def _resize(self, x):
+        """To the model's input size (params.size), antialiased."""
         import tensorflow as tf
 
         return tf.image.resize(x, (self.size, self.size), antialias=True)

@@ -177,7 +177,7 @@ def test_a_blob_reads_the_same_in_the_local_view_beside_an_edge_as_on_a_flat_pat
 
 
 def test_a_bad_local_sigma_is_a_config_error_only_where_the_local_view_is_used():
-    for bad in (9, 0.1, "4", "wide"):
+    for bad in (9, 0.1, "4", "wide", True):
         with pytest.raises(ValueError, match="params.local_sigma"):
             stage(views=["local"], size=16, local_sigma=bad)
     stage(views=["full"], size=2)  # the default sigma does not fit 2 px, nor does it need to
