@@ -15,14 +15,16 @@ of the plain ones, the logistic model on those of the backbone's mix. Every mode
 with its held-out scores, and each fusion strategy is scored offline through the fusion stage's
 own `combine`.
 
-The fusion is chosen on the validation split by cross-validation, grouped by source image (no
-image both fitted on and scored; the demo set's val holds three images), by record when val holds
-a single image; the fusion card says which. Whatever is fitted on val must earn its place: of
-the candidates the stacker file can hold (the soft vote, the best single model passed through, a
-weighting, that weighting shrunk toward the best single model, a fitted stacker), the file holds
-the simplest that the folds cannot tell from the best by more than one standard error
-(`choose_fusion`, `fusion.choice`). `train_seeds` repeats the whole training under several model
-seeds, to show how much of a gain is the seed's.
+The fusion is chosen on every record the models did not train on besides test: val's, scored by
+the final models, and train's, cross-fitted (scored by models trained the same way on the other
+folds of the training images, `_cross_fit`): 13 source images in the demo set, where val alone
+has 3. The choice is by cross-validation grouped by source image (no image both fitted on and
+scored), by record when those records hold a single image; the fusion card says which. Whatever
+is fitted there must earn its place: of the candidates the stacker file can hold (the soft vote,
+the best single model passed through, a weighting, that weighting shrunk toward the best single
+model, a fitted stacker), the file holds the simplest that the folds cannot tell from the best by
+more than one standard error (`choose_fusion`, `fusion.choice`). `train_seeds` repeats the whole
+training under several model seeds, to show how much of a gain is the seed's.
 """
 
 from __future__ import annotations
@@ -70,6 +72,11 @@ WINDOW_PERCENTILES = (5, 95)
 # Folds of the cross-validation that chooses the fusion on val: at most this many, never more than
 # the source images in val (each image is in one fold).
 STACKER_FOLDS = 5
+# Folds of the training images for cross-fitting: each training record is also scored by models
+# trained without its source image, so the fusion is chosen on train's 10 images as well as val's
+# 3 (three images ranked the candidates by their own quirks). Five folds train each model on four
+# fifths of the images, near what the final models see; the cost is five more trainings.
+CROSSFIT_FOLDS = 5
 # What the stacker file (fusion.strategy = "stacking", the demo's) can hold: a fitted stacker, or a
 # weighting that is linear in the scores; else the best single model passed through.
 HELD_BY_A_STACKER = ("stacking", "soft_vote", "weighted_average", choice.SHRUNK)
@@ -338,19 +345,19 @@ def _card(model: ModelConfig, arch: Arch, inputs: tuple[int, ...], outputs: dict
     }
 
 
-def train(cfg: PipelineConfig, *, seed: int = 7, epochs: int | None = None,
-          limit: int | None = None, show: bool = True, data_seed: int | None = None) -> dict[str, dict]:
+def train(cfg: PipelineConfig, *, seed: int = 7, epochs: int | None = None, limit: int | None = None,
+          show: bool = True, data_seed: int | None = None, crossfit_folds: int = CROSSFIT_FOLDS) -> dict[str, dict]:
     """Train and save the backbone and every detection model; choose the fusion (`choose_fusion`)
     and save it as the stacker file; score all on val and test (printed as a table when `show`).
+    The fusion is chosen on val and on train cross-fitted over `crossfit_folds` folds of its
+    source images (`_cross_fit`; 0 or 1: on val alone).
 
     `seed` seeds the models' training, `data_seed` (default: `seed`) the demo set and its subsets.
     `epochs` overrides every model's epochs and `limit` caps the patches per split (fast runs for
     tests). Returns {"models": {name: card}, "fusion": {candidate: {"val": report, "test":
-    report}}, "summary": {...}}; the fusion numbers are also written to `fusion.card.json` beside
-    the stacker.
+    report}}, "summary": {...}}, a fusion's "val" being out of fold over the records it was chosen
+    on; the fusion numbers are also written to `fusion.card.json` beside the stacker.
     """
-    import keras
-
     started = time.monotonic()
     backbone_cfg = cfg.model("features", None)
     detectors = cfg.stages["detection"].models
@@ -388,47 +395,42 @@ def train(cfg: PipelineConfig, *, seed: int = 7, epochs: int | None = None,
                      "source_images": {k: sorted(set(map(str, t.sources))) for k, t in data.items()},
                      "data": LESIONS}
 
-    # The backbone, inside the classifier it is trained as.
-    keras.utils.set_random_seed(seed)
-    backbone_views = views[backbone_cfg.input]
-    backbone_view = _view(backbone_views, BACKBONE.view)
-    backbone, classifier = BACKBONE.build(cfg, backbone_views[backbone_view])
-    _fit(classifier, backbone_views[backbone_view], y, n_epochs["backbone"], seed, BACKBONE.learning_rate)
-    _save_model(backbone, Path(backbone_cfg.path))
-    head_scores = {k: _report(cfg, data[k].labels, _predict(classifier, data[k].images[backbone_cfg.input]))
+    models = _train_models(cfg, views, y, n_epochs, seed)
+    backbone_view = _view(views[backbone_cfg.input], BACKBONE.view)
+    _save_model(models.backbone, Path(backbone_cfg.path))
+    head_scores = {k: _report(cfg, data[k].labels, _predict(models.classifier, data[k].images[backbone_cfg.input]))
                    for k in ("val", "test")}
     cards = {backbone_cfg.name: _card(
         backbone_cfg, BACKBONE, image_shape, {"name": "embedding", "shape": [EMBEDDING_DIM], "dtype": "float32"},
         {**base_training, "epochs": n_epochs["backbone"], "view": backbone_view},
         {"note": "of the training head, dropped from the saved backbone", **head_scores})}
-
-    embeddings = {k: _predict(backbone, x) for k, x in backbone_views.items()}
-    inputs = {**{name: {k: data[k].images[name] for k in ("val", "test")} for name in views},
-              "embedding": {k: _predict(backbone, data[k].images[backbone_cfg.input]) for k in ("val", "test")}}
-    scores: dict[str, dict[str, np.ndarray]] = {}
-    for offset, m in enumerate(detectors, start=1):
+    held_out = {k: _scores(cfg, models, data[k].images) for k in ("val", "test")}
+    scores = {m.name: {k: held_out[k][m.name] for k in ("val", "test")} for m in detectors}
+    for m in detectors:
         arch = DETECTORS[m.name]
-        keras.utils.set_random_seed(seed + offset)
-        source = views[m.input] if arch.input == "image" else embeddings
-        view = _view(source, arch.view)
-        x = source[view]
-        model = arch.build(cfg, x)
-        _fit(model, x, y, n_epochs[m.name], seed + offset, arch.learning_rate)
-        _save_model(model, Path(m.path))
-        scores[m.name] = {k: _predict(model, inputs[m.input][k]) for k in ("val", "test")}
+        _save_model(models.detectors[m.name], Path(m.path))
         shape = image_shape if arch.input == "image" else (EMBEDDING_DIM,)
         cards[m.name] = _card(
             m, arch, shape, {"name": "scores", "classes": list(cfg.classes), "dtype": "float32"},
-            {**base_training, "epochs": n_epochs[m.name], "view": view},
+            {**base_training, "epochs": n_epochs[m.name], "view": models.views[m.name]},
             {k: _report(cfg, data[k].labels, scores[m.name][k]) for k in ("val", "test")})
         _write_json(card_path(m), cards[m.name])
     _write_json(card_path(backbone_cfg), cards[backbone_cfg.name])
 
+    # The fusion is chosen on every record held out from the models that scored it: val's (by
+    # the models above) and, cross-fitted, train's (by models trained without its source image).
     names = tuple(m.name for m in detectors)
     versions = {m.name: m.version for m in detectors}
-    stacked = {k: np.stack([scores[n][k] for n in names], 1).astype(np.float64) for k in ("val", "test")}
-    labels = {k: data[k].labels for k in ("val", "test")}
-    fusion, summary = choose_fusion(cfg, names, versions, stacked, labels, data["val"].sources, seed)
+    val = np.stack([scores[n]["val"] for n in names], 1)
+    cross_fitted = _cross_fit(cfg, views, data["train"], n_epochs, seed, crossfit_folds)
+    held = {"val": (val, data["val"])} if cross_fitted is None else {
+        "train, cross-fitted": (cross_fitted, data["train"]), "val": (val, data["val"])}
+    stacked = {"val": np.concatenate([v for v, _ in held.values()]).astype(np.float64),
+               "test": np.stack([scores[n]["test"] for n in names], 1).astype(np.float64)}
+    labels = {"val": np.concatenate([t.labels for _, t in held.values()]), "test": data["test"].labels}
+    fusion, summary = choose_fusion(cfg, names, versions, stacked, labels,
+                                    np.concatenate([t.sources for _, t in held.values()]), seed)
+    summary["cross_validation"]["records"] = {k: len(t.labels) for k, (_, t) in held.items()}
     path = stacker_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     summary.pop("stacker_object").save(path)
@@ -438,6 +440,69 @@ def train(cfg: PipelineConfig, *, seed: int = 7, epochs: int | None = None,
     if show:
         print(format_table(cards, names, fusion, summary))
     return {"models": cards, "fusion": fusion, "summary": summary}
+
+
+@dataclass(frozen=True)
+class Models:
+    """One training run's models: the backbone and the classifier it was trained inside, and each
+    detection model by name with the training view it read."""
+
+    backbone: Any
+    classifier: Any
+    detectors: dict[str, Any]
+    views: dict[str, str]
+
+
+def _train_models(cfg: PipelineConfig, views: Mapping[str, Mapping[str, np.ndarray]], y: np.ndarray,
+                  epochs: Mapping[str, int], seed: int) -> Models:
+    """Train the backbone, then each detection model on its view (or the backbone's embedding of it)."""
+    import keras
+
+    backbone_cfg = cfg.model("features", None)
+    keras.utils.set_random_seed(seed)
+    backbone_views = views[backbone_cfg.input]
+    backbone_view = _view(backbone_views, BACKBONE.view)
+    backbone, classifier = BACKBONE.build(cfg, backbone_views[backbone_view])
+    _fit(classifier, backbone_views[backbone_view], y, epochs["backbone"], seed, BACKBONE.learning_rate)
+    embeddings = {k: _predict(backbone, x) for k, x in backbone_views.items()}
+    detectors, trained_on = {}, {}
+    for offset, m in enumerate(cfg.stages["detection"].models, start=1):
+        arch = DETECTORS[m.name]
+        keras.utils.set_random_seed(seed + offset)
+        source = views[m.input] if arch.input == "image" else embeddings
+        trained_on[m.name] = _view(source, arch.view)
+        detectors[m.name] = arch.build(cfg, source[trained_on[m.name]])
+        _fit(detectors[m.name], source[trained_on[m.name]], y, epochs[m.name], seed + offset, arch.learning_rate)
+    return Models(backbone, classifier, detectors, trained_on)
+
+
+def _scores(cfg: PipelineConfig, models: Models, images: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each detection model's scores on these preprocessed images, as the pipeline computes them."""
+    embedding = _predict(models.backbone, images[cfg.model("features", None).input])
+    return {m.name: _predict(models.detectors[m.name], embedding if m.input == "embedding" else images[m.input])
+            for m in cfg.stages["detection"].models}
+
+
+def _cross_fit(cfg: PipelineConfig, views: Mapping[str, Mapping[str, np.ndarray]], train_split: Tensors,
+               epochs: Mapping[str, int], seed: int, n_folds: int) -> np.ndarray | None:
+    """Every training record's scores (N, models, classes) from models trained, as the final ones
+    are, on the other folds of the training images (grouped by source image): held-out scores for
+    the fusion to be chosen on, besides val's. None when `n_folds` < 2 or train holds one image."""
+    import keras
+
+    if n_folds < 2 or len(set(map(str, train_split.sources))) < 2:
+        return None
+    folds = choice.grouped_folds(train_split.sources, n_folds)
+    names = [m.name for m in cfg.stages["detection"].models]
+    out = np.empty((len(folds), len(names), len(cfg.classes)), np.float32)
+    for f in np.unique(folds):
+        fit, held = folds != f, folds == f
+        models = _train_models(cfg, {t: {v: x[fit] for v, x in by_view.items()} for t, by_view in views.items()},
+                               train_split.labels[fit], epochs, seed)
+        scores = _scores(cfg, models, {t: x[held] for t, x in train_split.images.items()})
+        out[held] = np.stack([scores[n] for n in names], 1)
+        keras.backend.clear_session()
+    return out
 
 
 # -- fusion, offline -----------------------------------------------------------------------------
@@ -494,8 +559,9 @@ def _decisions(cfg: PipelineConfig, candidate: str, names: tuple[str, ...], vers
 def choose_fusion(cfg: PipelineConfig, names: tuple[str, ...], versions: Mapping[str, str],
                   stacked: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray], groups: np.ndarray,
                   seed: int) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Choose the fusion by cross-validation on val grouped by source image, and score every
-    candidate on val (out of fold) and on test (fitted on the whole of val).
+    """Choose the fusion by cross-validation on "val" (the held-out records `train` passes: val's
+    and train's cross-fitted) grouped by source image, and score every candidate there (out of
+    fold) and on test (fitted on the whole of "val").
 
     Candidates: each strategy (the stacker and weighted_average's weights fitted on the other
     folds), SHRUNK (those weights shrunk toward the model best on the other folds, by the amount best
@@ -590,7 +656,9 @@ def format_table(cards: Mapping[str, dict], names: Sequence[str], fusion: Mappin
         lines.append(f"on test, the file against the best model there ({versus['model']}): macro F1 "
                      f"{versus['f1_macro_diff']:+.3f} (95% CI {versus['interval'][0]:+.3f} to "
                      f"{versus['interval'][1]:+.3f}), McNemar p {versus['mcnemar_p']:.2g}: {versus['verdict']}")
-    lines.append(f"fusion val scores: {cv['folds']}-fold cross-validation by {cv['by']}; the stacker file "
+    held = " and ".join(f"{k} ({n} records)" for k, n in cv.get("records", {}).items())
+    lines.append(f"fusion val scores: {cv['folds']}-fold cross-validation by {cv['by']} on {held or 'val'}; "
+                 f"the stacker file "
                  f"({summary['stacker']}) holds {summary['chosen']}; weighted_average weights: {summary['weights']}, "
                  f"shrunk {summary['shrunk']['amount']:.1f} toward {summary['shrunk']['toward']}   "
                  f"{summary['seconds']:.0f} s")
@@ -648,7 +716,7 @@ def ensure(cfg: PipelineConfig, *, own: Path = DEMO_MODEL_DIR, seed: int = 7, ep
     print(f"training the demo models ({missing[0][1]} is missing) into {own} ...", file=sys.stderr)
     summary = train(cfg, seed=seed, epochs=epochs, limit=limit, show=False)["summary"]
     print(f"trained in {summary['seconds']:.0f} s; fusion: {applied(summary)}, chosen by cross-validation over "
-          f"the validation split; scores: {own}/*.card.json, all strategies: tensorline train", file=sys.stderr)
+          f"held-out records; scores: {own}/*.card.json, all strategies: tensorline train", file=sys.stderr)
 
 
 

@@ -65,21 +65,20 @@ def test_every_model_has_its_file_and_card(trained):
 def test_the_stacker_and_fusion_numbers_are_written(trained):
     cfg, result = trained
     stacker = load_stacker(train.stacker_path(cfg), model_names=cfg.fusion.expected_models, classes=cfg.classes)
-    assert stacker.n_samples == 120
+    assert stacker.n_samples == 240  # val's 120 and train's 120, cross-fitted
     assert set(result["fusion"]) == {*train.FUSION_STRATEGIES, "shrunk", "single", "chosen"}
     written = json.loads((train.stacker_path(cfg).parent / "fusion.card.json").read_text())
     assert written["strategies"] == result["fusion"]
     assert written["best_on_val"] in (*train.FUSION_STRATEGIES, "shrunk")
     assert written["chosen"] in (*train.HELD_BY_A_STACKER, f"single: {written['best_single_on_val']}")
     assert written["shrunk"]["toward"] == written["best_single_on_val"] and 0 <= written["shrunk"]["amount"] <= 1
-    # chosen by cross-validation over the validation split's source images, one fold each, or by
-    # record when val holds one image (the demo set gives val three)
+    # chosen by cross-validation, grouped by source image, over the records held out from the
+    # models that scored them: val's and train's (cross-fitted)
     cv = written["cross_validation"]
-    assert cv["source_images"] == result["models"]["cnn"]["training"]["source_images"]["val"]
-    if len(cv["source_images"]) >= 2:
-        assert (cv["by"], cv["folds"]) == ("source image", min(len(cv["source_images"]), train.STACKER_FOLDS))
-    else:
-        assert (cv["by"], cv["folds"]) == ("record", train.STACKER_FOLDS)
+    images = result["models"]["cnn"]["training"]["source_images"]
+    assert cv["source_images"] == sorted(images["train"] + images["val"])
+    assert cv["records"] == {"train, cross-fitted": 120, "val": 120}
+    assert (cv["by"], cv["folds"]) == ("source image", train.STACKER_FOLDS)
 
 
 def test_the_pipeline_stages_load_the_models_with_their_shapes(trained):
@@ -256,6 +255,39 @@ def test_the_demo_checks_its_models_before_it_starts_anything(tmp_path, monkeypa
     with pytest.raises(config.MissingFile, match="stages.detection.models.cnn.path"):
         demo.main("pipeline.toml")
     assert trainer == []
+
+
+def test_cross_fitting_scores_each_training_record_once_by_models_that_never_saw_its_image(monkeypatch):
+    cfg = config.load(PIPELINE)
+    names = [m.name for m in cfg.stages["detection"].models]
+    sources = np.repeat([f"img{i}" for i in range(7)], 5)
+    ids = np.arange(len(sources), dtype=np.float32)[:, None, None, None] * np.ones((1, 2, 2, 1), np.float32)
+    split = train.Tensors({"image_x": ids}, np.zeros(len(sources), np.int64), sources)
+    trained: list[set[str]] = []  # each fold's training images
+
+    def fake_train(cfg, views, y, epochs, seed):
+        seen = {sources[int(i)] for i in views["image_x"]["mix_a"][:, 0, 0, 0]}
+        assert len(y) == len(views["image_x"]["plain"]) == len(views["image_x"]["mix_a"])
+        trained.append(seen)
+        return seen  # stands in for the fold's models
+
+    def fake_scores(cfg, models, images):
+        held = {sources[int(i)] for i in images["image_x"][:, 0, 0, 0]}
+        assert not held & models, "a record scored by a model trained on its image"
+        return {n: np.full((len(images["image_x"]), len(cfg.classes)), len(trained), np.float32) for n in names}
+
+    monkeypatch.setattr(train, "_train_models", fake_train)
+    monkeypatch.setattr(train, "_scores", fake_scores)
+    out = train._cross_fit(cfg, {"image_x": {"plain": ids, "mix_a": ids}}, split, {}, 7, 5)
+    assert out.shape == (len(sources), len(names), len(cfg.classes)) and len(trained) == 5
+    # each image left out of exactly one fold, and each record scored by that fold's models
+    assert all(sum(image not in t for t in trained) == 1 for image in set(sources))
+    fold_of = {image: next(k for k, t in enumerate(trained, 1) if image not in t) for image in set(sources)}
+    assert out[:, 0, 0].tolist() == [fold_of[image] for image in sources]
+    # no folds, or one image: nothing to cross-fit
+    assert train._cross_fit(cfg, {}, split, {}, 7, 1) is None
+    one = train.Tensors({"image_x": ids}, np.zeros(len(sources), np.int64), np.full(len(sources), "img0"))
+    assert train._cross_fit(cfg, {}, one, {}, 7, 5) is None
 
 
 NAMES, VERSIONS = ("a", "b", "c"), {"a": "1", "b": "1", "c": "1"}
