@@ -715,8 +715,10 @@ def ensure(cfg: PipelineConfig, *, own: Path = DEMO_MODEL_DIR, seed: int = 7, ep
         return
     print(f"training the demo models ({missing[0][1]} is missing) into {own} ...", file=sys.stderr)
     summary = train(cfg, seed=seed, epochs=epochs, limit=limit, show=False)["summary"]
+    held = "val and train, cross-fitted" if len(summary["cross_validation"].get("records", ())) > 1 else "val"
     print(f"trained in {summary['seconds']:.0f} s; fusion: {applied(summary)}, chosen by cross-validation over "
-          f"held-out records; scores: {own}/*.card.json, all strategies: tensorline train", file=sys.stderr)
+          f"{len(summary['cross_validation']['source_images'])} held-out images ({held}); scores: "
+          f"{own}/*.card.json, all strategies: tensorline train", file=sys.stderr)
 
 
 

@@ -110,7 +110,8 @@ def test_ensure_trains_only_what_is_missing_and_the_same_seed_gives_the_same_mod
     cfg = pipeline_in(tmp_path, strategy="stacking")
     assert train.stacker_path(cfg) in train.required_files(cfg)
     train.ensure(cfg, own=tmp_path, **FAST)
-    assert str(tmp_path) in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and "over 13 held-out images (val and train, cross-fitted)" in err
     files = train.required_files(cfg)
     mtimes = {p: p.stat().st_mtime_ns for p in files}
     cards = {m.name: train.card_path(m).read_text() for m in model_configs(cfg)}
@@ -189,7 +190,8 @@ def test_a_detection_model_without_a_recipe_is_rejected_before_training(tmp_path
 def trainer(monkeypatch) -> list[config.PipelineConfig]:
     """`train.train` replaced by a recorder: the pipelines it would have trained."""
     calls: list[config.PipelineConfig] = []
-    summary = {"seconds": 0.0, "configured": "stacking", "chosen": "stacking"}
+    summary = {"seconds": 0.0, "configured": "stacking", "chosen": "stacking",
+               "cross_validation": {"source_images": ["a", "b"], "records": {"val": 2}}}
     monkeypatch.setattr(train, "train", lambda cfg, **kw: calls.append(cfg) or {"summary": summary})
     return calls
 
