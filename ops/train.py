@@ -213,7 +213,7 @@ def _blob(cfg: PipelineConfig, x_train: np.ndarray) -> Any:
     bright, dark = layers.ReLU()(response), layers.ReLU()(layers.Rescaling(-1.0)(response))
     features = layers.Concatenate(name="blob_features")(
         [pool()(r) for pool in (layers.GlobalMaxPooling2D, layers.GlobalAveragePooling2D) for r in (bright, dark)])
-    measured = np.asarray(keras.Model(inputs, features).predict(x_train, batch_size=256, verbose=0))
+    measured = _predict(keras.Model(inputs, features), x_train)
     x = layers.Normalization(mean=measured.mean(0), variance=measured.var(0) + 1e-6, name="standardize")(features)
     x = layers.Dropout(0.2)(layers.Dense(32, activation="relu")(x))
     return keras.Model(inputs, layers.Dense(len(cfg.classes), activation="softmax", name="scores")(x), name="blob")
@@ -299,8 +299,11 @@ def _fit(model: Any, x: np.ndarray, y: np.ndarray, epochs: int, seed: int, learn
     model.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0, shuffle=True)
 
 
-def _predict(model: Any, x: np.ndarray) -> np.ndarray:
-    return np.asarray(model.predict(x, batch_size=256, verbose=0), np.float32)
+def _predict(model: Any, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """The model's outputs, called eagerly a batch at a time: `model.predict` traces a function per
+    model, and the dozens of models a cross-fitted training builds made TensorFlow warn of retracing."""
+    return np.concatenate([np.asarray(model(x[i:i + batch], training=False), np.float32)
+                           for i in range(0, len(x), batch)])
 
 
 def _report(cfg: PipelineConfig, labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
