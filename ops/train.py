@@ -29,12 +29,14 @@ training under several model seeds, to show how much of a gain is the seed's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -290,20 +292,38 @@ def _subset(split: demo_data.Split, limit: int | None, rng: np.random.Generator)
 
 
 # -- training ------------------------------------------------------------------------------------
+class _NoRetracingHint(logging.Filter):
+    """Drops TensorFlow's "N out of the last M calls ... triggered tf.function retracing": Keras
+    traces a function per model it fits or predicts with, and a cross-fitted training builds
+    dozens of models on purpose; the hint is about that loop, not something a user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_retracing_hint() -> Iterator[None]:
+    hint = _NoRetracingHint()
+    logging.getLogger("tensorflow").addFilter(hint)
+    try:
+        yield
+    finally:
+        logging.getLogger("tensorflow").removeFilter(hint)
+
+
 def _fit(model: Any, x: np.ndarray, y: np.ndarray, epochs: int, seed: int, learning_rate: float) -> None:
     import keras
 
     keras.utils.set_random_seed(seed)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss="sparse_categorical_crossentropy")
-    model.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0, shuffle=True)
+    with _without_retracing_hint():
+        model.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0, shuffle=True)
 
 
-def _predict(model: Any, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    """The model's outputs, called eagerly a batch at a time: `model.predict` traces a function per
-    model, and the dozens of models a cross-fitted training builds made TensorFlow warn of retracing."""
-    return np.concatenate([np.asarray(model(x[i:i + batch], training=False), np.float32)
-                           for i in range(0, len(x), batch)])
+def _predict(model: Any, x: np.ndarray) -> np.ndarray:
+    with _without_retracing_hint():
+        return np.asarray(model.predict(x, batch_size=256, verbose=0), np.float32)
 
 
 def _report(cfg: PipelineConfig, labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
