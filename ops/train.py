@@ -71,8 +71,8 @@ PREPROCESS_CHUNK = 256
 # Re-drawn windows: width 10-60 % of the patch's 5th-95th percentile range, centre inside it.
 WINDOW_WIDTH = (0.1, 0.6)
 WINDOW_PERCENTILES = (5, 95)
-# Folds of the cross-validation that chooses the fusion on val: at most this many, never more than
-# the source images in val (each image is in one fold).
+# Folds of the cross-validation that chooses the fusion on the held-out records: at most this many,
+# never more than their source images (each image is in one fold).
 STACKER_FOLDS = 5
 # Folds of the training images for cross-fitting: each training record is also scored by models
 # trained without its source image, so the fusion is chosen on train's 10 images as well as val's
@@ -679,8 +679,8 @@ def format_table(cards: Mapping[str, dict], names: Sequence[str], fusion: Mappin
         lines.append(f"on test, the file against the best model there ({versus['model']}): macro F1 "
                      f"{versus['f1_macro_diff']:+.3f} (95% CI {versus['interval'][0]:+.3f} to "
                      f"{versus['interval'][1]:+.3f}), McNemar p {versus['mcnemar_p']:.2g}: {versus['verdict']}")
-    held = " and ".join(f"{k} ({n} records)" for k, n in cv.get("records", {}).items())
-    lines.append(f"fusion val scores: {cv['folds']}-fold cross-validation by {cv['by']} on {held or 'val'}; "
+    held = " and ".join(f"{k} ({n} records)" for k, n in cv["records"].items())
+    lines.append(f"fusion val scores: {cv['folds']}-fold cross-validation by {cv['by']} on {held}; "
                  f"the stacker file "
                  f"({summary['stacker']}) holds {summary['chosen']}; weighted_average weights: {summary['weights']}, "
                  f"shrunk {summary['shrunk']['amount']:.1f} toward {summary['shrunk']['toward']}   "
@@ -738,7 +738,7 @@ def ensure(cfg: PipelineConfig, *, own: Path = DEMO_MODEL_DIR, seed: int = 7, ep
         return
     print(f"training the demo models ({missing[0][1]} is missing) into {own} ...", file=sys.stderr)
     summary = train(cfg, seed=seed, epochs=epochs, limit=limit, show=False)["summary"]
-    held = "val and train, cross-fitted" if len(summary["cross_validation"].get("records", ())) > 1 else "val"
+    held = "val and train, cross-fitted" if len(summary["cross_validation"]["records"]) > 1 else "val"
     print(f"trained in {summary['seconds']:.0f} s; fusion: {applied(summary)}, chosen by cross-validation over "
           f"{len(summary['cross_validation']['source_images'])} held-out images ({held}); scores: "
           f"{own}/*.card.json, all strategies: tensorline train", file=sys.stderr)
