@@ -32,13 +32,15 @@ def test_latency_ends_when_the_result_is_received_not_when_fusion_built_it():
 
 
 @pytest.mark.broker
-@pytest.mark.timeout(900)  # as the demo's own: training on a fresh folder takes minutes on a busy 2-core machine
+# Training on a fresh folder (the final models and five cross-fitted runs) takes 4-5 minutes on an
+# idle 2-core host with AVX-512, and TensorFlow's convolutions run ~7x slower on one without it.
+@pytest.mark.timeout(3600)
 def test_demo_on_a_subset_reports_every_model_and_the_fused_result(tmp_path, namespace, kafka_bootstrap):
     pipeline = (ROOT / "pipeline.toml").read_text()
     (tmp_path / "pipeline.toml").write_text(re.sub(r'name = "demo"', f'name = "{namespace}"', pipeline, count=1))
     env = {**os.environ, "TENSORLINE_BOOTSTRAP": kafka_bootstrap, "TENSORLINE_STATE_DIR": str(tmp_path / "state")}
     done = subprocess.run([sys.executable, "-m", "tensorline.cli", "demo", "--json", "--limit", "48"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=3600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["records"] == 48 and report["partial"] == 0
