@@ -419,13 +419,12 @@ def train(cfg: PipelineConfig, *, seed: int = 7, epochs: int | None = None, limi
                      "data": LESIONS}
 
     models = _train_models(cfg, views, y, n_epochs, seed)
-    backbone_view = _view(views[backbone_cfg.input], BACKBONE.view)
     _save_model(models.backbone, Path(backbone_cfg.path))
     head_scores = {k: _report(cfg, data[k].labels, _predict(models.classifier, data[k].images[backbone_cfg.input]))
                    for k in ("val", "test")}
     cards = {backbone_cfg.name: _card(
         backbone_cfg, BACKBONE, image_shape, {"name": "embedding", "shape": [EMBEDDING_DIM], "dtype": "float32"},
-        {**base_training, "epochs": n_epochs["backbone"], "view": backbone_view},
+        {**base_training, "epochs": n_epochs["backbone"], "view": models.views[backbone_cfg.name]},
         {"note": "of the training head, dropped from the saved backbone", **head_scores})}
     held_out = {k: _scores(cfg, models, data[k].images) for k in ("val", "test")}
     scores = {m.name: {k: held_out[k][m.name] for k in ("val", "test")} for m in detectors}
@@ -467,8 +466,8 @@ def train(cfg: PipelineConfig, *, seed: int = 7, epochs: int | None = None, limi
 
 @dataclass(frozen=True)
 class Models:
-    """One training run's models: the backbone and the classifier it was trained inside, and each
-    detection model by name with the training view it read."""
+    """One training run's models: the backbone and the classifier it was trained inside, each
+    detection model by name, and the training view each model (the backbone too) read."""
 
     backbone: Any
     classifier: Any
@@ -488,7 +487,7 @@ def _train_models(cfg: PipelineConfig, views: Mapping[str, Mapping[str, np.ndarr
     backbone, classifier = BACKBONE.build(cfg, backbone_views[backbone_view])
     _fit(classifier, backbone_views[backbone_view], y, epochs["backbone"], seed, BACKBONE.learning_rate)
     embeddings = {k: _predict(backbone, x) for k, x in backbone_views.items()}
-    detectors, trained_on = {}, {}
+    detectors, trained_on = {}, {backbone_cfg.name: backbone_view}
     for offset, m in enumerate(cfg.stages["detection"].models, start=1):
         arch = DETECTORS[m.name]
         keras.utils.set_random_seed(seed + offset)
